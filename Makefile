@@ -1,0 +1,59 @@
+# Two commands for users: `make up` runs the system, `make test` runs every test.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python
+
+.PHONY: up test install node lint typecheck protos-check buf-lint buf-breaking gen pytest migrate bench clean
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check uv==0.13.8
+	@$(UV) pip install -q --python $(PY) -r requirements.lock
+	@touch $@
+
+install: $(VENV)/.installed
+
+node_modules/.installed: package.json package-lock.json
+	@npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+node: node_modules/.installed
+
+up: install
+	@$(PY) -m ops up
+
+migrate: install
+	@$(PY) -m ledger migrate && $(PY) -m sequencer migrate
+
+gen: install
+	@$(PY) scripts/gen_protos.py
+
+lint: install
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	@$(VENV)/bin/mypy
+
+buf-lint: node
+	@npx --no-install buf lint
+
+buf-breaking: node
+	@bash scripts/buf_breaking.sh
+
+protos-check: install
+	@$(PY) scripts/check_generated.py
+
+pytest: install
+	@$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test: install node lint typecheck buf-lint buf-breaking protos-check pytest
+
+lock:
+	@$(UV) pip compile pyproject.toml --group dev --python-version 3.11 --generate-hashes -q -o requirements.lock
+
+clean:
+	rm -rf $(VENV) node_modules .pgdata-test .mypy_cache .ruff_cache .pytest_cache

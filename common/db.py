@@ -1,0 +1,79 @@
+"""Engine creation, the migration guard, and driver-error classification by SQLSTATE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+# SQLSTATEs that mean "try the same transaction again".
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+LOCK_NOT_AVAILABLE = "55P03"
+QUERY_CANCELED = "57014"
+UNIQUE_VIOLATION = "23505"
+CHECK_VIOLATION = "23514"
+
+
+class NotMigrated(RuntimeError):
+    """The database schema is behind this code's migrations."""
+
+
+def make_engine(url: str, *, pool_size: int = 10, application_name: str = "logistics") -> AsyncEngine:
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"application_name": application_name},
+    )
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a driver error wrapped by SQLAlchemy, if any."""
+    if isinstance(exc, DBAPIError):
+        return getattr(exc.orig, "sqlstate", None)
+    return None
+
+
+def constraint_name(exc: BaseException) -> str | None:
+    if isinstance(exc, DBAPIError):
+        diag = getattr(exc.orig, "diag", None)
+        return getattr(diag, "constraint_name", None)
+    return None
+
+
+def alembic_config(migrations_dir: Path, url: str, schema: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["schema"] = schema
+    return cfg
+
+
+async def require_migrated(engine: AsyncEngine, migrations_dir: Path, schema: str) -> None:
+    """Refuses to serve on a database whose schema is not at this code's migration head."""
+    head = ScriptDirectory.from_config(alembic_config(migrations_dir, "", schema)).get_current_head()
+    async with engine.connect() as conn:
+        exists = await conn.scalar(
+            text("SELECT to_regclass(:t) IS NOT NULL"), {"t": f"{schema}.alembic_version"}
+        )
+        current = None
+        if exists:
+            current = await conn.scalar(text(f'SELECT version_num FROM "{schema}".alembic_version'))
+    if current != head:
+        raise NotMigrated(
+            f"schema {schema!r} is at revision {current or 'none'} but this code needs {head}; "
+            f"run `make migrate` (or `python -m {schema} migrate`) first"
+        )
+
+
+def libpq_url(url: str) -> str:
+    """The same database as a plain libpq URL, for raw psycopg connections (LISTEN, admin)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

@@ -1,0 +1,41 @@
+"""The root of both services' error hierarchies: a reason code, a message, and metadata."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class DomainError(Exception):
+    """A rule the caller broke or a state the caller must know about; never a transport type.
+
+    `reason` is the ErrorInfo reason (UPPER_SNAKE_CASE) and `metadata` its key/value details.
+    """
+
+    reason: ClassVar[str] = "UNSPECIFIED"
+
+    def __init__(self, message: str, **metadata: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.metadata = metadata
+
+
+class Retryable(DomainError):
+    """A transient failure (serialization failure, deadlock, lost connection): safe to retry."""
+
+    reason = "TRANSIENT"
+
+
+class DeadlineReached(DomainError):
+    """Waiting for a lock or a result outlived the caller's deadline."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
+class InvalidArgument(DomainError):
+    """A field of the request is missing or malformed."""
+
+    reason = "INVALID_ARGUMENT"
+
+
+class NotFound(DomainError):
+    reason = "NOT_FOUND"

@@ -1,0 +1,33 @@
+"""Prometheus metrics both services expose; each process owns its registry (no globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RpcMetrics:
+    def __init__(self, registry: CollectorRegistry, service: str) -> None:
+        self.requests = Counter(
+            f"{service}_rpc_requests", "RPCs handled, by method and status code", ["method", "code"], registry=registry
+        )
+        self.latency = Histogram(
+            f"{service}_rpc_latency_seconds",
+            "RPC handling time, by method and status code",
+            ["method", "code"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.latency.labels(method, code).observe(seconds)
+
+
+def serve_metrics(registry: CollectorRegistry, address: str) -> None:
+    """Starts the /metrics HTTP endpoint in a daemon thread (address host:port; port 0 = off)."""
+    host, _, port = address.rpartition(":")
+    if int(port) == 0:
+        return
+    start_http_server(int(port), addr=host.strip("[]"), registry=registry)

@@ -1,0 +1,68 @@
+"""The sequencer's settings, read once from the environment (prefix SEQUENCER_) and validated."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common.settings import Env, database_url
+
+LOCK_STRATEGIES = ("advisory", "row")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    listen_addr: str = "127.0.0.1:50051"
+    metrics_addr: str = "127.0.0.1:9464"
+    ledger_target: str = "127.0.0.1:50052"
+    # Deadline of one ApplyEvent call to the ledger.
+    ledger_timeout: float = 5.0
+    # How long an idempotency record is kept (48 h).
+    idempotency_retention: float = 48 * 3600.0
+    sweep_interval: float = 60.0
+    sweep_batch: int = 500
+    # A gap older than this is alerted (log, metric, ListGaps.alerting).
+    gap_alert_after: float = 60.0
+    # Parked events one entity may hold; beyond: RESOURCE_EXHAUSTED for that entity.
+    parked_limit: int = 1000
+    lock_strategy: str = "advisory"
+    forwarder_concurrency: int = 32
+    # The safety-net poll; NOTIFY and in-process wake-ups make forwarding prompt.
+    forwarder_poll_interval: float = 1.0
+    # How long a replica's claim on an entity's forwarding lasts without renewal.
+    forwarder_lease: float = 30.0
+    # How long one claim keeps retrying a failing ledger before letting go and backing off.
+    forwarder_retry_budget: float = 20.0
+    watchers_per_caller: int = 100
+    db_pool_size: int = 10
+    shutdown_grace: float = 5.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = Env("SEQUENCER_", environ)
+        d = cls.__dataclass_fields__
+        settings = cls(
+            database_url=database_url(environ),
+            listen_addr=env.address("LISTEN_ADDR", d["listen_addr"].default),  # type: ignore[arg-type]
+            metrics_addr=env.address("METRICS_ADDR", d["metrics_addr"].default),  # type: ignore[arg-type]
+            ledger_target=env.address("LEDGER_TARGET", d["ledger_target"].default),  # type: ignore[arg-type]
+            ledger_timeout=env.seconds("LEDGER_TIMEOUT", 5.0, minimum=0.01),
+            idempotency_retention=env.seconds("IDEMPOTENCY_RETENTION", 48 * 3600.0, minimum=1.0),
+            sweep_interval=env.seconds("SWEEP_INTERVAL", 60.0, minimum=0.01),
+            sweep_batch=env.int("SWEEP_BATCH", 500, minimum=1, maximum=100_000),
+            gap_alert_after=env.seconds("GAP_ALERT_AFTER", 60.0),
+            parked_limit=env.int("PARKED_LIMIT", 1000, minimum=1),
+            lock_strategy=env.choice("LOCK_STRATEGY", "advisory", LOCK_STRATEGIES),
+            forwarder_concurrency=env.int("FORWARDER_CONCURRENCY", 32, minimum=1, maximum=1024),
+            forwarder_poll_interval=env.seconds("FORWARDER_POLL_INTERVAL", 1.0, minimum=0.01),
+            forwarder_lease=env.seconds("FORWARDER_LEASE", 30.0, minimum=1.0),
+            forwarder_retry_budget=env.seconds("FORWARDER_RETRY_BUDGET", 20.0, minimum=0.1),
+            watchers_per_caller=env.int("WATCHERS_PER_CALLER", 100, minimum=1),
+            db_pool_size=env.int("DB_POOL_SIZE", 10, minimum=1, maximum=500),
+            shutdown_grace=env.seconds("SHUTDOWN_GRACE", 5.0),
+            log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        )
+        env.reject_unknown()
+        return settings

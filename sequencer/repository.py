@@ -1,0 +1,375 @@
+"""Statements over the sequencer's tables. No business rules and no commits: the service owns
+the transaction and passes its connection in."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import Row, and_, delete, func, insert, or_, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from logistics.events.v1 import events_pb2
+from sequencer import queries
+from sequencer.models import entities, events, gaps, idempotency_keys
+
+PARKED = events_pb2.EVENT_STATE_PARKED
+QUEUED = events_pb2.EVENT_STATE_QUEUED
+
+
+def _entity(entity_type: int, entity_id: str) -> dict[str, Any]:
+    return {"entity_type": entity_type, "entity_id": entity_id}
+
+
+async def set_lock_timeout(conn: AsyncConnection, seconds: float) -> None:
+    """Bounds lock waits in this transaction (the caller's remaining deadline)."""
+    millis = max(1, int(seconds * 1000))
+    await conn.execute(text(f"SET LOCAL lock_timeout = {millis}"))
+
+
+# --- idempotency keys -------------------------------------------------------------------------
+
+
+async def lock_key(conn: AsyncConnection, caller: str, key: str) -> None:
+    await conn.execute(queries.LOCK_KEY, {"caller": caller, "key": key})
+
+
+async def get_key_record(conn: AsyncConnection, caller: str, key: str, now: dt.datetime) -> Row[Any] | None:
+    """The live (unexpired) record of a key, if any."""
+    result = await conn.execute(
+        select(idempotency_keys).where(
+            idempotency_keys.c.caller_id == caller,
+            idempotency_keys.c.idempotency_key == key,
+            idempotency_keys.c.expires_at > now,
+        )
+    )
+    return result.first()
+
+
+async def store_key_record(conn: AsyncConnection, **values: Any) -> None:
+    """Stores the first execution's outcome; replaces an expired record of the same key."""
+    stmt = pg_insert(idempotency_keys).values(**values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[idempotency_keys.c.caller_id, idempotency_keys.c.idempotency_key],
+        set_={c: stmt.excluded[c] for c in values if c not in ("caller_id", "idempotency_key")},
+        where=idempotency_keys.c.expires_at <= values["created_at"],
+    ).returning(idempotency_keys.c.caller_id)
+    result = await conn.execute(stmt)
+    if result.first() is None:
+        # The key lock makes this unreachable; the primary key is the rule's backstop.
+        raise RuntimeError("idempotency record already exists for a key held under its lock")
+
+
+async def sweep_expired_keys(conn: AsyncConnection, now: dt.datetime, batch: int) -> int:
+    result = await conn.execute(queries.SWEEP_EXPIRED_KEYS, {"now": now, "batch": batch})
+    return int(result.rowcount)
+
+
+# --- entities and events ----------------------------------------------------------------------
+
+
+async def lock_entity(
+    conn: AsyncConnection, entity_type: int, entity_id: str, strategy: str, now: dt.datetime
+) -> Row[Any]:
+    """Serialises work on one entity for this transaction; returns (watermark, parked_count).
+
+    The one place that knows the strategies: an advisory lock (default) or the watermark row's
+    own lock (for distributed Postgres, where advisory locks are node-local).
+    """
+    params = {**_entity(entity_type, entity_id), "now": now}
+    if strategy == "advisory":
+        await conn.execute(queries.LOCK_ENTITY_ADVISORY, params)
+        row = (await conn.execute(queries.SELECT_ENTITY, params)).first()
+        if row is None:
+            await conn.execute(queries.ENSURE_ENTITY, params)
+            row = (await conn.execute(queries.SELECT_ENTITY, params)).first()
+    else:
+        row = (await conn.execute(queries.SELECT_ENTITY_FOR_UPDATE, params)).first()
+        if row is None:
+            await conn.execute(queries.ENSURE_ENTITY, params)
+            row = (await conn.execute(queries.SELECT_ENTITY_FOR_UPDATE, params)).first()
+    assert row is not None
+    return row
+
+
+async def get_event(conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int) -> Row[Any] | None:
+    result = await conn.execute(
+        select(events).where(
+            events.c.entity_type == entity_type, events.c.entity_id == entity_id, events.c.sequence == sequence
+        )
+    )
+    return result.first()
+
+
+async def insert_event(conn: AsyncConnection, **values: Any) -> None:
+    await conn.execute(insert(events).values(**values))
+
+
+async def add_parked(conn: AsyncConnection, entity_type: int, entity_id: str, delta: int, now: dt.datetime) -> None:
+    await conn.execute(
+        update(entities)
+        .where(entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
+        .values(parked_count=entities.c.parked_count + delta, updated_at=now)
+    )
+
+
+async def held_range(
+    conn: AsyncConnection, entity_type: int, entity_id: str, watermark: int
+) -> tuple[int, int | None]:
+    """(lowest missing MSI above the watermark, highest held MSI or None)."""
+    row = (
+        await conn.execute(queries.LOWEST_MISSING, {**_entity(entity_type, entity_id), "watermark": watermark})
+    ).one()
+    return int(row.lowest_missing), None if row.highest_held is None else int(row.highest_held)
+
+
+async def open_gap(conn: AsyncConnection, entity_type: int, entity_id: str, watermark: int) -> int | None:
+    """The lowest missing MSI when something held waits behind it, else None (no gap)."""
+    lowest, highest = await held_range(conn, entity_type, entity_id, watermark)
+    return lowest if highest is not None and lowest < highest else None
+
+
+async def sync_gap(
+    conn: AsyncConnection, entity_type: int, entity_id: str, awaiting: int | None, now: dt.datetime
+) -> None:
+    """Makes the gap row say what is missing now: none, the same gap (kept), or a new one."""
+    where = and_(gaps.c.entity_type == entity_type, gaps.c.entity_id == entity_id)
+    if awaiting is None:
+        await conn.execute(delete(gaps).where(where))
+        return
+    stmt = pg_insert(gaps).values(
+        entity_type=entity_type, entity_id=entity_id, awaiting_sequence=awaiting, first_seen_at=now
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[gaps.c.entity_type, gaps.c.entity_id],
+        set_={"awaiting_sequence": awaiting, "first_seen_at": now, "alerted_at": None},
+        where=gaps.c.awaiting_sequence != awaiting,
+    )
+    await conn.execute(stmt)
+
+
+async def get_gap(conn: AsyncConnection, entity_type: int, entity_id: str) -> Row[Any] | None:
+    result = await conn.execute(
+        select(gaps).where(gaps.c.entity_type == entity_type, gaps.c.entity_id == entity_id)
+    )
+    return result.first()
+
+
+async def queued_event(conn: AsyncConnection, entity_type: int, entity_id: str) -> Row[Any] | None:
+    """The entity's queued event: at most one, the direct successor of its watermark."""
+    result = await conn.execute(
+        select(events)
+        .where(events.c.entity_type == entity_type, events.c.entity_id == entity_id, events.c.state == QUEUED)
+        .order_by(events.c.sequence)
+        .limit(1)
+    )
+    return result.first()
+
+
+async def complete_event(
+    conn: AsyncConnection,
+    entity_type: int,
+    entity_id: str,
+    sequence: int,
+    *,
+    state: int,
+    reason: str | None,
+    reason_detail: str | None,
+    entity_version: int,
+    now: dt.datetime,
+) -> bool:
+    """Moves a QUEUED event to its terminal state; False when someone else already did."""
+    result = await conn.execute(
+        update(events)
+        .where(
+            events.c.entity_type == entity_type,
+            events.c.entity_id == entity_id,
+            events.c.sequence == sequence,
+            events.c.state == QUEUED,
+        )
+        .values(
+            state=state, reason=reason, reason_detail=reason_detail, entity_version=entity_version, processed_at=now
+        )
+    )
+    return bool(result.rowcount == 1)
+
+
+async def advance_watermark(
+    conn: AsyncConnection,
+    entity_type: int,
+    entity_id: str,
+    watermark: int,
+    *,
+    last_outcome: int,
+    last_outcome_reason: str | None,
+    now: dt.datetime,
+) -> None:
+    await conn.execute(
+        update(entities)
+        .where(entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
+        .values(
+            watermark=watermark, last_outcome=last_outcome, last_outcome_reason=last_outcome_reason, updated_at=now
+        )
+    )
+
+
+async def release_parked(
+    conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int, now: dt.datetime
+) -> Row[Any] | None:
+    """Queues the parked event with this MSI, if there is one."""
+    result = await conn.execute(
+        update(events)
+        .where(
+            events.c.entity_type == entity_type,
+            events.c.entity_id == entity_id,
+            events.c.sequence == sequence,
+            events.c.state == PARKED,
+        )
+        .values(state=QUEUED, queued_at=now)
+        .returning(events.c.transaction_id, events.c.sequence)
+    )
+    return result.first()
+
+
+# --- forwarding leases ------------------------------------------------------------------------
+
+
+async def claim_entities(
+    conn: AsyncConnection, owner: str, now: dt.datetime, until: dt.datetime, limit: int
+) -> list[tuple[int, str]]:
+    result = await conn.execute(queries.CLAIM_ENTITIES, {"owner": owner, "now": now, "until": until, "limit": limit})
+    return [(int(r.entity_type), str(r.entity_id)) for r in result]
+
+
+async def claim_entity(
+    conn: AsyncConnection, entity_type: int, entity_id: str, owner: str, now: dt.datetime, until: dt.datetime
+) -> bool:
+    result = await conn.execute(
+        queries.CLAIM_ENTITY, {**_entity(entity_type, entity_id), "owner": owner, "now": now, "until": until}
+    )
+    return result.first() is not None
+
+
+async def release_lease(conn: AsyncConnection, entity_type: int, entity_id: str, owner: str) -> None:
+    await conn.execute(queries.RELEASE_LEASE, {**_entity(entity_type, entity_id), "owner": owner})
+
+
+async def renew_lease(
+    conn: AsyncConnection, entity_type: int, entity_id: str, owner: str, until: dt.datetime
+) -> bool:
+    result = await conn.execute(
+        update(entities)
+        .where(
+            entities.c.entity_type == entity_type,
+            entities.c.entity_id == entity_id,
+            entities.c.lease_owner == owner,
+        )
+        .values(lease_until=until)
+    )
+    return bool(result.rowcount == 1)
+
+
+# --- reads --------------------------------------------------------------------------------------
+
+_STATUS_COLUMNS = (
+    *events.c,
+    gaps.c.awaiting_sequence.label("gap_awaiting"),
+)
+
+
+def _status_select() -> Any:
+    return select(*_STATUS_COLUMNS).select_from(
+        events.outerjoin(
+            gaps, and_(gaps.c.entity_type == events.c.entity_type, gaps.c.entity_id == events.c.entity_id)
+        )
+    )
+
+
+async def status_by_transaction(conn: AsyncConnection, transaction_id: uuid.UUID) -> Row[Any] | None:
+    return (await conn.execute(_status_select().where(events.c.transaction_id == transaction_id))).first()
+
+
+async def status_by_key(conn: AsyncConnection, caller: str, key: str, now: dt.datetime) -> Row[Any] | None:
+    record = await get_key_record(conn, caller, key, now)
+    if record is None or record.transaction_id is None:
+        return None
+    return await status_by_transaction(conn, record.transaction_id)
+
+
+async def statuses_for_entity(
+    conn: AsyncConnection, entity_type: int, entity_id: str, since: dt.datetime | None
+) -> list[Row[Any]]:
+    """An entity's events changed at or after `since` (all when None), in MSI order."""
+    stmt = _status_select().where(events.c.entity_type == entity_type, events.c.entity_id == entity_id)
+    if since is not None:
+        stmt = stmt.where(
+            or_(events.c.accepted_at >= since, events.c.queued_at >= since, events.c.processed_at >= since)
+        )
+    return list((await conn.execute(stmt.order_by(events.c.sequence))).all())
+
+
+async def list_gaps(
+    conn: AsyncConnection, after: tuple[dt.datetime, int, str] | None, limit: int
+) -> list[Row[Any]]:
+    stmt = select(gaps, entities.c.parked_count).join(
+        entities, and_(entities.c.entity_type == gaps.c.entity_type, entities.c.entity_id == gaps.c.entity_id)
+    )
+    if after is not None:
+        stmt = stmt.where(tuple_(gaps.c.first_seen_at, gaps.c.entity_type, gaps.c.entity_id) > tuple_(*after))
+    stmt = stmt.order_by(gaps.c.first_seen_at, gaps.c.entity_type, gaps.c.entity_id).limit(limit)
+    return list((await conn.execute(stmt)).all())
+
+
+async def gap_summary(conn: AsyncConnection, alert_before: dt.datetime) -> Row[Any]:
+    """How many gaps (and how many alerting), the oldest first-seen time, and parked events."""
+    stmt = select(
+        select(func.count()).select_from(gaps).scalar_subquery().label("gaps"),
+        select(func.count())
+        .select_from(gaps)
+        .where(gaps.c.first_seen_at <= alert_before)
+        .scalar_subquery()
+        .label("alerting"),
+        select(func.min(gaps.c.first_seen_at)).scalar_subquery().label("oldest"),
+        select(func.coalesce(func.sum(entities.c.parked_count), 0)).scalar_subquery().label("parked"),
+    )
+    row = (await conn.execute(stmt)).first()
+    assert row is not None
+    return row
+
+
+async def gaps_to_alert(conn: AsyncConnection, older_than: dt.datetime, now: dt.datetime) -> list[Row[Any]]:
+    """Marks and returns gaps that crossed the alert threshold and were not yet alerted."""
+    result = await conn.execute(
+        update(gaps)
+        .where(gaps.c.first_seen_at <= older_than, gaps.c.alerted_at.is_(None))
+        .values(alerted_at=now)
+        .returning(gaps.c.entity_type, gaps.c.entity_id, gaps.c.awaiting_sequence, gaps.c.first_seen_at)
+    )
+    return list(result.all())
+
+
+async def list_parked(
+    conn: AsyncConnection, entity: tuple[int, str] | None, after: tuple[int, str, int] | None, limit: int
+) -> list[Row[Any]]:
+    stmt = select(events).where(events.c.state == PARKED)
+    if entity is not None:
+        stmt = stmt.where(events.c.entity_type == entity[0], events.c.entity_id == entity[1])
+    if after is not None:
+        stmt = stmt.where(tuple_(events.c.entity_type, events.c.entity_id, events.c.sequence) > tuple_(*after))
+    stmt = stmt.order_by(events.c.entity_type, events.c.entity_id, events.c.sequence).limit(limit)
+    return list((await conn.execute(stmt)).all())
+
+
+async def get_entity(conn: AsyncConnection, entity_type: int, entity_id: str) -> Row[Any] | None:
+    stmt = (
+        select(entities, gaps.c.awaiting_sequence, gaps.c.first_seen_at)
+        .select_from(
+            entities.outerjoin(
+                gaps, and_(gaps.c.entity_type == entities.c.entity_type, gaps.c.entity_id == entities.c.entity_id)
+            )
+        )
+        .where(entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
+    )
+    return (await conn.execute(stmt)).first()

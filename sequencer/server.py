@@ -1,0 +1,124 @@
+"""Builds and runs the sequencer's grpc.aio server: servicers, health, reflection, interceptors,
+and the background work (forwarder, key sweeper, gap monitor)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from common import logs
+from common.db import make_engine, require_migrated
+from common.grpc_server import add_health_and_reflection, run_until_signal, set_serving
+from common.metrics import serve_metrics
+from logistics.ledger.v1 import ledger_pb2_grpc
+from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
+from sequencer.clock import Clock, SystemClock
+from sequencer.config import Settings
+from sequencer.forwarder import Forwarder
+from sequencer.interceptors import build_interceptor
+from sequencer.metrics import SequencerMetrics
+from sequencer.notifications import Notifier
+from sequencer.service import Sequencer
+from sequencer.servicer import AdminServicer, SequencerServicer
+from sequencer.sweeper import Sweeper
+from sequencer.watch import Watches
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+SERVICE_NAMES = (
+    sequencer_pb2.DESCRIPTOR.services_by_name["SequencerService"].full_name,
+    sequencer_pb2.DESCRIPTOR.services_by_name["SequencerAdminService"].full_name,
+)
+
+
+@dataclass
+class App:
+    """A started sequencer: the server, its port, and what must be stopped with it."""
+
+    server: grpc.aio.Server
+    port: int
+    engine: AsyncEngine
+    health: health.aio.HealthServicer
+    service: Sequencer
+    forwarder: Forwarder
+    metrics: SequencerMetrics
+    ledger_channel: grpc.aio.Channel
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await set_serving(self.health, SERVICE_NAMES, False)
+        await self.server.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.forwarder.close()
+        await self.service.notifier.close()
+        await self.ledger_channel.close()
+        await self.engine.dispose()
+
+
+async def build_server(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
+    run_forwarder: bool = True,
+) -> App:
+    """Builds, starts and returns the server (no globals: tests run several on port 0)."""
+    clock = clock or SystemClock()
+    registry = registry or CollectorRegistry()
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, application_name="sequencer")
+    await require_migrated(engine, MIGRATIONS, "sequencer")
+    metrics = SequencerMetrics(registry)
+    notifier = Notifier(settings.database_url)
+    service = Sequencer(engine, settings, clock, notifier, metrics)
+    ledger_channel = grpc.aio.insecure_channel(settings.ledger_target)
+    forwarder = Forwarder(
+        engine, ledger_pb2_grpc.LedgerServiceStub(ledger_channel), service, settings, clock, metrics
+    )
+    if run_forwarder:
+        service.on_queued = forwarder.kick
+
+    server = grpc.aio.server(
+        interceptors=[build_interceptor(metrics.rpc)],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    watches = Watches(service, notifier, settings.watchers_per_caller)
+    sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(SequencerServicer(service, watches, settings), server)
+    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(service), server)
+    health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
+    port = server.add_insecure_port(settings.listen_addr)
+    await notifier.start()
+    await server.start()
+    app = App(server, port, engine, health_servicer, service, forwarder, metrics, ledger_channel)
+    app.tasks.append(asyncio.create_task(Sweeper(engine, settings, clock).run(), name="key-sweeper"))
+    app.tasks.append(asyncio.create_task(service.monitor_gaps(), name="gap-monitor"))
+    if run_forwarder:
+        app.tasks.append(asyncio.create_task(forwarder.run(), name="forwarder"))
+    await set_serving(health_servicer, SERVICE_NAMES, True)
+    return app
+
+
+async def main() -> None:
+    settings = Settings.from_env()
+    logs.configure("sequencer", settings.log_level)
+    registry = CollectorRegistry()
+    serve_metrics(registry, settings.metrics_addr)
+    app = await build_server(settings, registry=registry)
+    host = settings.listen_addr.rpartition(":")[0]
+    log.info(
+        "sequencer listening",
+        extra={"address": f"{host}:{app.port}", "metrics": settings.metrics_addr, "ledger": settings.ledger_target},
+    )
+    await run_until_signal(app.server, app.health, SERVICE_NAMES, settings.shutdown_grace, app.close)

@@ -1,0 +1,148 @@
+"""Thin gRPC servicers: proto in, domain call, proto out. Errors are mapped by interceptors.py."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator
+
+import grpc
+
+from common.interceptors import add_trailing_metadata, correlation_id
+from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
+from sequencer.config import Settings
+from sequencer.errors import InvalidArgument
+from sequencer.idempotency import CALLER_HEADER, KEY_HEADERS, resolve_caller, resolve_key, validate_key
+from sequencer.service import Sequencer, Submission
+from sequencer.watch import Watches
+
+
+def _metadata(context: grpc.aio.ServicerContext, names: tuple[str, ...]) -> list[str]:
+    return [str(v) for k, v in (context.invocation_metadata() or ()) if k in names]
+
+
+def _caller(context: grpc.aio.ServicerContext) -> str:
+    return resolve_caller(_metadata(context, (CALLER_HEADER,)))
+
+
+def _publish(context: grpc.aio.ServicerContext, result: Submission) -> None:
+    """Idempotency metadata: expiry always; replay marker and first-execution time on replays."""
+    pairs = [("idempotency-expires-at", result.expires_at.astimezone(dt.UTC).isoformat())]
+    if result.replayed:
+        pairs += [
+            ("idempotency-replayed", "true"),
+            ("idempotency-first-seen-at", result.first_seen_at.astimezone(dt.UTC).isoformat()),
+        ]
+    add_trailing_metadata(context, *pairs)
+
+
+class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
+    def __init__(self, service: Sequencer, watches: Watches, settings: Settings) -> None:
+        self.service = service
+        self.watches = watches
+        self.settings = settings
+
+    async def SubmitEvent(
+        self, request: sequencer_pb2.SubmitEventRequest, context: grpc.aio.ServicerContext
+    ) -> sequencer_pb2.SubmitEventResponse:
+        key = resolve_key(_metadata(context, KEY_HEADERS), request.request_id)
+        caller = _caller(context)
+        result = await self.service.submit(
+            caller=caller,
+            key=key,
+            request=request,
+            correlation_id=correlation_id(),
+            timeout=context.time_remaining(),
+        )
+        _publish(context, result)
+        response = result.response
+        assert isinstance(response, sequencer_pb2.SubmitEventResponse)
+        if request.HasField("wait_for_terminal") and response.transaction_id:
+            wait = request.wait_for_terminal.ToTimedelta().total_seconds()
+            remaining = context.time_remaining()
+            if remaining is not None:
+                wait = min(wait, max(0.0, remaining - 0.05))
+            if wait > 0:
+                status = await self.watches.wait_terminal(response.transaction_id, wait)
+                if status is not None:
+                    waited = sequencer_pb2.SubmitEventResponse()
+                    waited.CopyFrom(response)
+                    waited.state = status.state
+                    waited.awaiting_sequence = status.awaiting_sequence
+                    return waited
+        return response
+
+    async def GetEventStatus(
+        self, request: sequencer_pb2.GetEventStatusRequest, context: grpc.aio.ServicerContext
+    ) -> sequencer_pb2.GetEventStatusResponse:
+        if request.transaction_id:
+            status = await self.service.get_status(request.transaction_id)
+        elif request.idempotency_key:
+            validate_key(request.idempotency_key)
+            status = await self.service.get_status_by_key(_caller(context), request.idempotency_key)
+        else:
+            raise InvalidArgument("transaction_id or idempotency_key is required", field="transaction_id")
+        return sequencer_pb2.GetEventStatusResponse(status=status)
+
+    async def WatchEventStatus(
+        self, request: sequencer_pb2.WatchEventStatusRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[sequencer_pb2.WatchEventStatusResponse]:
+        target = request.WhichOneof("target")
+        if target is None:
+            raise InvalidArgument("transaction_id or entity is required", field="target")
+        stream: AsyncIterator[sequencer_pb2.EventStatus]
+        if target == "transaction_id":
+            stream = self.watches.watch_transaction(_caller(context), request.transaction_id)
+        else:
+            stream = self.watches.watch_entity(_caller(context), request.entity)
+        async with contextlib.aclosing(stream) as statuses:
+            async for status in statuses:
+                yield sequencer_pb2.WatchEventStatusResponse(status=status)
+
+
+class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
+    def __init__(self, service: Sequencer) -> None:
+        self.service = service
+
+    async def ListGaps(
+        self, request: sequencer_pb2.ListGapsRequest, context: grpc.aio.ServicerContext
+    ) -> sequencer_pb2.ListGapsResponse:
+        gaps, token = await self.service.list_gaps(request.page_size, request.page_token)
+        return sequencer_pb2.ListGapsResponse(gaps=gaps, next_page_token=token)
+
+    async def ListParkedEvents(
+        self, request: sequencer_pb2.ListParkedEventsRequest, context: grpc.aio.ServicerContext
+    ) -> sequencer_pb2.ListParkedEventsResponse:
+        entity = request.entity if request.HasField("entity") else None
+        parked, token = await self.service.list_parked(entity, request.page_size, request.page_token)
+        return sequencer_pb2.ListParkedEventsResponse(parked_events=parked, next_page_token=token)
+
+    async def GetEntity(
+        self, request: sequencer_pb2.GetEntityRequest, context: grpc.aio.ServicerContext
+    ) -> sequencer_pb2.GetEntityResponse:
+        entity = await self.service.get_entity(request.entity.entity_type, request.entity.entity_id)
+        return sequencer_pb2.GetEntityResponse(entity=entity)
+
+    async def SkipSequence(
+        self, request: sequencer_pb2.SkipSequenceRequest, context: grpc.aio.ServicerContext
+    ) -> sequencer_pb2.SkipSequenceResponse:
+        key = resolve_key(_metadata(context, KEY_HEADERS), request.request_id)
+        result = await self.service.skip_sequence(
+            caller=_caller(context),
+            key=key,
+            request=request,
+            correlation_id=correlation_id(),
+            timeout=context.time_remaining(),
+        )
+        _publish(context, result)
+        response = result.response
+        assert isinstance(response, sequencer_pb2.SkipSequenceResponse)
+        return response
+
+    async def GetIdempotencyRecord(
+        self, request: sequencer_pb2.GetIdempotencyRecordRequest, context: grpc.aio.ServicerContext
+    ) -> sequencer_pb2.GetIdempotencyRecordResponse:
+        validate_key(request.idempotency_key)
+        record = await self.service.get_key_record(_caller(context), request.idempotency_key)
+        return sequencer_pb2.GetIdempotencyRecordResponse(record=record)
+
