@@ -59,9 +59,7 @@ async def require_migrated(engine: AsyncEngine, migrations_dir: Path, schema: st
     """Refuses to serve on a database whose schema is not at this code's migration head."""
     head = ScriptDirectory.from_config(alembic_config(migrations_dir, "", schema)).get_current_head()
     async with engine.connect() as conn:
-        exists = await conn.scalar(
-            text("SELECT to_regclass(:t) IS NOT NULL"), {"t": f"{schema}.alembic_version"}
-        )
+        exists = await conn.scalar(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": f"{schema}.alembic_version"})
         current = None
         if exists:
             current = await conn.scalar(text(f'SELECT version_num FROM "{schema}".alembic_version'))

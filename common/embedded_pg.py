@@ -11,10 +11,10 @@ from sqlalchemy.engine import make_url
 
 def start(data_dir: Path, *, stop_at_exit: bool = True) -> Any:
     """Starts (or reuses) the embedded server; its data survives restarts."""
-    import pgserver  # imported lazily: only the embedded path needs it
+    from pgserver import get_server  # lazily: only the embedded path needs it
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    return pgserver.get_server(data_dir, cleanup_mode="stop" if stop_at_exit else None)
+    return get_server(data_dir, cleanup_mode="stop" if stop_at_exit else None)
 
 
 def ensure_database(admin_url: str, name: str) -> str:

@@ -29,11 +29,12 @@ CORRELATION_HEADER = "x-correlation-id"
 MAX_CORRELATION_ID = 128
 
 ErrorTable = Mapping[type[DomainError], grpc.StatusCode]
+Context = grpc.aio.ServicerContext[Any, Any]
 
 _trailing: contextvars.ContextVar[list[tuple[str, str]]] = contextvars.ContextVar("trailing")
 
 
-def add_trailing_metadata(context: grpc.aio.ServicerContext, *pairs: tuple[str, str]) -> None:
+def add_trailing_metadata(context: Context, *pairs: tuple[str, str]) -> None:
     """Adds to the call's trailing metadata (set_trailing_metadata alone would replace it)."""
     current = [*_trailing.get([]), *pairs]
     _trailing.set(current)
@@ -63,7 +64,7 @@ def _internal_status(domain: str) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message="internal error", details=[detail])
 
 
-async def _abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+async def _abort(context: Context, status: status_pb2.Status) -> None:
     """abort_with_status, keeping the trailing metadata already set (the correlation id)."""
     grpc_status = rpc_status.to_status(status)
     trailing = (*_trailing.get([]), *grpc_status.trailing_metadata)
@@ -82,7 +83,9 @@ def correlation_id_from(metadata: Any) -> str:
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every RPC: binds a correlation id, maps domain errors, logs one line, counts."""
 
-    def __init__(self, table: ErrorTable, domain: str, metrics: RpcMetrics, skip_prefixes: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, table: ErrorTable, domain: str, metrics: RpcMetrics, skip_prefixes: tuple[str, ...] = ()
+    ) -> None:
         self.table = table
         self.domain = domain
         self.metrics = metrics
@@ -90,18 +93,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(self.skip_prefixes):
             return handler
         metadata = handler_call_details.invocation_metadata
         if handler.unary_unary:
-            inner_unary = handler.unary_unary
+            inner_unary: Any = handler.unary_unary
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def unary(request: Any, context: Context) -> Any:
                 self._begin(method, metadata, context)
                 started = time.perf_counter()
                 try:
@@ -118,9 +121,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
-            inner_stream = handler.unary_stream
+            inner_stream: Any = handler.unary_stream
 
-            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 self._begin(method, metadata, context)
                 started = time.perf_counter()
                 try:
@@ -138,19 +141,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
-    def _begin(self, method: str, metadata: Any, context: grpc.aio.ServicerContext) -> None:
+    def _begin(self, method: str, metadata: Any, context: Context) -> None:
         correlation_id = correlation_id_from(metadata)
         logs.log_context.set({"rpc": method, "correlation_id": correlation_id})
         _trailing.set([])
         add_trailing_metadata(context, (CORRELATION_HEADER, correlation_id))
 
-    def _done(self, method: str, started: float, context: grpc.aio.ServicerContext) -> None:
+    def _done(self, method: str, started: float, context: Context) -> None:
         code = context.code() or grpc.StatusCode.OK
         elapsed = time.perf_counter() - started
         self.metrics.observe(method, code.name, elapsed)
         log.info("rpc", extra={"code": code.name, "latency_ms": round(elapsed * 1000, 2)})
 
-    async def _fail(self, exc: BaseException, method: str, started: float, context: grpc.aio.ServicerContext) -> None:
+    async def _fail(self, exc: BaseException, method: str, started: float, context: Context) -> None:
         elapsed = time.perf_counter() - started
         if isinstance(exc, DomainError):
             status = status_for(exc, self.table, self.domain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Mapping
 
@@ -13,34 +14,41 @@ class ConfigError(Exception):
 class Env:
     """Reads `PREFIX_NAME` variables and remembers which it read, so leftovers can be rejected."""
 
-    def __init__(self, prefix: str, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, prefix: builtins.str, environ: Mapping[builtins.str, builtins.str] | None = None) -> None:
         self.prefix = prefix
         self.environ = dict(os.environ if environ is None else environ)
-        self._seen: set[str] = set()
+        self._seen: set[builtins.str] = set()
 
-    def _raw(self, name: str) -> str | None:
+    def _raw(self, name: builtins.str) -> builtins.str | None:
         key = f"{self.prefix}{name}"
         self._seen.add(key)
         value = self.environ.get(key)
         return None if value is None or value.strip() == "" else value.strip()
 
-    def str(self, name: str, default: str) -> str:
+    def str(self, name: builtins.str, default: builtins.str) -> builtins.str:
         value = self._raw(name)
         return default if value is None else value
 
-    def int(self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    def int(
+        self,
+        name: builtins.str,
+        default: builtins.int,
+        *,
+        minimum: builtins.int = 0,
+        maximum: builtins.int | None = None,
+    ) -> builtins.int:
         value = self._raw(name)
         if value is None:
             return default
         try:
-            number = int(value)
+            number = builtins.int(value)
         except ValueError as exc:
             raise ConfigError(f"{self.prefix}{name} must be an integer, got {value!r}") from exc
         if number < minimum or (maximum is not None and number > maximum):
             raise ConfigError(f"{self.prefix}{name} must be in [{minimum}, {maximum}], got {number}")
         return number
 
-    def seconds(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+    def seconds(self, name: builtins.str, default: float, *, minimum: float = 0.0) -> float:
         value = self._raw(name)
         if value is None:
             return default
@@ -52,7 +60,7 @@ class Env:
             raise ConfigError(f"{self.prefix}{name} must be >= {minimum}, got {number}")
         return number
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: builtins.bool) -> builtins.bool:
         value = self._raw(name)
         if value is None:
             return default
@@ -63,14 +71,14 @@ class Env:
             return False
         raise ConfigError(f"{self.prefix}{name} must be a boolean, got {value!r}")
 
-    def address(self, name: str, default: str) -> str:
+    def address(self, name: builtins.str, default: builtins.str) -> builtins.str:
         value = self.str(name, default)
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigError(f"{self.prefix}{name} must be host:port, got {value!r}")
         return value
 
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+    def choice(self, name: builtins.str, default: builtins.str, choices: tuple[builtins.str, ...]) -> builtins.str:
         value = self.str(name, default)
         if value not in choices:
             raise ConfigError(f"{self.prefix}{name} must be one of {choices}, got {value!r}")
@@ -90,5 +98,5 @@ def database_url(environ: Mapping[str, str] | None = None) -> str:
         raise ConfigError("DATABASE_URL is not set (make up sets it, or point it at a PostgreSQL server)")
     for prefix in ("postgresql+psycopg://", "postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     raise ConfigError("DATABASE_URL must be a postgresql:// URL")

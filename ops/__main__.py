@@ -1,4 +1,4 @@
-"""python -m ops up"""
+"""python -m ops up | health HOST:PORT"""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ def main(argv: list[str]) -> None:
         from ops import up
 
         up.main()
+    elif command == "health" and len(argv) == 2:
+        from ops import up
+
+        sys.exit(0 if up.is_serving(argv[1]) else 1)
     else:
-        sys.exit("usage: python -m ops up")
+        sys.exit("usage: python -m ops up | health HOST:PORT")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / ".pgdata"
 
 
+def is_serving(address: str, timeout: float = 2.0) -> bool:
+    """One health check (the container health check uses it)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 def _wait_serving(address: str, proc: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:

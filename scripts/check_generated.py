@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gen_protos import PACKAGES, ROOT, generate  # noqa: E402
+from gen_protos import PACKAGES, ROOT, generate
 
 
 def main() -> int:
@@ -19,10 +19,16 @@ def main() -> int:
         drift = []
         for pkg in PACKAGES:
             a = {p.relative_to(fresh) for p in (fresh / pkg).rglob("*") if p.is_file()}
-            b = {p.relative_to(committed) for p in (committed / pkg).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+            b = {
+                p.relative_to(committed)
+                for p in (committed / pkg).rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts
+            }
             drift += [f"missing: {p}" for p in sorted(a - b)]
             drift += [f"stale: {p}" for p in sorted(b - a)]
-            drift += [f"differs: {p}" for p in sorted(a & b) if not filecmp.cmp(fresh / p, committed / p, shallow=False)]
+            drift += [
+                f"differs: {p}" for p in sorted(a & b) if not filecmp.cmp(fresh / p, committed / p, shallow=False)
+            ]
     if drift:
         print("generated code is out of date with protos/ (run `make gen`):\n  " + "\n  ".join(drift))
         return 1

@@ -42,12 +42,11 @@ class Settings:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = Env("SEQUENCER_", environ)
-        d = cls.__dataclass_fields__
         settings = cls(
             database_url=database_url(environ),
-            listen_addr=env.address("LISTEN_ADDR", d["listen_addr"].default),  # type: ignore[arg-type]
-            metrics_addr=env.address("METRICS_ADDR", d["metrics_addr"].default),  # type: ignore[arg-type]
-            ledger_target=env.address("LEDGER_TARGET", d["ledger_target"].default),  # type: ignore[arg-type]
+            listen_addr=env.address("LISTEN_ADDR", "127.0.0.1:50051"),
+            metrics_addr=env.address("METRICS_ADDR", "127.0.0.1:9464"),
+            ledger_target=env.address("LEDGER_TARGET", "127.0.0.1:50052"),
             ledger_timeout=env.seconds("LEDGER_TIMEOUT", 5.0, minimum=0.01),
             idempotency_retention=env.seconds("IDEMPOTENCY_RETENTION", 48 * 3600.0, minimum=1.0),
             sweep_interval=env.seconds("SWEEP_INTERVAL", 60.0, minimum=0.01),

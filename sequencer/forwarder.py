@@ -92,7 +92,7 @@ class Forwarder:
         if message.get("resync") or message.get("s") == QUEUED:
             key = (message.get("t"), message.get("e"))
             if isinstance(key[0], int) and isinstance(key[1], str) and key in self.active:
-                self.dirty.add(key)  # type: ignore[arg-type]
+                self.dirty.add(key)
             self.wake.set()
 
     def kick(self, entity_type: int, entity_id: str) -> None:
@@ -239,7 +239,7 @@ class Forwarder:
             ):
                 with attempt:
                     started = time.perf_counter()
-                    reply: ledger_pb2.ApplyEventResponse = await self.ledger.ApplyEvent(
+                    reply: ledger_pb2.ApplyEventResponse = await self.ledger.ApplyEvent(  # type: ignore[misc]
                         request, timeout=self.settings.ledger_timeout, metadata=metadata
                     )
                     self.metrics.ledger_latency.observe(time.perf_counter() - started)

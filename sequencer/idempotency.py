@@ -46,9 +46,7 @@ def validate_key(key: str) -> None:
             length=len(key),
         )
     if not KEY_PATTERN.fullmatch(key):
-        raise IdempotencyKeyInvalid(
-            "the idempotency key may contain only letters, digits and . _ : ~ @ / + = -"
-        )
+        raise IdempotencyKeyInvalid("the idempotency key may contain only letters, digits and . _ : ~ @ / + = -")
 
 
 def resolve_caller(values: list[str]) -> str:

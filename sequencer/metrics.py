@@ -10,17 +10,13 @@ from common.metrics import LATENCY_BUCKETS, RpcMetrics
 class SequencerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.rpc = RpcMetrics(registry, "sequencer")
-        self.events = Counter(
-            "sequencer_events", "Events by the state they entered", ["state"], registry=registry
-        )
+        self.events = Counter("sequencer_events", "Events by the state they entered", ["state"], registry=registry)
         self.replays = Counter(
             "sequencer_idempotency_replays", "Requests answered from a stored idempotency record", registry=registry
         )
         self.parked = Gauge("sequencer_parked_events", "Events parked, waiting for a predecessor", registry=registry)
         self.gaps = Gauge("sequencer_gaps", "Entities waiting for a missing MSI", registry=registry)
-        self.gaps_alerting = Gauge(
-            "sequencer_gaps_alerting", "Gaps older than the alert threshold", registry=registry
-        )
+        self.gaps_alerting = Gauge("sequencer_gaps_alerting", "Gaps older than the alert threshold", registry=registry)
         self.oldest_gap_age = Gauge(
             "sequencer_oldest_gap_age_seconds", "Age of the oldest open gap (0 when none)", registry=registry
         )

@@ -50,10 +50,10 @@ async def get_key_record(conn: AsyncConnection, caller: str, key: str, now: dt.d
 
 async def store_key_record(conn: AsyncConnection, **values: Any) -> None:
     """Stores the first execution's outcome; replaces an expired record of the same key."""
-    stmt = pg_insert(idempotency_keys).values(**values)
-    stmt = stmt.on_conflict_do_update(
+    insert_stmt = pg_insert(idempotency_keys).values(**values)
+    stmt = insert_stmt.on_conflict_do_update(
         index_elements=[idempotency_keys.c.caller_id, idempotency_keys.c.idempotency_key],
-        set_={c: stmt.excluded[c] for c in values if c not in ("caller_id", "idempotency_key")},
+        set_={c: insert_stmt.excluded[c] for c in values if c not in ("caller_id", "idempotency_key")},
         where=idempotency_keys.c.expires_at <= values["created_at"],
     ).returning(idempotency_keys.c.caller_id)
     result = await conn.execute(stmt)
@@ -115,9 +115,7 @@ async def add_parked(conn: AsyncConnection, entity_type: int, entity_id: str, de
     )
 
 
-async def held_range(
-    conn: AsyncConnection, entity_type: int, entity_id: str, watermark: int
-) -> tuple[int, int | None]:
+async def held_range(conn: AsyncConnection, entity_type: int, entity_id: str, watermark: int) -> tuple[int, int | None]:
     """(lowest missing MSI above the watermark, highest held MSI or None)."""
     row = (
         await conn.execute(queries.LOWEST_MISSING, {**_entity(entity_type, entity_id), "watermark": watermark})
@@ -151,9 +149,7 @@ async def sync_gap(
 
 
 async def get_gap(conn: AsyncConnection, entity_type: int, entity_id: str) -> Row[Any] | None:
-    result = await conn.execute(
-        select(gaps).where(gaps.c.entity_type == entity_type, gaps.c.entity_id == entity_id)
-    )
+    result = await conn.execute(select(gaps).where(gaps.c.entity_type == entity_type, gaps.c.entity_id == entity_id))
     return result.first()
 
 
@@ -209,9 +205,7 @@ async def advance_watermark(
     await conn.execute(
         update(entities)
         .where(entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
-        .values(
-            watermark=watermark, last_outcome=last_outcome, last_outcome_reason=last_outcome_reason, updated_at=now
-        )
+        .values(watermark=watermark, last_outcome=last_outcome, last_outcome_reason=last_outcome_reason, updated_at=now)
     )
 
 
@@ -256,9 +250,7 @@ async def release_lease(conn: AsyncConnection, entity_type: int, entity_id: str,
     await conn.execute(queries.RELEASE_LEASE, {**_entity(entity_type, entity_id), "owner": owner})
 
 
-async def renew_lease(
-    conn: AsyncConnection, entity_type: int, entity_id: str, owner: str, until: dt.datetime
-) -> bool:
+async def renew_lease(conn: AsyncConnection, entity_type: int, entity_id: str, owner: str, until: dt.datetime) -> bool:
     result = await conn.execute(
         update(entities)
         .where(
@@ -281,9 +273,7 @@ _STATUS_COLUMNS = (
 
 def _status_select() -> Any:
     return select(*_STATUS_COLUMNS).select_from(
-        events.outerjoin(
-            gaps, and_(gaps.c.entity_type == events.c.entity_type, gaps.c.entity_id == events.c.entity_id)
-        )
+        events.outerjoin(gaps, and_(gaps.c.entity_type == events.c.entity_type, gaps.c.entity_id == events.c.entity_id))
     )
 
 
@@ -310,9 +300,7 @@ async def statuses_for_entity(
     return list((await conn.execute(stmt.order_by(events.c.sequence))).all())
 
 
-async def list_gaps(
-    conn: AsyncConnection, after: tuple[dt.datetime, int, str] | None, limit: int
-) -> list[Row[Any]]:
+async def list_gaps(conn: AsyncConnection, after: tuple[dt.datetime, int, str] | None, limit: int) -> list[Row[Any]]:
     stmt = select(gaps, entities.c.parked_count).join(
         entities, and_(entities.c.entity_type == gaps.c.entity_type, entities.c.entity_id == gaps.c.entity_id)
     )
@@ -322,7 +310,7 @@ async def list_gaps(
     return list((await conn.execute(stmt)).all())
 
 
-async def gap_summary(conn: AsyncConnection, alert_before: dt.datetime) -> Row[Any]:
+async def gap_summary(conn: AsyncConnection, alert_before: dt.datetime) -> Any:
     """How many gaps (and how many alerting), the oldest first-seen time, and parked events."""
     stmt = select(
         select(func.count()).select_from(gaps).scalar_subquery().label("gaps"),
@@ -362,7 +350,7 @@ async def list_parked(
     return list((await conn.execute(stmt)).all())
 
 
-async def get_entity(conn: AsyncConnection, entity_type: int, entity_id: str) -> Row[Any] | None:
+async def get_entity(conn: AsyncConnection, entity_type: int, entity_id: str) -> Any:
     stmt = (
         select(entities, gaps.c.awaiting_sequence, gaps.c.first_seen_at)
         .select_from(

@@ -79,14 +79,16 @@ async def build_server(
     clock = clock or SystemClock()
     registry = registry or CollectorRegistry()
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, application_name="sequencer")
-    await require_migrated(engine, MIGRATIONS, "sequencer")
+    try:
+        await require_migrated(engine, MIGRATIONS, "sequencer")
+    except BaseException:
+        await engine.dispose()
+        raise
     metrics = SequencerMetrics(registry)
     notifier = Notifier(settings.database_url)
     service = Sequencer(engine, settings, clock, notifier, metrics)
     ledger_channel = grpc.aio.insecure_channel(settings.ledger_target)
-    forwarder = Forwarder(
-        engine, ledger_pb2_grpc.LedgerServiceStub(ledger_channel), service, settings, clock, metrics
-    )
+    forwarder = Forwarder(engine, ledger_pb2_grpc.LedgerServiceStub(ledger_channel), service, settings, clock, metrics)
     if run_forwarder:
         service.on_queued = forwarder.kick
 

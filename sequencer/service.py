@@ -169,10 +169,16 @@ class Sequencer:
                     continue
                 if state in (LOCK_NOT_AVAILABLE, QUERY_CANCELED):
                     raise DeadlineReached("gave up waiting for a concurrent request within the deadline") from exc
-                if state in RETRYABLE_SQLSTATES or exc.connection_invalidated or state is None or state[:2] in (
-                    "08",
-                    "53",
-                    "57",
+                if (
+                    state in RETRYABLE_SQLSTATES
+                    or exc.connection_invalidated
+                    or state is None
+                    or state[:2]
+                    in (
+                        "08",
+                        "53",
+                        "57",
+                    )
                 ):
                     raise Retryable("the database is unavailable; retry with the same idempotency key") from exc
                 raise
@@ -188,7 +194,9 @@ class Sequencer:
         for entity_type, entity_id in effects.queued:
             self.on_queued(entity_type, entity_id)
 
-    async def _notify(self, conn: AsyncConnection, row_tx: uuid.UUID | str, entity_type: int, entity_id: str, state: int) -> None:
+    async def _notify(
+        self, conn: AsyncConnection, row_tx: uuid.UUID | str, entity_type: int, entity_id: str, state: int
+    ) -> None:
         """Tells watchers and other replicas' forwarders (at commit) that an event changed."""
         payload = json.dumps({"x": str(row_tx), "t": entity_type, "e": entity_id, "s": state}, separators=(",", ":"))
         await conn.execute(queries.NOTIFY, {"payload": payload})
@@ -228,9 +236,7 @@ class Sequencer:
                         first_seen_at=record.created_at.isoformat(),
                     )
                 self.metrics.replays.inc()
-                return Submission(
-                    response_type.FromString(record.response), True, record.created_at, record.expires_at
-                )
+                return Submission(response_type.FromString(record.response), True, record.created_at, record.expires_at)
             response, transaction_id = await execute(conn, effects, now)
             expires_at = now + dt.timedelta(seconds=self.settings.idempotency_retention)
             await repo.store_key_record(
@@ -471,9 +477,7 @@ class Sequencer:
                 raise NotAGap(f"MSI {seq} of {eid} is not missing: it is held or processed", sequence=seq)
             _lowest, highest = await repo.held_range(conn, et, eid, entity.watermark)
             if highest is None or seq > highest:
-                raise NotAGap(
-                    f"MSI {seq} of {eid} is not a gap: nothing parked waits behind it", sequence=seq
-                )
+                raise NotAGap(f"MSI {seq} of {eid} is not a gap: nothing parked waits behind it", sequence=seq)
             state = QUEUED if seq == entity.watermark + 1 else PARKED
             transaction_id = uuid.uuid4()
             marker = events_pb2.Event(entity_type=et, entity_id=eid, sequence=seq, source=f"skip by {caller}")
@@ -637,7 +641,7 @@ class Sequencer:
         if row is None:
             raise EntityNotFound(f"the sequencer has never seen entity {entity_id}", entity_id=entity_id)
         entity = sequencer_pb2.Entity(
-            entity=events_pb2.EntityRef(entity_type=entity_type, entity_id=entity_id),
+            entity=events_pb2.EntityRef(entity_type=entity_type, entity_id=entity_id),  # type: ignore[arg-type]
             watermark=row.watermark,
             parked_count=row.parked_count,
             awaiting_sequence=row.awaiting_sequence or 0,

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
-import grpc
-
-from common.interceptors import add_trailing_metadata, correlation_id
+from common.interceptors import Context, add_trailing_metadata, correlation_id
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.config import Settings
 from sequencer.errors import InvalidArgument
@@ -17,15 +15,15 @@ from sequencer.service import Sequencer, Submission
 from sequencer.watch import Watches
 
 
-def _metadata(context: grpc.aio.ServicerContext, names: tuple[str, ...]) -> list[str]:
+def _metadata(context: Context, names: tuple[str, ...]) -> list[str]:
     return [str(v) for k, v in (context.invocation_metadata() or ()) if k in names]
 
 
-def _caller(context: grpc.aio.ServicerContext) -> str:
+def _caller(context: Context) -> str:
     return resolve_caller(_metadata(context, (CALLER_HEADER,)))
 
 
-def _publish(context: grpc.aio.ServicerContext, result: Submission) -> None:
+def _publish(context: Context, result: Submission) -> None:
     """Idempotency metadata: expiry always; replay marker and first-execution time on replays."""
     pairs = [("idempotency-expires-at", result.expires_at.astimezone(dt.UTC).isoformat())]
     if result.replayed:
@@ -43,7 +41,7 @@ class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
         self.settings = settings
 
     async def SubmitEvent(
-        self, request: sequencer_pb2.SubmitEventRequest, context: grpc.aio.ServicerContext
+        self, request: sequencer_pb2.SubmitEventRequest, context: Context
     ) -> sequencer_pb2.SubmitEventResponse:
         key = resolve_key(_metadata(context, KEY_HEADERS), request.request_id)
         caller = _caller(context)
@@ -73,7 +71,7 @@ class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
         return response
 
     async def GetEventStatus(
-        self, request: sequencer_pb2.GetEventStatusRequest, context: grpc.aio.ServicerContext
+        self, request: sequencer_pb2.GetEventStatusRequest, context: Context
     ) -> sequencer_pb2.GetEventStatusResponse:
         if request.transaction_id:
             status = await self.service.get_status(request.transaction_id)
@@ -85,12 +83,12 @@ class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
         return sequencer_pb2.GetEventStatusResponse(status=status)
 
     async def WatchEventStatus(
-        self, request: sequencer_pb2.WatchEventStatusRequest, context: grpc.aio.ServicerContext
+        self, request: sequencer_pb2.WatchEventStatusRequest, context: Context
     ) -> AsyncIterator[sequencer_pb2.WatchEventStatusResponse]:
         target = request.WhichOneof("target")
         if target is None:
             raise InvalidArgument("transaction_id or entity is required", field="target")
-        stream: AsyncIterator[sequencer_pb2.EventStatus]
+        stream: AsyncGenerator[sequencer_pb2.EventStatus, None]
         if target == "transaction_id":
             stream = self.watches.watch_transaction(_caller(context), request.transaction_id)
         else:
@@ -105,26 +103,26 @@ class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
         self.service = service
 
     async def ListGaps(
-        self, request: sequencer_pb2.ListGapsRequest, context: grpc.aio.ServicerContext
+        self, request: sequencer_pb2.ListGapsRequest, context: Context
     ) -> sequencer_pb2.ListGapsResponse:
         gaps, token = await self.service.list_gaps(request.page_size, request.page_token)
         return sequencer_pb2.ListGapsResponse(gaps=gaps, next_page_token=token)
 
     async def ListParkedEvents(
-        self, request: sequencer_pb2.ListParkedEventsRequest, context: grpc.aio.ServicerContext
+        self, request: sequencer_pb2.ListParkedEventsRequest, context: Context
     ) -> sequencer_pb2.ListParkedEventsResponse:
         entity = request.entity if request.HasField("entity") else None
         parked, token = await self.service.list_parked(entity, request.page_size, request.page_token)
         return sequencer_pb2.ListParkedEventsResponse(parked_events=parked, next_page_token=token)
 
     async def GetEntity(
-        self, request: sequencer_pb2.GetEntityRequest, context: grpc.aio.ServicerContext
+        self, request: sequencer_pb2.GetEntityRequest, context: Context
     ) -> sequencer_pb2.GetEntityResponse:
         entity = await self.service.get_entity(request.entity.entity_type, request.entity.entity_id)
         return sequencer_pb2.GetEntityResponse(entity=entity)
 
     async def SkipSequence(
-        self, request: sequencer_pb2.SkipSequenceRequest, context: grpc.aio.ServicerContext
+        self, request: sequencer_pb2.SkipSequenceRequest, context: Context
     ) -> sequencer_pb2.SkipSequenceResponse:
         key = resolve_key(_metadata(context, KEY_HEADERS), request.request_id)
         result = await self.service.skip_sequence(
@@ -140,9 +138,8 @@ class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
         return response
 
     async def GetIdempotencyRecord(
-        self, request: sequencer_pb2.GetIdempotencyRecordRequest, context: grpc.aio.ServicerContext
+        self, request: sequencer_pb2.GetIdempotencyRecordRequest, context: Context
     ) -> sequencer_pb2.GetIdempotencyRecordResponse:
         validate_key(request.idempotency_key)
         record = await self.service.get_key_record(_caller(context), request.idempotency_key)
         return sequencer_pb2.GetIdempotencyRecordResponse(record=record)
-

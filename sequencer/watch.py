@@ -10,7 +10,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any
 
 from logistics.events.v1 import events_pb2
@@ -79,7 +79,9 @@ class Watches:
                     return status
                 await self._next_hint(queue, min(POLL_SECONDS, remaining))
 
-    async def watch_transaction(self, caller: str, transaction_id: str) -> AsyncIterator[sequencer_pb2.EventStatus]:
+    async def watch_transaction(
+        self, caller: str, transaction_id: str
+    ) -> AsyncGenerator[sequencer_pb2.EventStatus, None]:
         """The current status at once, then every change, ending after a terminal state."""
         with self._slot(caller), self._subscription(lambda m: m.get("x") == transaction_id) as queue:
             last: sequencer_pb2.EventStatus | None = None
@@ -94,7 +96,7 @@ class Watches:
 
     async def watch_entity(
         self, caller: str, entity: events_pb2.EntityRef
-    ) -> AsyncIterator[sequencer_pb2.EventStatus]:
+    ) -> AsyncGenerator[sequencer_pb2.EventStatus, None]:
         """Every status change of the entity's events from now on (an ops view); never ends."""
         validate_entity(entity.entity_type, entity.entity_id, prefix="entity")
         et, eid = entity.entity_type, entity.entity_id

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -91,3 +91,19 @@ def sequencer_settings(database_url: str) -> Any:
         forwarder_retry_budget=1.0,
         ledger_timeout=2.0,
     )
+
+
+@pytest.fixture(params=["advisory", "row"])
+def lock_strategy(request: pytest.FixtureRequest) -> str:
+    """Both per-entity serialisation strategies (SPEC 9)."""
+    return str(request.param)
+
+
+@pytest.fixture
+async def system(database_url: str, sequencer_settings: Any) -> Any:
+    """Ledger and sequencer, real servers on 127.0.0.1 port 0, sharing one fresh database."""
+    from tests.support import System
+
+    system = await System.start(database_url, sequencer_settings)
+    yield system
+    await system.stop()

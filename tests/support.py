@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import uuid
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from logistics.events.v1 import events_pb2
-from logistics.sequencer.v1 import sequencer_pb2
+from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 
 SHIPMENT = events_pb2.ENTITY_TYPE_SHIPMENT
 INVENTORY = events_pb2.ENTITY_TYPE_INVENTORY_ITEM
@@ -71,3 +74,110 @@ async def trailing(call: Any) -> dict[str, str]:
 
 def with_overrides(settings: Any, **overrides: Any) -> Any:
     return dataclasses.replace(settings, **overrides)
+
+
+class System:
+    """A running ledger + sequencer pair and typed stubs for both (always with deadlines)."""
+
+    def __init__(self) -> None:
+        self.ledger_app: Any = None
+        self.sequencer_app: Any = None
+        self.channels: list[grpc.aio.Channel] = []
+
+    @classmethod
+    async def start(cls, database_url: str, sequencer_settings: Any, *, lock_strategy: str = "advisory") -> System:
+        from ledger.config import Settings as LedgerSettings
+        from ledger.server import build_server as build_ledger
+
+        system = cls()
+        system.ledger_app = await build_ledger(
+            LedgerSettings(
+                database_url=database_url,
+                listen_addr="127.0.0.1:0",
+                metrics_addr="127.0.0.1:0",
+                lock_strategy=lock_strategy,
+            )
+        )
+        settings = dataclasses.replace(
+            sequencer_settings,
+            ledger_target=f"127.0.0.1:{system.ledger_app.port}",
+            lock_strategy=lock_strategy,
+        )
+        await system.start_sequencer(settings)
+        system.ledger = ledger_pb2_grpc.LedgerServiceStub(system._channel(system.ledger_app.port))
+        return system
+
+    async def start_sequencer(self, settings: Any, **kwargs: Any) -> None:
+        from sequencer.server import build_server
+
+        self.sequencer_settings = settings
+        self.sequencer_app = await build_server(settings, **kwargs)
+        channel = self._channel(self.sequencer_app.port)
+        self.sequencer = sequencer_pb2_grpc.SequencerServiceStub(channel)
+        self.admin = sequencer_pb2_grpc.SequencerAdminServiceStub(channel)
+
+    def _channel(self, port: int) -> grpc.aio.Channel:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.channels.append(channel)
+        return channel
+
+    async def stop(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+        if self.sequencer_app is not None:
+            await self.sequencer_app.stop(0)
+        if self.ledger_app is not None:
+            await self.ledger_app.stop(0)
+
+    async def submit(self, event: events_pb2.Event, key: str | None = None, **kwargs: Any) -> Any:
+        key = key or f"{event.entity_id}-{event.sequence}-{uuid.uuid4().hex[:8]}"
+        return await self.sequencer.SubmitEvent(
+            sequencer_pb2.SubmitEventRequest(event=event, **kwargs),
+            metadata=(("idempotency-key", key),),
+            timeout=10,
+        )
+
+    async def status(self, transaction_id: str) -> sequencer_pb2.EventStatus:
+        reply = await self.sequencer.GetEventStatus(
+            sequencer_pb2.GetEventStatusRequest(transaction_id=transaction_id), timeout=5
+        )
+        return reply.status
+
+    async def wait_terminal(self, transaction_id: str, timeout: float = 15.0) -> sequencer_pb2.EventStatus:
+        """Polls the public status until terminal (how a caller without streams would)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            status = await self.status(transaction_id)
+            if status.state in TERMINAL_STATES:
+                return status
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"{transaction_id} still {events_pb2.EventState.Name(status.state)}")
+            await asyncio.sleep(0.02)
+
+    async def shipment(self, shipment_id: str) -> Any:
+        reply = await self.ledger.GetShipment(ledger_pb2.GetShipmentRequest(shipment_id=shipment_id), timeout=5)
+        return reply.shipment
+
+    async def history(self, entity_type: int, entity_id: str) -> list[Any]:
+        entries: list[Any] = []
+        token = ""
+        while True:
+            reply = await self.ledger.ListEntityHistory(
+                ledger_pb2.ListEntityHistoryRequest(
+                    entity=events_pb2.EntityRef(entity_type=entity_type, entity_id=entity_id),  # type: ignore[arg-type]
+                    page_size=100,
+                    page_token=token,
+                ),
+                timeout=5,
+            )
+            entries.extend(reply.entries)
+            token = reply.next_page_token
+            if not token:
+                return entries
+
+
+TERMINAL_STATES = {
+    events_pb2.EVENT_STATE_APPLIED,
+    events_pb2.EVENT_STATE_REJECTED,
+    events_pb2.EVENT_STATE_SKIPPED,
+}

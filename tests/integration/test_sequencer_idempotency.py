@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from logistics.events.v1 import events_pb2
-from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
+from logistics.sequencer.v1 import sequencer_pb2_grpc
 from sequencer.clock import ManualClock
 from sequencer.models import events, idempotency_keys
 from sequencer.server import App, build_server
@@ -114,9 +114,7 @@ async def test_key_of_255_characters_is_accepted(app: App, stub: Any) -> None:
 
 
 async def test_same_key_other_payload_names_the_fields(app: App, stub: Any) -> None:
-    await stub.SubmitEvent(
-        submit_request(shipment_event("SHP-8", 1, "shipment_created"), request_id="k-8"), timeout=5
-    )
+    await stub.SubmitEvent(submit_request(shipment_event("SHP-8", 1, "shipment_created"), request_id="k-8"), timeout=5)
     other = shipment_event("SHP-8", 1, "shipment_created", order_id="ORD-OTHER")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stub.SubmitEvent(submit_request(other, request_id="k-8"), timeout=5)

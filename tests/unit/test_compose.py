@@ -1,0 +1,68 @@
+"""No Docker engine runs here, so the compose file is checked against what the code reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ledger.config import Settings as LedgerSettings
+from sequencer.config import Settings as SequencerSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def container_ports(service: dict[str, Any]) -> set[int]:
+    return {int(p.rsplit(":", 1)[1]) for p in service.get("ports", [])}
+
+
+def test_services_and_dependencies() -> None:
+    services = compose()["services"]
+    assert set(services) == {"postgres", "migrate", "ledger", "sequencer"}
+    assert services["postgres"]["image"] == "postgres:16"
+    assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("ledger", "sequencer"):
+        assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+        assert "healthcheck" in services[name]
+    assert services["sequencer"]["depends_on"]["ledger"]["condition"] == "service_healthy"
+    assert "ledger migrate" in " ".join(services["migrate"]["command"])
+    assert "sequencer migrate" in " ".join(services["migrate"]["command"])
+
+
+def test_every_variable_is_one_the_code_reads_and_ports_match() -> None:
+    services = compose()["services"]
+    # from_env rejects unknown LEDGER_/SEQUENCER_ keys, so this proves each name is read.
+    ledger = LedgerSettings.from_env(services["ledger"]["environment"])
+    sequencer = SequencerSettings.from_env(services["sequencer"]["environment"])
+    for name in ("migrate", "ledger", "sequencer"):
+        assert services[name]["environment"]["DATABASE_URL"].startswith("postgresql://")
+    assert container_ports(services["ledger"]) == {
+        int(ledger.listen_addr.rsplit(":", 1)[1]),
+        int(ledger.metrics_addr.rsplit(":", 1)[1]),
+    }
+    assert container_ports(services["sequencer"]) == {
+        int(sequencer.listen_addr.rsplit(":", 1)[1]),
+        int(sequencer.metrics_addr.rsplit(":", 1)[1]),
+    }
+    assert sequencer.ledger_target == f"ledger:{ledger.listen_addr.rsplit(':', 1)[1]}"
+    # The published ports are the defaults of SPEC section 3.
+    assert container_ports(services["sequencer"]) == {50051, 9464}
+    assert container_ports(services["ledger"]) == {50052, 9465}
+
+
+def test_health_checks_use_the_listen_ports() -> None:
+    services = compose()["services"]
+    assert services["ledger"]["healthcheck"]["test"][-1].endswith(":50052")
+    assert services["sequencer"]["healthcheck"]["test"][-1].endswith(":50051")
+
+
+def test_dockerfile_copies_every_package() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for package in ("common", "sequencer", "ledger", "ops", "clients/python"):
+        assert f"COPY {package} " in dockerfile
