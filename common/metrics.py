@@ -25,9 +25,9 @@ class RpcMetrics:
         self.latency.labels(method, code).observe(seconds)
 
 
-def serve_metrics(registry: CollectorRegistry, address: str) -> None:
-    """Starts the /metrics HTTP endpoint in a daemon thread (address host:port; port 0 = off)."""
+def serve_metrics(registry: CollectorRegistry, address: str) -> int:
+    """Starts the /metrics HTTP endpoint in a daemon thread; returns the bound port
+    (address host:port; port 0 picks a free one, which the start-up log line reports)."""
     host, _, port = address.rpartition(":")
-    if int(port) == 0:
-        return
-    start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    return int(server.server_port)

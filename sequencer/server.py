@@ -116,11 +116,16 @@ async def main() -> None:
     settings = Settings.from_env()
     logs.configure("sequencer", settings.log_level)
     registry = CollectorRegistry()
-    serve_metrics(registry, settings.metrics_addr)
+    metrics_port = serve_metrics(registry, settings.metrics_addr)
     app = await build_server(settings, registry=registry)
     host = settings.listen_addr.rpartition(":")[0]
     log.info(
         "sequencer listening",
-        extra={"address": f"{host}:{app.port}", "metrics": settings.metrics_addr, "ledger": settings.ledger_target},
+        extra={
+            "address": f"{host}:{app.port}",
+            "port": app.port,
+            "metrics_port": metrics_port,
+            "ledger": settings.ledger_target,
+        },
     )
     await run_until_signal(app.server, app.health, SERVICE_NAMES, settings.shutdown_grace, app.close)

@@ -1,0 +1,91 @@
+"""Builds and runs the ledger's grpc.aio server: servicer, health, reflection, interceptor."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health
+from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from common import logs
+from common.db import make_engine, require_migrated
+from common.grpc_server import add_health_and_reflection, run_until_signal, set_serving
+from common.metrics import serve_metrics
+from ledger.config import Settings
+from ledger.interceptors import build_interceptor
+from ledger.metrics import LedgerMetrics
+from ledger.service import Ledger
+from ledger.servicer import LedgerServicer
+from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+SERVICE_NAMES = (ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,)
+
+
+@dataclass
+class App:
+    """A started ledger: the server, its port, and what must be stopped with it."""
+
+    server: grpc.aio.Server
+    port: int
+    engine: AsyncEngine
+    health: health.aio.HealthServicer
+    service: Ledger
+    metrics: LedgerMetrics
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await set_serving(self.health, SERVICE_NAMES, False)
+        await self.server.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+async def build_server(settings: Settings, *, registry: CollectorRegistry | None = None) -> App:
+    """Builds, starts and returns the server (no globals: tests run several on port 0)."""
+    registry = registry or CollectorRegistry()
+    engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, application_name="ledger")
+    try:
+        await require_migrated(engine, MIGRATIONS, "ledger")
+    except BaseException:
+        await engine.dispose()
+        raise
+    metrics = LedgerMetrics(registry)
+    service = Ledger(engine, metrics, lock_strategy=settings.lock_strategy)
+    server = grpc.aio.server(
+        interceptors=[build_interceptor(metrics.rpc)],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(service), server)
+    health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
+    port = server.add_insecure_port(settings.listen_addr)
+    await server.start()
+    app = App(server, port, engine, health_servicer, service, metrics)
+    await set_serving(health_servicer, SERVICE_NAMES, True)
+    return app
+
+
+async def main() -> None:
+    settings = Settings.from_env()
+    logs.configure("ledger", settings.log_level)
+    registry = CollectorRegistry()
+    metrics_port = serve_metrics(registry, settings.metrics_addr)
+    app = await build_server(settings, registry=registry)
+    host = settings.listen_addr.rpartition(":")[0]
+    log.info(
+        "ledger listening",
+        extra={
+            "address": f"{host}:{app.port}",
+            "port": app.port,
+            "metrics_port": metrics_port,
+            "lock_strategy": settings.lock_strategy,
+        },
+    )
+    await run_until_signal(app.server, app.health, SERVICE_NAMES, settings.shutdown_grace, app.close)

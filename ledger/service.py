@@ -1,0 +1,373 @@
+"""The ledger's use cases. Owns the transactions: one per ApplyEvent, retried on transient
+failures, holding the entity's lock from the duplicate check to the history row."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import hashlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from common import logs
+from common.interceptors import correlation_id
+from ledger import domain, errors, queries, repository
+from ledger.domain import Outcome
+from ledger.metrics import LedgerMetrics
+from ledger.repository import HistoryRecord, InventoryView
+from logistics.events.v1 import events_pb2
+from logistics.ledger.v1 import ledger_pb2
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SHIPMENT = events_pb2.ENTITY_TYPE_SHIPMENT
+INVENTORY_ITEM = events_pb2.ENTITY_TYPE_INVENTORY_ITEM
+MAX_ENTITY_ID = 255
+MAX_SEQUENCE = (1 << 63) - 1
+SKIP_KIND: Final = "skip"
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+_CURSOR_PREFIX = "h1:"
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    outcome: Outcome
+    # For DUPLICATE: what the first processing answered.
+    original_outcome: Outcome | None
+    reason: str
+    reason_detail: str
+    version: int
+    processed_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class HistoryPage:
+    entries: list[HistoryRecord]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class ParsedEvent:
+    """An ApplyEventRequest checked and translated into domain terms."""
+
+    entity_type: int
+    entity_id: str
+    sequence: int
+    kind: str
+    source: str
+    occurred_at: dt.datetime | None
+    payload_hash: bytes
+    skip_reason: str
+    shipment: domain.ShipmentEvent | None = None
+    inventory: domain.InventoryCommand | None = None
+
+
+def _timestamp(message: object, field: str) -> dt.datetime | None:
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return None
+    try:
+        return getattr(message, field).ToDatetime(tzinfo=dt.UTC)  # type: ignore[no-any-return]
+    except (ValueError, OverflowError) as exc:
+        raise errors.InvalidEvent(f"{field} is not a valid timestamp", field=field) from exc
+
+
+def _shipment_event(e: events_pb2.Event, kind: str, occurred_at: dt.datetime | None) -> domain.ShipmentEvent:
+    changes: dict[str, object]
+    match kind:
+        case "shipment_created":
+            p = e.shipment_created
+            changes = {"order_id": p.order_id, "origin": p.origin, "destination": p.destination}
+        case "shipment_picked":
+            changes = {"warehouse_id": e.shipment_picked.warehouse_id}
+        case "shipment_packed":
+            if e.shipment_packed.package_count > domain.MAX_QUANTITY:
+                raise errors.InvalidEvent(f"package_count must be <= {domain.MAX_QUANTITY}", field="package_count")
+            changes = {"package_count": e.shipment_packed.package_count}
+        case "shipment_loaded":
+            changes = {"vehicle_id": e.shipment_loaded.vehicle_id}
+        case "shipment_shipped":
+            changes = {"carrier": e.shipment_shipped.carrier, "tracking_number": e.shipment_shipped.tracking_number}
+        case "shipment_delivered":
+            # Without an explicit delivery time, the event time is the best evidence.
+            delivered_at = _timestamp(e.shipment_delivered, "delivered_at") or occurred_at
+            changes = {"delivered_at": delivered_at, "received_by": e.shipment_delivered.received_by}
+        case "shipment_cancelled":
+            changes = {"cancel_reason": e.shipment_cancelled.reason}
+        case _:
+            raise errors.InvalidEvent(f"{kind} is not a shipment event", field="payload")
+    return domain.ShipmentEvent(kind, changes)
+
+
+def _inventory_command(e: events_pb2.Event, kind: str) -> domain.InventoryCommand:
+    command: domain.InventoryCommand
+    match kind:
+        case "inventory_received":
+            command = domain.Receive(e.inventory_received.location, e.inventory_received.quantity)
+        case "inventory_adjusted":
+            p = e.inventory_adjusted
+            command = domain.Adjust(p.location, p.delta, p.reason)
+        case "inventory_reserved":
+            r = e.inventory_reserved
+            command = domain.Reserve(r.location, r.quantity, r.reservation_id)
+        case "inventory_released":
+            command = domain.Release(e.inventory_released.reservation_id)
+        case "inventory_moved":
+            m = e.inventory_moved
+            command = domain.Move(m.from_location, m.to_location, m.quantity)
+        case _:
+            raise errors.InvalidEvent(f"{kind} is not an inventory event", field="payload")
+    domain.validate_inventory(command)
+    return command
+
+
+def parse_event(request: ledger_pb2.ApplyEventRequest) -> ParsedEvent:
+    """Checks everything about the request that needs no state; INVALID_EVENT otherwise.
+
+    The sequencer validates at ingress too, but exactly-once effect must not depend on it.
+    """
+    if not request.HasField("event"):
+        raise errors.InvalidEvent("event is required", field="event")
+    e = request.event
+    if e.entity_type not in (SHIPMENT, INVENTORY_ITEM):
+        raise errors.InvalidEvent("entity_type must be SHIPMENT or INVENTORY_ITEM", field="entity_type")
+    if not e.entity_id.strip() or len(e.entity_id) > MAX_ENTITY_ID:
+        raise errors.InvalidEvent(f"entity_id must be 1..{MAX_ENTITY_ID} characters", field="entity_id")
+    if not 1 <= e.sequence <= MAX_SEQUENCE:
+        raise errors.InvalidEvent(f"sequence must be in [1, {MAX_SEQUENCE}]", field="sequence")
+    kind: str | None = e.WhichOneof("payload")
+    skip_reason = request.skip_reason.strip()
+    occurred_at = _timestamp(e, "occurred_at")
+    serialized = e.SerializeToString(deterministic=True)
+    shipment: domain.ShipmentEvent | None = None
+    inventory: domain.InventoryCommand | None = None
+    if skip_reason:
+        if kind is not None:
+            raise errors.InvalidEvent("a skipped MSI carries no payload", field="payload")
+        # The skip marker: a skip of this event, whatever the wording of its reason.
+        kind, digest = SKIP_KIND, hashlib.sha256(b"skip\x00" + serialized).digest()
+    elif kind is None:
+        raise errors.InvalidEvent("event has no payload and no skip_reason", field="payload")
+    elif e.entity_type == SHIPMENT:
+        if kind not in domain.SHIPMENT_KINDS:
+            raise errors.InvalidEvent(f"{kind} does not apply to a shipment", field="payload")
+        shipment, digest = _shipment_event(e, kind, occurred_at), hashlib.sha256(serialized).digest()
+    else:
+        if kind not in domain.INVENTORY_KINDS:
+            raise errors.InvalidEvent(f"{kind} does not apply to an inventory item", field="payload")
+        inventory, digest = _inventory_command(e, kind), hashlib.sha256(serialized).digest()
+    return ParsedEvent(
+        entity_type=int(e.entity_type),
+        entity_id=e.entity_id,
+        sequence=int(e.sequence),
+        kind=kind,
+        source=e.source,
+        occurred_at=occurred_at,
+        payload_hash=digest,
+        skip_reason=skip_reason,
+        shipment=shipment,
+        inventory=inventory,
+    )
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def encode_page_token(last_sequence: int) -> str:
+    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{last_sequence}".encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str) -> int:
+    """The last sequence of the previous page; INVALID_PAGE_TOKEN for anything not ours."""
+    if not token:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise errors.InvalidPageToken("page_token is malformed") from exc
+    number = raw.removeprefix(_CURSOR_PREFIX)
+    if not raw.startswith(_CURSOR_PREFIX) or not number.isdigit() or int(number) > MAX_SEQUENCE:
+        raise errors.InvalidPageToken("page_token is malformed")
+    return int(number)
+
+
+class Ledger:
+    """Applies events exactly once per (entity, MSI) and answers queries."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        metrics: LedgerMetrics,
+        *,
+        lock_strategy: str = "advisory",
+        max_attempts: int = 5,
+        now: Callable[[], dt.datetime] = _utcnow,
+    ) -> None:
+        if lock_strategy not in queries.LOCK_STRATEGIES:
+            raise ValueError(f"unknown lock strategy {lock_strategy!r}")
+        self.engine = engine
+        self.metrics = metrics
+        self.lock_strategy = lock_strategy
+        self.max_attempts = max_attempts
+        self.now = now
+
+    async def apply_event(self, request: ledger_pb2.ApplyEventRequest) -> ApplyResult:
+        """Applies, rejects, skips or recognises a duplicate, in one transaction under the
+        entity's lock, so concurrent deliveries of one event have exactly one effect."""
+        event = parse_event(request)
+        corr = request.correlation_id or correlation_id()
+        logs.bind(
+            entity_type=events_pb2.EntityType.Name(event.entity_type),  # type: ignore[arg-type]
+            entity_id=event.entity_id,
+            sequence=event.sequence,
+            transaction_id=request.transaction_id,
+            **({"correlation_id": corr} if corr else {}),
+        )
+
+        async def work(conn: AsyncConnection) -> ApplyResult:
+            return await self._apply(conn, event, corr, request.transaction_id)
+
+        result = await self._transaction(work)
+        self.metrics.outcomes.labels(result.outcome.name).inc()
+        if result.outcome is Outcome.REJECTED:
+            log.warning("event rejected", extra={"reason": result.reason, "reason_detail": result.reason_detail})
+        return result
+
+    async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+        """Runs `work` in a transaction, again on serialization failures, deadlocks and lost
+        connections; after the last attempt the caller gets Retryable (UNAVAILABLE)."""
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                async with self.engine.begin() as conn:
+                    return await work(conn)
+            except (DBAPIError, errors.Retryable) as exc:
+                if not (isinstance(exc, errors.Retryable) or repository.is_transient(exc)):
+                    raise
+                if attempt == self.max_attempts:
+                    raise errors.Retryable("the ledger is busy; retry the request") from exc
+                log.info("transaction retried", extra={"attempt": attempt, "error": type(exc).__name__})
+                await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter only
+        raise AssertionError("unreachable")
+
+    async def _apply(self, conn: AsyncConnection, ev: ParsedEvent, corr: str, transaction_id: str) -> ApplyResult:
+        await repository.lock_entity(conn, ev.entity_type, ev.entity_id, self.lock_strategy)
+        previous = await repository.get_history(conn, ev.entity_type, ev.entity_id, ev.sequence)
+        if previous is not None:
+            if previous.payload_hash != ev.payload_hash:
+                raise errors.SequenceConflict(
+                    f"MSI {ev.sequence} of {ev.entity_id} was already processed with a different payload",
+                    sequence=ev.sequence,
+                    processed_kind=previous.kind,
+                )
+            return ApplyResult(
+                Outcome.DUPLICATE,
+                previous.outcome,
+                previous.reason,
+                previous.reason_detail,
+                previous.sequence,
+                previous.processed_at,
+            )
+        version = await repository.get_version(conn, ev.entity_type, ev.entity_id)
+        if ev.sequence != version + 1:
+            raise errors.OutOfOrder(
+                f"{ev.entity_id} is at version {version}: expected MSI {version + 1}, received {ev.sequence}",
+                expected_sequence=version + 1,
+                received_sequence=ev.sequence,
+            )
+        now = self.now()
+        rejection: domain.Rejection | None = None
+        if ev.skip_reason:
+            outcome = Outcome.SKIPPED
+        else:
+            rejection = await self._change_state(conn, ev, now)
+            outcome = Outcome.APPLIED if rejection is None else Outcome.REJECTED
+        # A rejection or a skip consumes the MSI too: the version always moves to it.
+        await repository.advance_version(conn, ev.entity_type, ev.entity_id, version, ev.sequence, now)
+        reason = rejection.reason if rejection else ""
+        detail = rejection.detail if rejection else ev.skip_reason
+        await repository.insert_history(
+            conn,
+            HistoryRecord(
+                entity_type=ev.entity_type,
+                entity_id=ev.entity_id,
+                sequence=ev.sequence,
+                kind=ev.kind,
+                outcome=outcome,
+                reason=reason,
+                reason_detail=detail,
+                correlation_id=corr,
+                transaction_id=transaction_id,
+                source=ev.source,
+                occurred_at=ev.occurred_at,
+                processed_at=now,
+                payload_hash=ev.payload_hash,
+            ),
+        )
+        return ApplyResult(outcome, None, reason, detail, ev.sequence, now)
+
+    async def _change_state(self, conn: AsyncConnection, ev: ParsedEvent, now: dt.datetime) -> domain.Rejection | None:
+        """Applies the domain rule and writes the new state; the rejection if the rule refuses."""
+        if ev.shipment is not None:
+            current = await repository.load_shipment(conn, ev.entity_id)
+            shipment = domain.apply_shipment(ev.entity_id, current, ev.shipment, now)
+            if isinstance(shipment, domain.Rejection):
+                return shipment
+            await repository.save_shipment(conn, shipment)
+            return None
+        assert ev.inventory is not None
+        locations, reservation_id = domain.touched(ev.inventory)
+        state = await repository.load_inventory(conn, ev.entity_id, locations, reservation_id)
+        effect = domain.decide_inventory(state, ev.inventory)
+        if isinstance(effect, domain.Rejection):
+            return effect
+        await repository.save_inventory_effect(conn, ev.entity_id, effect, now)
+        return None
+
+    # --- queries ------------------------------------------------------------------------
+
+    async def get_shipment(self, shipment_id: str) -> tuple[domain.Shipment, int]:
+        if not shipment_id:
+            raise errors.InvalidRequest("shipment_id is required", field="shipment_id")
+        async with self.engine.connect() as conn:
+            found = await repository.get_shipment_view(conn, shipment_id)
+        if found is None:
+            raise errors.ShipmentNotFound(f"shipment {shipment_id!r} not found", shipment_id=shipment_id)
+        return found
+
+    async def get_inventory_item(self, sku: str, location: str = "") -> InventoryView:
+        """All locations (ordered by location) or just one; a SKU is known once any of its
+        events was processed, even if every one was rejected."""
+        if not sku:
+            raise errors.InvalidRequest("sku is required", field="sku")
+        async with self.engine.connect() as conn:
+            view = await repository.get_inventory_view(conn, sku, location or None)
+        if view is None:
+            raise errors.InventoryItemNotFound(f"inventory item {sku!r} not found", sku=sku)
+        return view
+
+    async def list_history(self, entity_type: int, entity_id: str, page_size: int, page_token: str) -> HistoryPage:
+        """Oldest first, keyset-paginated by sequence, so pages stay stable while events arrive."""
+        if entity_type not in (SHIPMENT, INVENTORY_ITEM) or not entity_id:
+            raise errors.InvalidRequest("entity with a known type and an id is required", field="entity")
+        if page_size < 0:
+            raise errors.InvalidRequest("page_size must not be negative", field="page_size")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = decode_page_token(page_token)
+        async with self.engine.connect() as conn:
+            rows = await repository.list_history(conn, entity_type, entity_id, after, size + 1)
+            if not rows and not await repository.has_history(conn, entity_type, entity_id):
+                raise errors.EntityNotFound(f"no history for {entity_id!r}", entity_id=entity_id)
+        entries = rows[:size]
+        token = encode_page_token(entries[-1].sequence) if len(rows) > size else ""
+        return HistoryPage(entries, token)
