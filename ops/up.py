@@ -5,11 +5,14 @@ Ctrl-C (or SIGTERM) stops both services gracefully, then the embedded PostgreSQL
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from types import FrameType
 
@@ -21,7 +24,11 @@ from common.migrate import upgrade
 from common.settings import Env
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = ROOT / ".pgdata"
+# The embedded PostgreSQL's data (git-ignored); LOGISTICS_DATA_DIR moves it.
+DATA_DIR = Path(os.environ.get("LOGISTICS_DATA_DIR", ROOT / ".pgdata"))
+
+# pgserver's platformdirs warns when XDG_RUNTIME_DIR is unset; harmless here.
+warnings.filterwarnings("ignore", module="platformdirs")
 
 
 def is_serving(address: str, timeout: float = 2.0) -> bool:
@@ -34,21 +41,40 @@ def is_serving(address: str, timeout: float = 2.0) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _wait_serving(address: str, proc: subprocess.Popen[bytes], name: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"{name} exited with code {proc.returncode} during start-up (see its log above)")
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
+class Child:
+    """A service subprocess whose JSON log lines pass through to our stderr; its start-up line
+    tells the ports it bound (so port 0 works too)."""
+
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.port = 0
+        self.metrics_port = 0
+        self.listening = threading.Event()
+        self.proc = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", name], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True
+        )
+        threading.Thread(target=self._relay, daemon=True).start()
+
+    def _relay(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            sys.stderr.write(line)
+            if f'"{self.name} listening"' in line:
+                entry = json.loads(line)
+                self.port, self.metrics_port = int(entry["port"]), int(entry["metrics_port"])
+                self.listening.set()
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.listening.wait(0.2):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} exited with code {self.proc.returncode} during start-up (see above)")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.name} did not start within {timeout:.0f}s")
+        while not is_serving(f"127.0.0.1:{self.port}"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{self.name} did not become SERVING")
             time.sleep(0.2)
-    raise SystemExit(f"{name} did not become SERVING at {address} within {timeout:.0f}s")
 
 
 def main() -> None:
@@ -68,20 +94,17 @@ def main() -> None:
         upgrade(ROOT / service / "migrations", env["DATABASE_URL"], service)
     print("migrations: ledger and sequencer at head", flush=True)
 
-    ledger_addr = Env("LEDGER_", env).address("LISTEN_ADDR", "127.0.0.1:50052")
-    sequencer_addr = Env("SEQUENCER_", env).address("LISTEN_ADDR", "127.0.0.1:50051")
-    env.setdefault("SEQUENCER_LEDGER_TARGET", ledger_addr)
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    children: list[Child] = []
 
     def stop(_signum: int = 0, _frame: FrameType | None = None) -> None:
-        for _name, proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _name, proc in procs:
+        for child in reversed(children):
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        for child in children:
             try:
-                proc.wait(timeout=15)
+                child.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                child.proc.kill()
         if server is not None:
             server.cleanup()
         print("stopped", flush=True)
@@ -90,18 +113,24 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
-        for name, address in (("ledger", ledger_addr), ("sequencer", sequencer_addr)):
-            proc = subprocess.Popen([sys.executable, "-m", name], env=env, cwd=ROOT)  # noqa: S603
-            procs.append((name, proc))
-            _wait_serving(address, proc, name)
+        ledger = Child("ledger", env)
+        children.append(ledger)
+        ledger.wait_serving()
+        host = Env("LEDGER_", env).address("LISTEN_ADDR", "127.0.0.1:50052").rpartition(":")[0]
+        env.setdefault("SEQUENCER_LEDGER_TARGET", f"{host}:{ledger.port}")
+        sequencer = Child("sequencer", env)
+        children.append(sequencer)
+        sequencer.wait_serving()
     except SystemExit:
         stop()
         raise
+    sequencer_addr = f"127.0.0.1:{sequencer.port}"
+    ledger_addr = f"127.0.0.1:{ledger.port}"
     print(
         f"""
 ready:
-  sequencer  grpc://{sequencer_addr}   metrics http://{env.get("SEQUENCER_METRICS_ADDR", "127.0.0.1:9464")}/metrics
-  ledger     grpc://{ledger_addr}   metrics http://{env.get("LEDGER_METRICS_ADDR", "127.0.0.1:9465")}/metrics
+  sequencer  grpc://{sequencer_addr}   metrics http://127.0.0.1:{sequencer.metrics_port}/metrics
+  ledger     grpc://{ledger_addr}   metrics http://127.0.0.1:{ledger.metrics_port}/metrics
 
 try it (buf from node_modules; grpcurl works the same with -plaintext):
   npx buf curl --protocol grpc --http2-prior-knowledge -H 'idempotency-key: demo-1' \\
@@ -115,9 +144,9 @@ Ctrl-C stops everything.""",
         flush=True,
     )
     while True:
-        for name, proc in procs:
-            if proc.poll() is not None:
-                print(f"{name} exited with code {proc.returncode}; stopping", flush=True)
+        for child in children:
+            if child.proc.poll() is not None:
+                print(f"{child.name} exited with code {child.proc.returncode}; stopping", flush=True)
                 stop()
         time.sleep(0.5)
 

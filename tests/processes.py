@@ -42,7 +42,8 @@ class ServiceProcess:
             stderr=subprocess.PIPE,
             text=True,
         )
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
         if not self._ready.wait(timeout):
             self.kill()
             raise AssertionError(f"{self.name} did not start:\n" + "\n".join(self.raw[-30:]))
@@ -67,21 +68,30 @@ class ServiceProcess:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    def _reap(self) -> None:
+        assert self.proc is not None
+        self._reader.join(10)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
     def kill(self) -> None:
         """kill -9: no shutdown hooks, no goodbyes."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        if self.proc is not None:
+            self._reap()
 
     def terminate(self, timeout: float = 20.0) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                return self.proc.wait(timeout)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 raise
+        self._reap()
         return int(self.proc.returncode)
 
     def wait_log(self, predicate: Any, timeout: float = 10.0) -> dict[str, Any]:
