@@ -90,6 +90,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self.domain = domain
         self.metrics = metrics
         self.skip_prefixes = ("/grpc.health.", "/grpc.reflection.", *skip_prefixes)
+        logs.install_context()
 
     async def intercept_service(
         self,

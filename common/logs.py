@@ -25,6 +25,24 @@ def bind(**fields: Any) -> None:
         current.update(fields)
 
 
+_default_factory = logging.getLogRecordFactory()
+
+
+def _record_with_context(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    record = _default_factory(*args, **kwargs)
+    for key, value in (log_context.get() or {}).items():
+        if not hasattr(record, key):
+            setattr(record, key, value)
+    return record
+
+
+def install_context() -> None:
+    """Makes every log record carry the current request's fields, whatever handler emits it
+    (idempotent)."""
+    if logging.getLogRecordFactory() is not _record_with_context:
+        logging.setLogRecordFactory(_record_with_context)
+
+
 class JsonFormatter(logging.Formatter):
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -38,7 +56,6 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        entry.update(log_context.get() or {})
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value
@@ -48,6 +65,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(service: str, level: str = "INFO") -> None:
+    install_context()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
