@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from logistics.events.v1 import events_pb2
-from logistics.sequencer.v1 import sequencer_pb2_grpc
+from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.clock import ManualClock
 from sequencer.models import events, idempotency_keys
 from sequencer.server import App, build_server
@@ -227,3 +231,47 @@ async def test_expiry_sweeper_and_msi_rules_after_expiry(sequencer_settings: Any
             assert await count(app, events) == 1
     finally:
         await app.stop(0)
+
+
+@settings(
+    max_examples=int(os.environ.get("PROPERTY_EXAMPLES", "15")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    plan=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=24),
+    order=st.randoms(use_true_random=False),
+)
+async def test_property_one_execution_per_key(app: App, plan: list[tuple[int, int]], order: Any) -> None:
+    """Any sequence of (key, payload) submissions, repeated and interleaved and concurrent:
+    exactly one execution per distinct key, and every answer consistent with it."""
+    run = uuid.uuid4().hex[:8]
+    payloads = [shipment_event(f"IP{run}-{p}", 1, "shipment_created") for p in range(4)]
+    order.shuffle(plan)
+    calls = [(k, p, app_stub_call(app, submit_request(payloads[p], request_id=f"{run}-k{k}"))) for k, p in plan]
+    outcomes = await asyncio.gather(*(c for _, _, c in calls), return_exceptions=True)
+    winners: dict[int, tuple[int, bytes]] = {}
+    for (key, payload, _), outcome in zip(calls, outcomes, strict=True):
+        if isinstance(outcome, grpc.aio.AioRpcError):
+            assert error_info(outcome).reason == "IDEMPOTENCY_KEY_REUSED", outcome
+            continue
+        assert not isinstance(outcome, BaseException), outcome
+        winner = winners.setdefault(key, (payload, outcome.SerializeToString()))
+        assert winner == (payload, outcome.SerializeToString())  # one execution, replayed byte for byte
+    for (key, payload, _), outcome in zip(calls, outcomes, strict=True):
+        if isinstance(outcome, grpc.aio.AioRpcError):
+            assert key in winners and winners[key][0] != payload
+    async with app.engine.connect() as conn:
+        keys = await conn.scalar(
+            select(func.count())
+            .select_from(idempotency_keys)
+            .where(idempotency_keys.c.idempotency_key.like(f"{run}-%"))
+        )
+        held = await conn.scalar(select(func.count()).select_from(events).where(events.c.entity_id.like(f"IP{run}-%")))
+    assert keys == len(winners)
+    assert held == len({payload for payload, _ in winners.values()})
+
+
+async def app_stub_call(app: App, request: sequencer_pb2.SubmitEventRequest) -> Any:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        return await sequencer_pb2_grpc.SequencerServiceStub(channel).SubmitEvent(request, timeout=30)
