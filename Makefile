@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python
 
-.PHONY: up test install node lint typecheck protos-check buf-lint buf-breaking gen pytest migrate bench clean
+.PHONY: up test install node lint typecheck protos-check ts-check buf-lint buf-breaking gen gen-ts pytest migrate bench lock clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,10 +47,16 @@ buf-breaking: node
 protos-check: install
 	@$(PY) scripts/check_generated.py
 
+gen-ts: node
+	@bash scripts/gen_typescript.sh
+
+ts-check: node
+	@bash scripts/check_typescript.sh
+
 pytest: install
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test: install node lint typecheck buf-lint buf-breaking protos-check pytest
+test: install node lint typecheck buf-lint buf-breaking protos-check ts-check pytest
 
 lock:
 	@$(UV) pip compile pyproject.toml --group dev --python-version 3.11 --generate-hashes -q -o requirements.lock

@@ -268,13 +268,15 @@ async def renew_lease(conn: AsyncConnection, entity_type: int, entity_id: str, o
 _STATUS_COLUMNS = (
     *events.c,
     gaps.c.awaiting_sequence.label("gap_awaiting"),
+    entities.c.watermark,
 )
 
 
 def _status_select() -> Any:
-    return select(*_STATUS_COLUMNS).select_from(
-        events.outerjoin(gaps, and_(gaps.c.entity_type == events.c.entity_type, gaps.c.entity_id == events.c.entity_id))
-    )
+    """Events with what their entity waits for (its gap and watermark)."""
+    same_entity_gap = and_(gaps.c.entity_type == events.c.entity_type, gaps.c.entity_id == events.c.entity_id)
+    same_entity = and_(entities.c.entity_type == events.c.entity_type, entities.c.entity_id == events.c.entity_id)
+    return select(*_STATUS_COLUMNS).select_from(events.join(entities, same_entity).outerjoin(gaps, same_entity_gap))
 
 
 async def status_by_transaction(conn: AsyncConnection, transaction_id: uuid.UUID) -> Row[Any] | None:

@@ -84,6 +84,12 @@ def _duration(seconds: float) -> duration_pb2.Duration:
     return value
 
 
+def awaiting_for(sequence: int, gap: int | None, watermark: int) -> int:
+    """What a parked event waits for: the entity's missing MSI when one lies below it, else the
+    next MSI to be processed (its predecessors are all held, the first is on its way)."""
+    return gap if gap is not None and gap < sequence else watermark + 1
+
+
 def status_from_row(row: Row[Any], key: str | None = None) -> sequencer_pb2.EventStatus:
     """An events row (joined with its entity's gap) as the public EventStatus."""
     status = sequencer_pb2.EventStatus(
@@ -97,8 +103,8 @@ def status_from_row(row: Row[Any], key: str | None = None) -> sequencer_pb2.Even
         correlation_id=row.correlation_id,
         idempotency_key=key if key is not None else (row.idempotency_key or ""),
     )
-    if row.state == PARKED and row.gap_awaiting is not None:
-        status.awaiting_sequence = row.gap_awaiting
+    if row.state == PARKED:
+        status.awaiting_sequence = awaiting_for(row.sequence, row.gap_awaiting, row.watermark)
     for name in ("accepted_at", "queued_at", "processed_at"):
         stamp = _ts(getattr(row, name))
         if stamp is not None:
@@ -364,7 +370,7 @@ class Sequencer:
         if state == PARKED or entity.parked_count > 0:
             gap = await repo.open_gap(conn, et, eid, entity.watermark)
             await repo.sync_gap(conn, et, eid, gap, now)
-            awaiting = gap or 0
+            awaiting = awaiting_for(seq, gap, entity.watermark)
         if state == QUEUED:
             effects.queued.append((et, eid))
         effects.states.append(state)

@@ -205,3 +205,28 @@ async def test_ledger_outage_then_recovery(database_url: str, sequencer_settings
         assert [h.sequence for h in await system.history(SHIPMENT, "SHP-8")] == [1, 2, 3]
     finally:
         await system.stop()
+
+
+async def test_parked_behind_an_event_in_flight_awaits_the_watermark_successor(
+    database_url: str, sequencer_settings: Any
+) -> None:
+    """No gap, but a predecessor not yet processed: the parked event names what it waits for."""
+    import dataclasses
+
+    system = await System.start(database_url, dataclasses.replace(sequencer_settings, ledger_target="127.0.0.1:1"))
+    try:
+        # The ledger is unreachable: MSI 1 stays QUEUED, so the watermark stays 0.
+        await system.sequencer_app.stop(0)
+        await system.start_sequencer(dataclasses.replace(system.sequencer_settings, ledger_target="127.0.0.1:1"))
+        first = await system.submit(shipment_event("SHP-9", 1, "shipment_created"))
+        second = await system.submit(shipment_event("SHP-9", 2, "shipment_picked"))
+        fourth = await system.submit(shipment_event("SHP-9", 4, "shipment_shipped"))
+        assert first.state == QUEUED
+        assert (second.state, second.awaiting_sequence) == (PARKED, 1)
+        assert (fourth.state, fourth.awaiting_sequence) == (PARKED, 3)
+        assert (await system.status(second.transaction_id)).awaiting_sequence == 1
+        assert (await system.status(fourth.transaction_id)).awaiting_sequence == 3
+        gaps = (await system.admin.ListGaps(sequencer_pb2.ListGapsRequest(), timeout=5)).gaps
+        assert [(g.entity.entity_id, g.awaiting_sequence) for g in gaps] == [("SHP-9", 3)]
+    finally:
+        await system.stop()
