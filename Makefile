@@ -53,6 +53,9 @@ gen-ts: node
 ts-check: node
 	@bash scripts/check_typescript.sh
 
+bench: install
+	@$(PY) -m bench $(BENCH_ARGS)
+
 pytest: install
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 
@@ -62,4 +65,4 @@ lock:
 	@$(UV) pip compile pyproject.toml --group dev --python-version 3.11 --generate-hashes -q -o requirements.lock
 
 clean:
-	rm -rf $(VENV) node_modules .pgdata-test .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules .pgdata-test .pgdata-bench .mypy_cache .ruff_cache .pytest_cache

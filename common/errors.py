@@ -39,3 +39,21 @@ class InvalidArgument(DomainError):
 
 class NotFound(DomainError):
     reason = "NOT_FOUND"
+
+
+class Unauthenticated(DomainError):
+    """No valid credentials came with the call."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(DomainError):
+    """The caller is known but none of its roles allows this RPC."""
+
+    reason = "PERMISSION_DENIED"
+
+
+class MalformedRequest(DomainError):
+    """The request bytes are not a valid message of the RPC's request type."""
+
+    reason = "MALFORMED_REQUEST"

@@ -6,11 +6,14 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from common.auth import Authenticator, SecuritySettings
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +99,60 @@ async def run_until_signal(
     await server.stop(grace)
     await cleanup()
     log.info("stopped")
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def bind(server: grpc.aio.Server, address: str, security: SecuritySettings) -> int:
+    """Adds the listening port: TLS when a certificate is configured, mutual TLS (client
+    certificates required) when a client CA is too."""
+    if not security.tls:
+        return server.add_insecure_port(address)
+    credentials = grpc.ssl_server_credentials(
+        [(_read(security.tls_key), _read(security.tls_cert))],
+        root_certificates=_read(security.tls_client_ca) if security.tls_client_ca else None,
+        require_client_auth=bool(security.tls_client_ca),
+    )
+    return server.add_secure_port(address, credentials)
+
+
+def channel(
+    target: str,
+    *,
+    ca: str = "",
+    cert: str = "",
+    key: str = "",
+    server_name: str = "",
+    token_file: str = "",
+) -> grpc.aio.Channel:
+    """A client channel: TLS when `ca` is given (mutual TLS with cert/key), and a bearer token
+    on every call when `token_file` is given."""
+    options: list[tuple[str, Any]] = []
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    if not ca:
+        if token_file:
+            raise ValueError("a bearer token needs TLS: configure the CA of the server")
+        return grpc.aio.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(ca),
+        private_key=_read(key) if key else None,
+        certificate_chain=_read(cert) if cert else None,
+    )
+    if token_file:
+        token = _read(token_file).decode().strip()
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+    return grpc.aio.secure_channel(target, credentials, options=options)
+
+
+def banner_security(security: SecuritySettings, authenticator: Authenticator) -> dict[str, Any]:
+    """What the start-up log line says about who may call (development mode is loud)."""
+    return {
+        "tls": "mutual" if security.tls_client_ca else ("on" if security.tls else "off"),
+        "auth": "development: every caller has every role (loopback only)"
+        if authenticator.development
+        else "credentials required",
+    }

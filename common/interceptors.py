@@ -20,7 +20,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from common import logs
-from common.errors import DomainError
+from common.auth import Authenticator, authorize, set_identity
+from common.errors import DomainError, MalformedRequest, PermissionDenied, Unauthenticated
 from common.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
@@ -80,16 +81,57 @@ def correlation_id_from(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
+# Errors every service shares (before its own table).
+COMMON_TABLE: ErrorTable = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+_MALFORMED = object()
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Request bytes that do not parse become a sentinel the handler answers INVALID_ARGUMENT,
+    instead of grpc's own INTERNAL."""
+    if deserialize is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception:  # noqa: BLE001 - any decode failure means the caller sent garbage
+            return _MALFORMED
+
+    return parse
+
+
+def _peer_subjects(context: Context) -> list[str]:
+    """The client certificate's subject (and "CN=<name>") when the call came over mutual TLS."""
+    auth = context.auth_context() or {}
+    names = [v.decode(errors="replace") for v in auth.get("x509_subject_name", [])]
+    names += [f"CN={v.decode(errors='replace')}" for v in auth.get("x509_common_name", [])]
+    return names
+
+
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every RPC: binds a correlation id, maps domain errors, logs one line, counts."""
+    """Wraps every RPC: correlation id, authentication and authorization, error mapping, one log
+    line and metrics. Health and reflection stay open (probes and tools need no credentials)."""
 
     def __init__(
-        self, table: ErrorTable, domain: str, metrics: RpcMetrics, skip_prefixes: tuple[str, ...] = ()
+        self,
+        table: ErrorTable,
+        domain: str,
+        metrics: RpcMetrics,
+        authenticator: Authenticator,
+        policy: Mapping[str, frozenset[str]],
     ) -> None:
-        self.table = table
+        self.table = {**COMMON_TABLE, **table}
         self.domain = domain
         self.metrics = metrics
-        self.skip_prefixes = ("/grpc.health.", "/grpc.reflection.", *skip_prefixes)
+        self.authenticator = authenticator
+        self.policy = policy
+        self.open_prefixes = ("/grpc.health.", "/grpc.reflection.")
         logs.install_context()
 
     async def intercept_service(
@@ -99,9 +141,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     ) -> Any:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(self.skip_prefixes):
+        if handler is None or method.startswith(self.open_prefixes):
             return handler
-        metadata = handler_call_details.invocation_metadata
+        metadata = tuple(handler_call_details.invocation_metadata or ())
         if handler.unary_unary:
             inner_unary: Any = handler.unary_unary
 
@@ -109,6 +151,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._begin(method, metadata, context)
                 started = time.perf_counter()
                 try:
+                    self._admit(method, metadata, request, context)
                     response = await inner_unary(request, context)
                 except BaseException as exc:
                     await self._fail(exc, method, started, context)
@@ -118,7 +161,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
@@ -128,6 +171,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._begin(method, metadata, context)
                 started = time.perf_counter()
                 try:
+                    self._admit(method, metadata, request, context)
                     async for item in inner_stream(request, context):
                         yield item
                 except BaseException as exc:
@@ -137,10 +181,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+    def _admit(self, method: str, metadata: tuple[Any, ...], request: Any, context: Context) -> None:
+        """Authenticates and authorizes the call, and rejects unparseable requests."""
+        identity = self.authenticator.authenticate(metadata, _peer_subjects(context))
+        set_identity(identity)
+        logs.bind(caller=identity.caller)
+        authorize(identity, method, self.policy)
+        if request is _MALFORMED:
+            raise MalformedRequest("the request is not a valid message of this RPC's request type")
 
     def _begin(self, method: str, metadata: Any, context: Context) -> None:
         correlation_id = correlation_id_from(metadata)

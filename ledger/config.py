@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from common.auth import SecuritySettings
 from common.settings import Env, database_url
 
 LOCK_STRATEGIES = ("advisory", "row")
@@ -21,6 +22,7 @@ class Settings:
     # Per-entity serialisation: advisory locks (default) or a row lock on the version row
     # (for Citus, where advisory locks are node-local).
     lock_strategy: str = "advisory"
+    security: SecuritySettings = field(default_factory=SecuritySettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -33,6 +35,8 @@ class Settings:
             shutdown_grace=env.seconds("SHUTDOWN_GRACE", 5.0),
             log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             lock_strategy=env.choice("LOCK_STRATEGY", "advisory", LOCK_STRATEGIES),
+            security=SecuritySettings.from_env(env),
         )
         env.reject_unknown()
+        settings.security.check_exposure(settings.listen_addr, "LEDGER_")
         return settings

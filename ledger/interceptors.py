@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import grpc
 
+from common.auth import Authenticator
 from common.interceptors import ErrorTable, ServiceInterceptor
 from common.metrics import RpcMetrics
 from ledger import errors
@@ -28,5 +29,16 @@ ERROR_TABLE: ErrorTable = {
 }
 
 
-def build_interceptor(metrics: RpcMetrics) -> ServiceInterceptor:
-    return ServiceInterceptor(ERROR_TABLE, DOMAIN, metrics)
+_LEDGER = "/logistics.ledger.v1.LedgerService/"
+
+# Which roles may call which RPC: ApplyEvent only the sequencer's identity; reads need `reader`.
+POLICY: dict[str, frozenset[str]] = {
+    _LEDGER + "ApplyEvent": frozenset({"sequencer"}),
+    _LEDGER + "GetShipment": frozenset({"reader", "admin"}),
+    _LEDGER + "GetInventoryItem": frozenset({"reader", "admin"}),
+    _LEDGER + "ListEntityHistory": frozenset({"reader", "admin"}),
+}
+
+
+def build_interceptor(metrics: RpcMetrics, authenticator: Authenticator) -> ServiceInterceptor:
+    return ServiceInterceptor(ERROR_TABLE, DOMAIN, metrics, authenticator, POLICY)

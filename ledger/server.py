@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common import logs
+from common.auth import Authenticator
 from common.db import make_engine, require_migrated
-from common.grpc_server import add_health_and_reflection, run_until_signal, set_serving
+from common.grpc_server import add_health_and_reflection, banner_security, bind, run_until_signal, set_serving
 from common.metrics import serve_metrics
 from ledger.config import Settings
 from ledger.interceptors import build_interceptor
@@ -38,6 +39,7 @@ class App:
     health: health.aio.HealthServicer
     service: Ledger
     metrics: LedgerMetrics
+    authenticator: Authenticator
 
     async def stop(self, grace: float = 1.0) -> None:
         await set_serving(self.health, SERVICE_NAMES, False)
@@ -51,6 +53,7 @@ class App:
 async def build_server(settings: Settings, *, registry: CollectorRegistry | None = None) -> App:
     """Builds, starts and returns the server (no globals: tests run several on port 0)."""
     registry = registry or CollectorRegistry()
+    authenticator = Authenticator.from_file(settings.security.identities_file)
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, application_name="ledger")
     try:
         await require_migrated(engine, MIGRATIONS, "ledger")
@@ -60,14 +63,14 @@ async def build_server(settings: Settings, *, registry: CollectorRegistry | None
     metrics = LedgerMetrics(registry)
     service = Ledger(engine, metrics, lock_strategy=settings.lock_strategy)
     server = grpc.aio.server(
-        interceptors=[build_interceptor(metrics.rpc)],
-        options=[("grpc.so_reuseport", 0)],
+        interceptors=[build_interceptor(metrics.rpc, authenticator)],
+        options=[("grpc.so_reuseport", 0), *settings.security.grpc_options()],
     )
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(service), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
-    port = server.add_insecure_port(settings.listen_addr)
+    port = bind(server, settings.listen_addr, settings.security)
     await server.start()
-    app = App(server, port, engine, health_servicer, service, metrics)
+    app = App(server, port, engine, health_servicer, service, metrics, authenticator)
     await set_serving(health_servicer, SERVICE_NAMES, True)
     return app
 
@@ -86,6 +89,7 @@ async def main() -> None:
             "port": app.port,
             "metrics_port": metrics_port,
             "lock_strategy": settings.lock_strategy,
+            **banner_security(settings.security, app.authenticator),
         },
     )
     await run_until_signal(app.server, app.health, SERVICE_NAMES, settings.shutdown_grace, app.close)

@@ -77,6 +77,15 @@ class Child:
             time.sleep(0.2)
 
 
+def _auth_line(env: dict[str, str]) -> str:
+    if env.get("SEQUENCER_IDENTITIES_FILE") or env.get("SEQUENCER_TLS_CLIENT_CA"):
+        return "auth: credentials required (identities file / client certificates)"
+    return (
+        "auth: development mode, no credentials configured: every caller has every role, and\n"
+        "      x-client-id names the idempotency scope (allowed on loopback only)"
+    )
+
+
 def main() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python"), env.get("PYTHONPATH", "")])
@@ -140,6 +149,7 @@ try it (buf from node_modules; grpcurl works the same with -plaintext):
   npx buf curl --protocol grpc --http2-prior-knowledge -d '{{"shipmentId": "SHP-1"}}' \\
     http://{ledger_addr}/logistics.ledger.v1.LedgerService/GetShipment
 
+{_auth_line(env)}
 Ctrl-C stops everything.""",
         flush=True,
     )

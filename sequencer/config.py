@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from common.settings import Env, database_url
+from common.auth import SecuritySettings
+from common.settings import ConfigError, Env, database_url
 
 LOCK_STRATEGIES = ("advisory", "row")
 
@@ -38,6 +39,14 @@ class Settings:
     db_pool_size: int = 10
     shutdown_grace: float = 5.0
     log_level: str = "INFO"
+    security: SecuritySettings = field(default_factory=SecuritySettings)
+    # The channel to the ledger: TLS roots (enables TLS), an optional client certificate for
+    # mutual TLS, an optional server-name override, and the bearer token file it presents.
+    ledger_tls_ca: str = ""
+    ledger_tls_cert: str = ""
+    ledger_tls_key: str = ""
+    ledger_tls_server_name: str = ""
+    ledger_token_file: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -62,6 +71,17 @@ class Settings:
             db_pool_size=env.int("DB_POOL_SIZE", 10, minimum=1, maximum=500),
             shutdown_grace=env.seconds("SHUTDOWN_GRACE", 5.0),
             log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
+            security=SecuritySettings.from_env(env),
+            ledger_tls_ca=env.str("LEDGER_TLS_CA", ""),
+            ledger_tls_cert=env.str("LEDGER_TLS_CERT", ""),
+            ledger_tls_key=env.str("LEDGER_TLS_KEY", ""),
+            ledger_tls_server_name=env.str("LEDGER_TLS_SERVER_NAME", ""),
+            ledger_token_file=env.str("LEDGER_TOKEN_FILE", ""),
         )
         env.reject_unknown()
+        if bool(settings.ledger_tls_cert) != bool(settings.ledger_tls_key):
+            raise ConfigError("SEQUENCER_LEDGER_TLS_CERT and SEQUENCER_LEDGER_TLS_KEY go together")
+        if settings.ledger_tls_cert and not settings.ledger_tls_ca:
+            raise ConfigError("SEQUENCER_LEDGER_TLS_CERT needs SEQUENCER_LEDGER_TLS_CA")
+        settings.security.check_exposure(settings.listen_addr, "SEQUENCER_")
         return settings

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from common.auth import Authenticator
 from common.interceptors import ErrorTable, ServiceInterceptor
 from common.metrics import RpcMetrics
 from sequencer import errors
@@ -28,5 +29,23 @@ ERROR_TABLE: ErrorTable = {
 }
 
 
-def build_interceptor(metrics: RpcMetrics) -> ServiceInterceptor:
-    return ServiceInterceptor(ERROR_TABLE, DOMAIN, metrics)
+_SEQ = "/logistics.sequencer.v1.SequencerService/"
+_ADMIN = "/logistics.sequencer.v1.SequencerAdminService/"
+ANYONE_KNOWN = frozenset({"submitter", "reader", "admin"})
+
+# Which roles may call which RPC; anything not listed is denied.
+POLICY: dict[str, frozenset[str]] = {
+    _SEQ + "SubmitEvent": frozenset({"submitter"}),
+    # Reads are scoped to the caller's own records (admins see all), so any known role may ask.
+    _SEQ + "GetEventStatus": ANYONE_KNOWN,
+    _SEQ + "WatchEventStatus": ANYONE_KNOWN,
+    _ADMIN + "ListGaps": frozenset({"admin"}),
+    _ADMIN + "ListParkedEvents": frozenset({"admin"}),
+    _ADMIN + "GetEntity": frozenset({"admin"}),
+    _ADMIN + "SkipSequence": frozenset({"admin"}),
+    _ADMIN + "GetIdempotencyRecord": ANYONE_KNOWN,
+}
+
+
+def build_interceptor(metrics: RpcMetrics, authenticator: Authenticator) -> ServiceInterceptor:
+    return ServiceInterceptor(ERROR_TABLE, DOMAIN, metrics, authenticator, POLICY)

@@ -14,8 +14,16 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common import logs
+from common.auth import Authenticator
 from common.db import make_engine, require_migrated
-from common.grpc_server import add_health_and_reflection, run_until_signal, set_serving
+from common.grpc_server import (
+    add_health_and_reflection,
+    banner_security,
+    bind,
+    channel,
+    run_until_signal,
+    set_serving,
+)
 from common.metrics import serve_metrics
 from logistics.ledger.v1 import ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
@@ -51,6 +59,7 @@ class App:
     forwarder: Forwarder
     metrics: SequencerMetrics
     ledger_channel: grpc.aio.Channel
+    authenticator: Authenticator
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -77,6 +86,7 @@ async def build_server(
 ) -> App:
     """Builds, starts and returns the server (no globals: tests run several on port 0)."""
     clock = clock or SystemClock()
+    authenticator = Authenticator.from_file(settings.security.identities_file)
     registry = registry or CollectorRegistry()
     engine = make_engine(settings.database_url, pool_size=settings.db_pool_size, application_name="sequencer")
     try:
@@ -87,23 +97,30 @@ async def build_server(
     metrics = SequencerMetrics(registry)
     notifier = Notifier(settings.database_url)
     service = Sequencer(engine, settings, clock, notifier, metrics)
-    ledger_channel = grpc.aio.insecure_channel(settings.ledger_target)
+    ledger_channel = channel(
+        settings.ledger_target,
+        ca=settings.ledger_tls_ca,
+        cert=settings.ledger_tls_cert,
+        key=settings.ledger_tls_key,
+        server_name=settings.ledger_tls_server_name,
+        token_file=settings.ledger_token_file,
+    )
     forwarder = Forwarder(engine, ledger_pb2_grpc.LedgerServiceStub(ledger_channel), service, settings, clock, metrics)
     if run_forwarder:
         service.on_queued = forwarder.kick
 
     server = grpc.aio.server(
-        interceptors=[build_interceptor(metrics.rpc)],
-        options=[("grpc.so_reuseport", 0)],
+        interceptors=[build_interceptor(metrics.rpc, authenticator)],
+        options=[("grpc.so_reuseport", 0), *settings.security.grpc_options()],
     )
     watches = Watches(service, notifier, settings.watchers_per_caller)
     sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(SequencerServicer(service, watches, settings), server)
     sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(service), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
-    port = server.add_insecure_port(settings.listen_addr)
+    port = bind(server, settings.listen_addr, settings.security)
     await notifier.start()
     await server.start()
-    app = App(server, port, engine, health_servicer, service, forwarder, metrics, ledger_channel)
+    app = App(server, port, engine, health_servicer, service, forwarder, metrics, ledger_channel, authenticator)
     app.tasks.append(asyncio.create_task(Sweeper(engine, settings, clock).run(), name="key-sweeper"))
     app.tasks.append(asyncio.create_task(service.monitor_gaps(), name="gap-monitor"))
     if run_forwarder:
@@ -126,6 +143,7 @@ async def main() -> None:
             "port": app.port,
             "metrics_port": metrics_port,
             "ledger": settings.ledger_target,
+            **banner_security(settings.security, app.authenticator),
         },
     )
     await run_until_signal(app.server, app.health, SERVICE_NAMES, settings.shutdown_grace, app.close)

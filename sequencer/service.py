@@ -532,14 +532,16 @@ class Sequencer:
 
     # --- reads --------------------------------------------------------------------------------
 
-    async def get_status(self, transaction_id: str) -> sequencer_pb2.EventStatus:
+    async def get_status(self, transaction_id: str, scope: str | None = None) -> sequencer_pb2.EventStatus:
+        """The status of one transaction; with a scope, only if that caller submitted it (anyone
+        else learns nothing, not even that it exists)."""
         try:
             tx = uuid.UUID(transaction_id)
         except ValueError as exc:
             raise InvalidArgument("transaction_id must be a UUID", field="transaction_id") from exc
         async with self.engine.connect() as conn:
             row = await repo.status_by_transaction(conn, tx)
-        if row is None:
+        if row is None or (scope is not None and row.caller_id != scope):
             raise EventNotFound(f"no event with transaction id {transaction_id}", transaction_id=transaction_id)
         return status_from_row(row)
 

@@ -6,6 +6,7 @@ import contextlib
 import datetime as dt
 from collections.abc import AsyncGenerator, AsyncIterator
 
+from common.auth import authorize, current_identity
 from common.interceptors import Context, add_trailing_metadata, correlation_id
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.config import Settings
@@ -14,13 +15,28 @@ from sequencer.idempotency import CALLER_HEADER, KEY_HEADERS, resolve_caller, re
 from sequencer.service import Sequencer, Submission
 from sequencer.watch import Watches
 
+# Finer rules than the per-RPC policy: parts of an RPC that only admins may use.
+ENTITY_WATCH = "WatchEventStatus(entity)"
+CROSS_CALLER_KEY_LOOKUP = "GetIdempotencyRecord(caller_id)"
+ADMIN_ONLY = {ENTITY_WATCH: frozenset({"admin"}), CROSS_CALLER_KEY_LOOKUP: frozenset({"admin"})}
+
 
 def _metadata(context: Context, names: tuple[str, ...]) -> list[str]:
     return [str(v) for k, v in (context.invocation_metadata() or ()) if k in names]
 
 
 def _caller(context: Context) -> str:
-    return resolve_caller(_metadata(context, (CALLER_HEADER,)))
+    """The idempotency and read scope: the authenticated caller; in development mode (no
+    credentials configured, loopback only) the self-declared `x-client-id`."""
+    identity = current_identity()
+    if identity.via == "development":
+        return resolve_caller(_metadata(context, (CALLER_HEADER,)))
+    return identity.caller
+
+
+def _read_scope(context: Context) -> str | None:
+    """Whose records a read may see: the caller's own, or everyone's for admins."""
+    return None if "admin" in current_identity().roles else _caller(context)
 
 
 def _publish(context: Context, result: Submission) -> None:
@@ -74,7 +90,7 @@ class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
         self, request: sequencer_pb2.GetEventStatusRequest, context: Context
     ) -> sequencer_pb2.GetEventStatusResponse:
         if request.transaction_id:
-            status = await self.service.get_status(request.transaction_id)
+            status = await self.service.get_status(request.transaction_id, _read_scope(context))
         elif request.idempotency_key:
             validate_key(request.idempotency_key)
             status = await self.service.get_status_by_key(_caller(context), request.idempotency_key)
@@ -90,8 +106,10 @@ class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
             raise InvalidArgument("transaction_id or entity is required", field="target")
         stream: AsyncGenerator[sequencer_pb2.EventStatus, None]
         if target == "transaction_id":
-            stream = self.watches.watch_transaction(_caller(context), request.transaction_id)
+            stream = self.watches.watch_transaction(_caller(context), request.transaction_id, _read_scope(context))
         else:
+            # An entity's stream shows every caller's events: an operator's view.
+            authorize(current_identity(), ENTITY_WATCH, ADMIN_ONLY)
             stream = self.watches.watch_entity(_caller(context), request.entity)
         async with contextlib.aclosing(stream) as statuses:
             async for status in statuses:
@@ -141,5 +159,9 @@ class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
         self, request: sequencer_pb2.GetIdempotencyRecordRequest, context: Context
     ) -> sequencer_pb2.GetIdempotencyRecordResponse:
         validate_key(request.idempotency_key)
-        record = await self.service.get_key_record(_caller(context), request.idempotency_key)
+        scope = _caller(context)
+        if request.caller_id and request.caller_id != scope:
+            authorize(current_identity(), CROSS_CALLER_KEY_LOOKUP, ADMIN_ONLY)
+            scope = request.caller_id
+        record = await self.service.get_key_record(scope, request.idempotency_key)
         return sequencer_pb2.GetIdempotencyRecordResponse(record=record)

@@ -67,7 +67,7 @@ class Watches:
         while not queue.empty():
             queue.get_nowait()
 
-    async def wait_terminal(self, transaction_id: str, timeout: float) -> sequencer_pb2.EventStatus | None:
+    async def wait_terminal(self, transaction_id: str, timeout: float) -> sequencer_pb2.EventStatus:
         """The status once terminal, or the latest status when `timeout` runs out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -80,13 +80,13 @@ class Watches:
                 await self._next_hint(queue, min(POLL_SECONDS, remaining))
 
     async def watch_transaction(
-        self, caller: str, transaction_id: str
+        self, caller: str, transaction_id: str, scope: str | None
     ) -> AsyncGenerator[sequencer_pb2.EventStatus, None]:
         """The current status at once, then every change, ending after a terminal state."""
         with self._slot(caller), self._subscription(lambda m: m.get("x") == transaction_id) as queue:
             last: sequencer_pb2.EventStatus | None = None
             while True:
-                status = await self.service.get_status(transaction_id)
+                status = await self.service.get_status(transaction_id, scope)
                 if last is None or status.state != last.state or status.awaiting_sequence != last.awaiting_sequence:
                     yield status
                     last = status

@@ -143,7 +143,7 @@ class System:
         )
         return reply.status
 
-    async def wait_terminal(self, transaction_id: str, timeout: float = 15.0) -> sequencer_pb2.EventStatus:
+    async def wait_terminal(self, transaction_id: str, timeout: float = 30.0) -> sequencer_pb2.EventStatus:
         """Polls the public status until terminal (how a caller without streams would)."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:

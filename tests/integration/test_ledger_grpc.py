@@ -331,7 +331,9 @@ def test_each_error_maps_to_its_own_row(cls: type[DomainError]) -> None:
 
 def test_settings_from_env() -> None:
     env = {"DATABASE_URL": "postgresql://u@h/db", "LEDGER_LOCK_STRATEGY": "row", "LEDGER_LISTEN_ADDR": "0.0.0.0:1"}
-    settings = Settings.from_env(env)
+    with pytest.raises(ConfigError, match="not loopback"):
+        Settings.from_env(env)  # exposed without TLS and credentials
+    settings = Settings.from_env({**env, "LEDGER_ALLOW_INSECURE": "true"})
     assert (settings.lock_strategy, settings.listen_addr, settings.metrics_addr) == (
         "row",
         "0.0.0.0:1",

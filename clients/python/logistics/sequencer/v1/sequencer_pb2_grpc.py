@@ -264,7 +264,7 @@ class SequencerAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetIdempotencyRecord(self, request, context):
-        """Looks up an idempotency key's record within the caller's scope.
+        """Looks up an idempotency key's record within the caller's scope (admins: any caller's).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -112,7 +112,7 @@ class SequencerAdminServiceStub:
     SkipSequence: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.SkipSequenceRequest, _sequencer_pb2.SkipSequenceResponse]
     """Gives up on one missing MSI (audited) and releases its successors. Needs an idempotency key."""
     GetIdempotencyRecord: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.GetIdempotencyRecordRequest, _sequencer_pb2.GetIdempotencyRecordResponse]
-    """Looks up an idempotency key's record within the caller's scope."""
+    """Looks up an idempotency key's record within the caller's scope (admins: any caller's)."""
 
 @_typing.type_check_only
 class SequencerAdminServiceAsyncStub(SequencerAdminServiceStub):
@@ -128,7 +128,7 @@ class SequencerAdminServiceAsyncStub(SequencerAdminServiceStub):
     SkipSequence: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.SkipSequenceRequest, _sequencer_pb2.SkipSequenceResponse]  # type: ignore[assignment]
     """Gives up on one missing MSI (audited) and releases its successors. Needs an idempotency key."""
     GetIdempotencyRecord: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.GetIdempotencyRecordRequest, _sequencer_pb2.GetIdempotencyRecordResponse]  # type: ignore[assignment]
-    """Looks up an idempotency key's record within the caller's scope."""
+    """Looks up an idempotency key's record within the caller's scope (admins: any caller's)."""
 
 class SequencerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operations: gaps, parked events, entity bookkeeping, skips and key records."""
@@ -171,6 +171,6 @@ class SequencerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _sequencer_pb2.GetIdempotencyRecordRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_sequencer_pb2.GetIdempotencyRecordResponse, _abc.Awaitable[_sequencer_pb2.GetIdempotencyRecordResponse]]:
-        """Looks up an idempotency key's record within the caller's scope."""
+        """Looks up an idempotency key's record within the caller's scope (admins: any caller's)."""
 
 def add_SequencerAdminServiceServicer_to_server(servicer: SequencerAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,211 @@
+"""The database ceiling: pgbench running, per event, the statements the sequencer and ledger
+run on the in-order path (read from the services' SQL and checked against a statement log), at
+the pipeline's client count, against the same database.
+
+pgbench works on copies of the tables (`CREATE TABLE ... (LIKE ... INCLUDING ALL)`: same
+columns, keys, indexes and checks) in schemas of its own, so the live services never see its
+rows (their forwarder would otherwise try to forward them).
+
+Left out on purpose, and named in the report: SQLAlchemy's pre-ping (one empty query per
+connection checkout, 7 per event) and the forwarder's claim-batch poll that each QUEUED
+notification wakes. They are costs of the implementation, not of the work; keeping them out
+makes the ceiling higher, never lower.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from bench.database import Database
+
+SEQ = "ceiling_sequencer"
+LED = "ceiling_ledger"
+ENTITIES_PER_CLIENT = 20
+EVENT_HEX = "0802120a70676220656e7469747918012a0562656e6368a201050a01411005"
+ENTITY = "('pgb-' || :client_id || '-' || :k)"
+
+# One pgbench transaction = one event through the whole in-order path (6 database transactions).
+SCRIPT = f"""
+\\set k random(1, {ENTITIES_PER_CLIENT})
+\\set r random(1, 1000000000000)
+-- 1. sequencer SubmitEvent: key lock, key lookup, entity lock, watermark, held check, insert,
+--    notify, store the idempotency record; one transaction.
+BEGIN;
+SET LOCAL lock_timeout = 9990;
+SELECT pg_advisory_xact_lock(hashtextextended('idem:' || 'bench' || ':' || ('pgb-' || :r), 0));
+SELECT caller_id, idempotency_key, method, fingerprint, request, status_code, response,
+    transaction_id, created_at, expires_at FROM {SEQ}.idempotency_keys WHERE caller_id = 'bench' AND
+    idempotency_key = 'pgb-' || :r AND expires_at > now();
+SELECT pg_advisory_xact_lock(hashtextextended('seq:' || CAST(2 AS text) || ':' || {ENTITY}, 0));
+SELECT watermark, parked_count FROM {SEQ}.entities WHERE entity_type = 2 AND entity_id = {ENTITY}
+    \\gset
+SELECT * FROM {SEQ}.events WHERE entity_type = 2 AND entity_id = {ENTITY} AND sequence = :watermark
+    + 1;
+INSERT INTO {SEQ}.events (entity_type, entity_id, sequence, transaction_id, state, event,
+    payload_hash, correlation_id, caller_id, idempotency_key, accepted_at, queued_at) VALUES (2,
+    {ENTITY}, :watermark + 1, gen_random_uuid(), 2, decode('{EVENT_HEX}', 'hex'),
+    sha256(decode('{EVENT_HEX}', 'hex')), md5(random()::text), 'bench', 'pgb-' || :r, now(), now());
+SELECT pg_notify('bench_ceiling', '{{"x":"' || gen_random_uuid() || '","t":2,"e":"' || {ENTITY} ||
+    '","s":2}}');
+INSERT INTO {SEQ}.idempotency_keys (caller_id, idempotency_key, method, fingerprint, request,
+    status_code, response, transaction_id, created_at, expires_at) VALUES ('bench', 'pgb-' || :r,
+    '/logistics.sequencer.v1.SequencerService/SubmitEvent', sha256(decode('{EVENT_HEX}', 'hex')),
+    decode('0a1e{EVENT_HEX}', 'hex'), 0, decode('0a2430', 'hex'), gen_random_uuid(), now(), now() +
+    interval '48 hours') ON CONFLICT (caller_id, idempotency_key) DO UPDATE SET method =
+    excluded.method, fingerprint = excluded.fingerprint, request = excluded.request, status_code =
+    excluded.status_code, response = excluded.response, transaction_id = excluded.transaction_id,
+    created_at = excluded.created_at, expires_at = excluded.expires_at WHERE
+    {SEQ}.idempotency_keys.expires_at <= excluded.created_at RETURNING caller_id;
+COMMIT;
+-- 2. forwarder: claim the entity's lease.
+BEGIN;
+UPDATE {SEQ}.entities SET lease_owner = 'pgb', lease_until = now() + interval '30 seconds' WHERE
+    entity_type = 2 AND entity_id = {ENTITY} AND (lease_until IS NULL OR lease_until < now() OR
+    lease_owner = 'pgb') RETURNING entity_type;
+COMMIT;
+-- 3. forwarder: the queued event (a read; the pool's reset rolls it back).
+BEGIN;
+SELECT * FROM {SEQ}.events WHERE entity_type = 2 AND entity_id = {ENTITY} AND state = 2 ORDER BY
+    sequence LIMIT 1;
+ROLLBACK;
+-- 4. ledger ApplyEvent: entity lock, history lookup, version, balances, state, CAS, history.
+BEGIN;
+SELECT pg_advisory_xact_lock(hashtextextended('ledger:' || '2' || ':' || {ENTITY}, 0));
+SELECT * FROM {LED}.entity_history WHERE entity_type = 2 AND entity_id = {ENTITY} AND sequence =
+    :watermark + 1;
+SELECT version FROM {LED}.entity_versions WHERE entity_type = 2 AND entity_id = {ENTITY} \\gset
+SELECT location, on_hand, reserved FROM {LED}.inventory_balances WHERE sku = {ENTITY} AND location
+    IN ('A') \\gset
+INSERT INTO {LED}.inventory_balances (sku, location, on_hand, reserved, updated_at) VALUES
+    ({ENTITY}, 'A', :on_hand + 5, :reserved, now()) ON CONFLICT (sku, location) DO UPDATE SET
+    on_hand = excluded.on_hand, reserved = excluded.reserved, updated_at = excluded.updated_at;
+INSERT INTO {LED}.entity_versions AS v (entity_type, entity_id, version, updated_at) VALUES (2,
+    {ENTITY}, :version + 1, now()) ON CONFLICT (entity_type, entity_id) DO UPDATE SET version =
+    EXCLUDED.version, updated_at = EXCLUDED.updated_at WHERE v.version = :version RETURNING
+    v.version;
+INSERT INTO {LED}.entity_history (entity_type, entity_id, sequence, kind, outcome, reason,
+    reason_detail, correlation_id, transaction_id, source, occurred_at, processed_at, payload_hash)
+    VALUES (2, {ENTITY}, :version + 1, 'inventory_received', 1, '', '', md5(random()::text),
+    gen_random_uuid()::text, 'bench', NULL, now(), sha256(decode('{EVENT_HEX}', 'hex')));
+COMMIT;
+-- 5. sequencer: record the outcome, advance the watermark, notify, release a parked successor,
+--    clear the gap, renew the lease.
+BEGIN;
+SELECT pg_advisory_xact_lock(hashtextextended('seq:' || CAST(2 AS text) || ':' || {ENTITY}, 0));
+SELECT watermark, parked_count FROM {SEQ}.entities WHERE entity_type = 2 AND entity_id = {ENTITY};
+UPDATE {SEQ}.events SET state = 3, processed_at = now(), reason = NULL, reason_detail = NULL,
+    entity_version = :watermark + 1 WHERE entity_type = 2 AND entity_id = {ENTITY} AND sequence =
+    :watermark + 1 AND state = 2;
+UPDATE {SEQ}.entities SET watermark = :watermark + 1, last_outcome = 3, last_outcome_reason = NULL,
+    updated_at = now() WHERE entity_type = 2 AND entity_id = {ENTITY};
+SELECT * FROM {SEQ}.events WHERE entity_type = 2 AND entity_id = {ENTITY} AND sequence = :watermark
+    + 1;
+SELECT pg_notify('bench_ceiling', '{{"x":"' || gen_random_uuid() || '","t":2,"e":"' || {ENTITY} ||
+    '","s":3}}');
+UPDATE {SEQ}.events SET state = 2, queued_at = now() WHERE entity_type = 2 AND entity_id = {ENTITY}
+    AND sequence = :watermark + 2 AND state = 1 RETURNING transaction_id, sequence;
+DELETE FROM {SEQ}.gaps WHERE entity_type = 2 AND entity_id = {ENTITY};
+UPDATE {SEQ}.entities SET lease_until = now() + interval '30 seconds' WHERE entity_type = 2 AND
+    entity_id = {ENTITY} AND lease_owner = 'pgb';
+COMMIT;
+-- 6. forwarder: release the lease.
+BEGIN;
+UPDATE {SEQ}.entities SET lease_owner = NULL, lease_until = NULL WHERE entity_type = 2 AND entity_id
+    = {ENTITY} AND lease_owner = 'pgb';
+COMMIT;
+"""
+
+TRANSACTIONS_PER_EVENT = 6
+STATEMENTS_PER_EVENT = sum(
+    1 for line in SCRIPT.splitlines() if line.rstrip().endswith((";", "\\gset")) and not line.startswith("--")
+)
+
+
+def _setup(db: Database, clients: int) -> None:
+    tables: dict[str, tuple[str, tuple[str, ...]]] = {
+        SEQ: ("sequencer", ("entities", "events", "gaps", "idempotency_keys")),
+        LED: ("ledger", ("entity_versions", "entity_history", "inventory_balances")),
+    }
+    with db.connect() as conn:
+        for schema, (source, names) in tables.items():
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+            conn.execute(f"CREATE SCHEMA {schema}")
+            for name in names:
+                conn.execute(f"CREATE TABLE {schema}.{name} (LIKE {source}.{name} INCLUDING ALL)")
+        ids = [f"pgb-{c}-{k}" for c in range(clients) for k in range(1, ENTITIES_PER_CLIENT + 1)]
+        conn.execute(
+            f"INSERT INTO {SEQ}.entities (entity_type, entity_id, updated_at) "
+            "SELECT 2, id, now() FROM unnest(%s::text[]) id",
+            (ids,),
+        )
+        conn.execute(
+            f"INSERT INTO {LED}.entity_versions (entity_type, entity_id, version, updated_at) "
+            "SELECT 2, id, 0, now() FROM unnest(%s::text[]) id",
+            (ids,),
+        )
+        conn.execute(
+            f"INSERT INTO {LED}.inventory_balances (sku, location, on_hand, reserved, updated_at) "
+            "SELECT id, 'A', 0, 0, now() FROM unnest(%s::text[]) id",
+            (ids,),
+        )
+        conn.execute(f"ANALYZE {SEQ}.entities")
+        conn.execute(f"ANALYZE {LED}.entity_versions")
+
+
+def _teardown(db: Database) -> None:
+    with db.connect() as conn:
+        for schema in (SEQ, LED):
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def pgbench_ceiling(db: Database, clients: int, seconds: float, workdir: Path) -> dict[str, Any]:
+    """events/s pgbench sustains with the in-order path's statements, or why there is none."""
+    binary = shutil.which("pgbench")
+    result: dict[str, Any] = {
+        "clients": clients,
+        "statements_per_event": STATEMENTS_PER_EVENT,
+        "transactions_per_event": TRANSACTIONS_PER_EVENT,
+    }
+    if binary is None:
+        return {**result, "available": False, "events_per_s": None, "note": "not available (pgbench not on PATH)"}
+    workdir.mkdir(parents=True, exist_ok=True)
+    script = workdir / "ceiling.pgbench.sql"
+    script.write_text(SCRIPT.lstrip())
+    _setup(db, clients)
+    try:
+        threads = max(1, min(clients, 2))
+        command = [binary, "-n", "-M", "prepared", "-c", str(clients), "-j", str(threads)]
+        # The password goes through the environment, not the command line (visible in `ps`).
+        url = make_url(db.libpq_url)
+        env = {**os.environ, **({"PGPASSWORD": url.password} if url.password else {})}
+        target = url.set(password=None).render_as_string(hide_password=False)
+        command += ["-T", str(max(1, round(seconds))), "-f", str(script), target]
+        proc = subprocess.run(  # noqa: S603
+            command, capture_output=True, text=True, timeout=seconds + 120, check=False, env=env
+        )
+    finally:
+        _teardown(db)
+    (workdir / "pgbench.out").write_text(proc.stdout + proc.stderr)
+    tps = re.search(r"tps = ([0-9.]+) \(without initial connection time\)", proc.stdout)
+    latency = re.search(r"latency average = ([0-9.]+) ms", proc.stdout)
+    failed = re.search(r"number of failed transactions: (\d+)", proc.stdout)
+    aborted = "aborted" in proc.stderr or proc.returncode != 0
+    if tps is None or aborted:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {**result, "available": False, "events_per_s": None, "note": "pgbench failed: " + " | ".join(tail)}
+    return {
+        **result,
+        "available": True,
+        "events_per_s": float(tps.group(1)),
+        "latency_ms_avg": float(latency.group(1)) if latency else None,
+        "failed_transactions": int(failed.group(1)) if failed else 0,
+        "seconds": max(1, round(seconds)),
+        "mode": "prepared",
+    }

@@ -1,0 +1,329 @@
+"""The load generator: a separate process (`python -m bench.loadgen SPEC OUT`) driving the
+sequencer, or the echo server, over real gRPC with a fixed number of concurrent callers.
+
+Every call has a deadline and an idempotency key; transient failures are retried with the SAME
+key, as a careful client would, so a retry can never double-apply. It writes raw per-request
+records; the parent process turns them into rates, percentiles and the audit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+
+from bench import echo
+from bench.model import INVENTORY, SHIPMENT, Stream
+from bench.processes import peak_rss_mb
+from logistics.events.v1 import events_pb2
+from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
+
+CALLER = "bench"
+DEADLINE = 10.0
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+ATTEMPTS = 5
+PARKED = int(events_pb2.EVENT_STATE_PARKED)
+CHANNEL_OPTIONS = [("grpc.max_concurrent_streams", 1000)]
+
+
+@dataclass
+class Sent:
+    """One logical request: what was sent and how it ended."""
+
+    entity: int
+    sequence: int
+    key: str
+    request: sequencer_pb2.SubmitEventRequest
+    phase: str
+    sent_at: float = 0.0
+    latency: float = 0.0
+    transaction_id: str = ""
+    state: int = 0
+    replayed: bool = False
+    error: str = ""
+    response: bytes = b""
+
+    def record(self) -> list[Any]:
+        return [
+            self.entity,
+            self.sequence,
+            self.transaction_id,
+            round(self.sent_at, 6),
+            round(self.latency, 6),
+            self.state,
+            int(self.replayed),
+            self.error,
+            self.phase,
+        ]
+
+
+@dataclass
+class Run:
+    spec: dict[str, Any]
+    stub: sequencer_pb2_grpc.SequencerServiceStub
+    rng: random.Random
+    streams: list[Stream] = field(default_factory=list)
+    sent: list[Sent] = field(default_factory=list)
+    retried: int = 0
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def prefix(self) -> str:
+        return str(self.spec["prefix"])
+
+    def new_stream(self, entity_type: int, name: str) -> int:
+        self.streams.append(Stream(entity_type, f"{self.prefix}-{name}", random.Random(self.rng.random())))  # noqa: S311
+        return len(self.streams) - 1
+
+    def request(self, index: int, sequence: int, phase: str = "main") -> Sent:
+        stream = self.streams[index]
+        key = f"{stream.entity_id}-{sequence}"
+        request = sequencer_pb2.SubmitEventRequest(event=stream.event(sequence))
+        return Sent(index, sequence, key, request, phase)
+
+    async def submit(self, sent: Sent) -> Sent:
+        """SubmitEvent with retries on transient codes (same key every time)."""
+        metadata = (("idempotency-key", sent.key), ("x-client-id", CALLER))
+        sent.sent_at = time.time()
+        started = time.perf_counter()
+        for attempt in range(ATTEMPTS):
+            call = cast(
+                "grpc.aio.UnaryUnaryCall[sequencer_pb2.SubmitEventRequest, sequencer_pb2.SubmitEventResponse]",
+                self.stub.SubmitEvent(sent.request, metadata=metadata, timeout=DEADLINE),
+            )
+            try:
+                response: sequencer_pb2.SubmitEventResponse = await call
+                trailing = await call.trailing_metadata()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in TRANSIENT and attempt < ATTEMPTS - 1:
+                    self.retried += 1
+                    await asyncio.sleep(0.05 * 2**attempt)
+                    continue
+                sent.error = exc.code().name
+                break
+            sent.transaction_id = response.transaction_id
+            sent.state = int(response.state)
+            sent.replayed = any(k == "idempotency-replayed" and v == "true" for k, v in (trailing or ()))
+            sent.response = response.SerializeToString(deterministic=True)
+            break
+        sent.latency = time.perf_counter() - started
+        self.sent.append(sent)
+        return sent
+
+    def check_replay(self, first: Sent, again: Sent) -> None:
+        if again.error:
+            return
+        if not again.replayed:
+            self.mismatches.append(f"{again.key}: a re-send was not answered as a replay")
+        elif again.response != first.response:
+            self.mismatches.append(f"{again.key}: the replayed response differs from the first")
+
+
+# --- workloads ------------------------------------------------------------------------------
+
+
+def _entity_pool(run: Run, count: int, shipment_share: float = 0.2) -> list[int]:
+    pool = []
+    for i in range(count):
+        if run.rng.random() < shipment_share:
+            pool.append(run.new_stream(SHIPMENT, f"shp-{i}-0"))
+        else:
+            pool.append(run.new_stream(INVENTORY, f"inv-{i}"))
+    return pool
+
+
+async def _producer(run: Run, own: list[int], deadline: float, style: str) -> None:
+    """One logical producer: round-robins over its own entities, each in MSI order."""
+    generation = 0
+    position = 0
+    while time.monotonic() < deadline and own:
+        slot = position % len(own)
+        position += 1
+        index = own[slot]
+        stream = run.streams[index]
+        if stream.finished:
+            generation += 1
+            name = stream.entity_id.removeprefix(f"{run.prefix}-").rsplit("-", 1)[0]
+            index = own[slot] = run.new_stream(SHIPMENT, f"{name}-{generation}")
+            stream = run.streams[index]
+        first, _ = stream.next_spec()
+        room = not (stream.entity_type == SHIPMENT and stream.finished)
+        if style == "out_of_order" and room and run.rng.random() < 0.25:
+            # Submit its successor first: parked, then released when this one arrives.
+            second, _ = stream.next_spec()
+            sent = await run.submit(run.request(index, second))
+            if sent.error:
+                return
+            sent = await run.submit(run.request(index, first))
+        else:
+            sent = await run.submit(run.request(index, first))
+        if sent.error:
+            return  # this producer's streams stop: a later MSI would only park behind the gap
+        if style == "retries" and run.rng.random() < 0.10:
+            again = await run.submit(run.request(index, first, phase="resend"))
+            run.check_replay(sent, again)
+
+
+async def streams_workload(run: Run, style: str) -> None:
+    concurrency = int(run.spec["concurrency"])
+    pool = _entity_pool(run, max(int(run.spec["entities"]), concurrency))
+    deadline = time.monotonic() + float(run.spec["duration"])
+    owners = [pool[w::concurrency] for w in range(concurrency)]
+    await asyncio.gather(*(_producer(run, own, deadline, style) for own in owners))
+
+
+async def hot_set(run: Run) -> None:
+    """10 entities, every caller on any of them: MSIs are taken at send time, so concurrent
+    submissions of one entity may arrive out of order and park briefly."""
+    pool = [run.new_stream(INVENTORY, f"hot-{i}") for i in range(10)]
+    deadline = time.monotonic() + float(run.spec["duration"])
+
+    async def caller() -> None:
+        while time.monotonic() < deadline:
+            index = run.rng.choice(pool)
+            sequence, _ = run.streams[index].next_spec()
+            await run.submit(run.request(index, sequence))
+
+    await asyncio.gather(*(caller() for _ in range(int(run.spec["concurrency"]))))
+
+
+async def replay_burst(run: Run, seconds: float) -> dict[str, Any]:
+    """Re-sends already answered requests (same key, same payload) at full concurrency: the
+    replay path alone."""
+    answered = [s for s in run.sent if s.phase == "main" and not s.error]
+    if not answered:
+        return {"count": 0, "elapsed": 0.0}
+    deadline = time.monotonic() + seconds
+    started = time.perf_counter()
+
+    async def caller() -> None:
+        while time.monotonic() < deadline:
+            first = run.rng.choice(answered)
+            again = await run.submit(run.request(first.entity, first.sequence, phase="replay"))
+            run.check_replay(first, again)
+
+    await asyncio.gather(*(caller() for _ in range(int(run.spec["concurrency"]))))
+    return {"elapsed": time.perf_counter() - started}
+
+
+async def duplicate_storm(run: Run) -> dict[str, Any]:
+    """Rounds of one key hit by `callers` concurrent identical requests: exactly one executes,
+    every other caller gets its replay."""
+    callers = int(run.spec.get("storm_callers", 100))
+    bad: list[str] = []
+    started = time.perf_counter()
+    for r in range(int(run.spec["storm_rounds"])):
+        index = run.new_stream(SHIPMENT, f"storm-{r}")
+        sequence, _ = run.streams[index].next_spec()
+        go = asyncio.Event()
+
+        async def one(index: int = index, sequence: int = sequence, go: asyncio.Event = go) -> Sent:
+            await go.wait()
+            return await run.submit(run.request(index, sequence, phase="storm"))
+
+        tasks = [asyncio.create_task(one()) for _ in range(callers)]
+        await asyncio.sleep(0)
+        go.set()
+        results = await asyncio.gather(*tasks)
+        executed = [s for s in results if not s.replayed and not s.error]
+        answers = {s.response for s in results if not s.error}
+        errors = [s.error for s in results if s.error]
+        if len(executed) != 1 or len(answers) != 1 or errors:
+            bad.append(f"round {r}: {len(executed)} executions, {len(answers)} distinct answers, errors {errors[:3]}")
+    return {"elapsed": time.perf_counter() - started, "callers": callers, "bad_rounds": bad}
+
+
+async def echo_workload(spec: dict[str, Any]) -> dict[str, Any]:
+    """The transport ceiling: the same callers, deadlines and metadata, against the echo server."""
+    # A request of the size the pipeline sees: a typical SubmitEventRequest.
+    sample = Stream(INVENTORY, "echo-inv-0", random.Random(1))  # noqa: S311
+    sample.next_spec()
+    payload = sequencer_pb2.SubmitEventRequest(event=sample.event(1)).SerializeToString()
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    async with grpc.aio.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) as channel:
+        method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(echo.METHOD)
+        await channel.channel_ready()
+        deadline = time.monotonic() + float(spec["duration"])
+        counter = 0
+
+        async def caller() -> None:
+            nonlocal counter
+            while time.monotonic() < deadline:
+                counter += 1
+                metadata = (("idempotency-key", f"echo-{counter}"), ("x-client-id", CALLER))
+                started = time.perf_counter()
+                try:
+                    await method(payload, metadata=metadata, timeout=DEADLINE)
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    continue
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(int(spec["concurrency"]))))
+        elapsed = time.perf_counter() - started
+    return {"elapsed": elapsed, "latencies": latencies, "errors": errors, "loadgen_peak_rss_mb": peak_rss_mb_self()}
+
+
+def peak_rss_mb_self() -> float | None:
+    return peak_rss_mb(os.getpid())
+
+
+async def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) as channel:
+        await channel.channel_ready()
+        run = Run(spec, sequencer_pb2_grpc.SequencerServiceStub(channel), random.Random(int(spec["seed"])))  # noqa: S311
+        extra: dict[str, Any] = {}
+        started_wall = time.time()
+        started = time.perf_counter()
+        workload = spec["workload"]
+        if workload in ("in_order", "out_of_order", "retries", "warmup"):
+            await streams_workload(run, workload)
+        elif workload == "hot_set":
+            await hot_set(run)
+        elif workload == "duplicate_storm":
+            extra["storm"] = await duplicate_storm(run)
+        else:
+            raise SystemExit(f"unknown workload {workload!r}")
+        elapsed = time.perf_counter() - started
+        if workload == "retries" and float(spec.get("replay_seconds", 0)) > 0:
+            extra["replay_burst"] = await replay_burst(run, float(spec["replay_seconds"]))
+    return {
+        "started_wall": started_wall,
+        "elapsed": elapsed,
+        "requests": [s.record() for s in run.sent],
+        "entities": [[s.entity_type, s.entity_id, s.specs] for s in run.streams],
+        "retried": run.retried,
+        "mismatches": run.mismatches,
+        "loadgen_peak_rss_mb": peak_rss_mb_self(),
+        **extra,
+    }
+
+
+def main(argv: list[str]) -> None:
+    spec = json.loads(Path(argv[0]).read_text())
+    runner = echo_workload if spec["workload"] == "echo" else pipeline
+    result = asyncio.run(runner(spec))
+    Path(argv[1]).write_text(json.dumps(result, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main(sys.argv[1:])

@@ -1,0 +1,92 @@
+"""Numbers from raw records, the printed table, and the JSON report."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ms(value: float | None) -> float | None:
+    return None if value is None else round(value * 1000, 2)
+
+
+def latency_summary(values: list[float]) -> dict[str, Any]:
+    return {
+        "count": len(values),
+        "p50_ms": ms(percentile(values, 50)),
+        "p99_ms": ms(percentile(values, 99)),
+        "max_ms": ms(max(values) if values else None),
+    }
+
+
+def rate(count: float, seconds: float | None) -> float | None:
+    if not seconds or seconds <= 0:
+        return None
+    return round(count / seconds, 1)
+
+
+def ratio(value: float | None, ceiling: float | None) -> float | None:
+    if value is None or not ceiling:
+        return None
+    return round(value / ceiling, 3)
+
+
+def errors_by_code(requests: list[list[Any]]) -> dict[str, int]:
+    return dict(Counter(r[7] for r in requests if r[7]))
+
+
+def _fmt(value: Any, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}{suffix}" if abs(value) >= 10 else f"{value:.2f}{suffix}"
+    return f"{value}{suffix}"
+
+
+COLUMNS = (
+    ("workload", "workload", ""),
+    ("events", "events", ""),
+    ("submitted/s", "submitted_per_s", ""),
+    ("applied/s", "applied_per_s", ""),
+    ("ack p50", "ack_p50_ms", " ms"),
+    ("ack p99", "ack_p99_ms", " ms"),
+    ("s2a p50", "s2a_p50_ms", " ms"),
+    ("s2a p99", "s2a_p99_ms", " ms"),
+    ("replays/s", "replays_per_s", ""),
+    ("errors", "errors", ""),
+    ("seq RSS", "sequencer_peak_rss_mb", " MiB"),
+    ("ledger RSS", "ledger_peak_rss_mb", " MiB"),
+    ("audit", "audit", ""),
+)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    cells = [[name for name, _key, _suffix in COLUMNS]]
+    for row in rows:
+        cells.append([_fmt(row.get(key), suffix) for _name, key, suffix in COLUMNS])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = []
+    for n, line in enumerate(cells):
+        lines.append(
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")

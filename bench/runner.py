@@ -1,0 +1,434 @@
+"""Orchestrates one benchmark run: system up, workloads with audits, ceilings, report."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import audit as audits
+from bench import report
+from bench.ceilings import pgbench_ceiling
+from bench.database import Database, provision, server_settings
+from bench.processes import ROOT, EchoServer, Service, backend_cpu_seconds, child_env, cpu_seconds, peak_rss_mb
+from logistics.events.v1 import events_pb2
+
+PARKED = int(events_pb2.EVENT_STATE_PARKED)
+WORKLOADS = ("in_order", "hot_set", "out_of_order", "retries", "duplicate_storm")
+PREFIXES = {
+    "warmup": "wu",
+    "in_order": "io",
+    "hot_set": "hs",
+    "out_of_order": "oo",
+    "retries": "rt",
+    "duplicate_storm": "ds",
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    duration: float
+    concurrency: int
+    entities: int
+    workloads: tuple[str, ...]
+    json_path: Path
+    smoke: bool
+    warmup: float
+    echo_seconds: float
+    pgbench_seconds: float
+    storm_rounds: int
+    drain_timeout: float
+    service_env: dict[str, str]
+
+    def seconds(self, workload: str) -> float:
+        share = {"in_order": 1.0, "hot_set": 0.6, "out_of_order": 0.75, "retries": 0.75}.get(workload, 1.0)
+        return round(self.duration * share, 2)
+
+
+def parse(argv: list[str]) -> Plan:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds, tiny numbers: checks the harness only")
+    parser.add_argument("--duration", type=float, help="seconds of load for in_order (others scale from it)")
+    parser.add_argument("--concurrency", type=int, help="concurrent callers (default 64; smoke 8)")
+    parser.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    parser.add_argument("--entities", type=int, help="entities of the stream workloads (default 1000)")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench-results" / "report.json", help="report path")
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for both services, e.g. SEQUENCER_DB_POOL_SIZE=20 (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    workloads = tuple(w.strip() for w in (args.workloads or ",".join(WORKLOADS)).split(",") if w.strip())
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}")
+    env = {}
+    for item in args.service_env:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--service-env wants NAME=VALUE, not {item!r}")
+        env[name] = value
+    smoke = bool(args.smoke)
+    duration = args.duration if args.duration is not None else (1.5 if smoke else 8.0)
+    return Plan(
+        duration=duration,
+        concurrency=args.concurrency or (8 if smoke else 64),
+        entities=args.entities or (40 if smoke else 1000),
+        workloads=workloads,
+        json_path=args.json,
+        smoke=smoke,
+        warmup=0.0 if smoke else 2.0,
+        echo_seconds=1.0 if smoke else max(2.0, round(duration * 0.6, 1)),
+        pgbench_seconds=1.0 if smoke else duration,
+        storm_rounds=2 if smoke else 10,
+        drain_timeout=30.0 if smoke else 120.0,
+        service_env=env,
+    )
+
+
+class Bench:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.out = plan.json_path.parent
+        self.work = self.out / "work"
+        self.db: Database | None = None
+        self.ledger: Service | None = None
+        self.sequencer: Service | None = None
+
+    # --- system -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.db = provision()
+        env = {"DATABASE_URL": self.db.url, **self.plan.service_env}
+        self.ledger = Service(
+            "ledger",
+            {**env, "LEDGER_LISTEN_ADDR": "127.0.0.1:0", "LEDGER_METRICS_ADDR": "127.0.0.1:0"},
+            self.out / "logs" / "ledger.log",
+        ).start()
+        self.sequencer = Service(
+            "sequencer",
+            {
+                **env,
+                "SEQUENCER_LISTEN_ADDR": "127.0.0.1:0",
+                "SEQUENCER_METRICS_ADDR": "127.0.0.1:0",
+                "SEQUENCER_LEDGER_TARGET": self.ledger.address,
+            },
+            self.out / "logs" / "sequencer.log",
+        ).start()
+
+    def stop(self) -> None:
+        for service in (self.sequencer, self.ledger):
+            if service is not None:
+                service.stop()
+        if self.db is not None:
+            self.db.drop()
+            self.db = None
+
+    # --- load -------------------------------------------------------------------------------
+
+    def loadgen(self, spec: dict[str, Any]) -> dict[str, Any]:
+        self.work.mkdir(parents=True, exist_ok=True)
+        spec_path = self.work / f"{spec['workload']}.spec.json"
+        out_path = self.work / f"{spec['workload']}.result.json"
+        spec_path.write_text(json.dumps(spec))
+        limit = float(spec.get("duration", 0)) * 3 + float(spec.get("replay_seconds", 0)) + 120
+        proc = subprocess.run(  # noqa: S603
+            [sys.executable, "-m", "bench.loadgen", str(spec_path), str(out_path)],
+            env=child_env(),
+            cwd=ROOT,
+            timeout=limit,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"the load generator failed for {spec['workload']} (exit {proc.returncode})")
+        result: dict[str, Any] = json.loads(out_path.read_text())
+        out_path.unlink()
+        return result
+
+    def drain(self, prefix: str, expected: int) -> tuple[float, int]:
+        """Waits until the workload's events are all terminal; returns (seconds waited, terminal)."""
+        assert self.db is not None
+        started = time.monotonic()
+        terminal = 0
+        while time.monotonic() - started < self.plan.drain_timeout:
+            terminal, _total = audits.pending(self.db, prefix)
+            if terminal >= expected:
+                break
+            time.sleep(0.05)
+        return time.monotonic() - started, terminal
+
+    def backends(self) -> dict[int, float]:
+        """CPU used so far by each backend connected to the run's database."""
+        assert self.db is not None
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+        return backend_cpu_seconds([int(r[0]) for r in rows])
+
+    def snapshot(self) -> dict[str, Any]:
+        assert self.sequencer is not None and self.ledger is not None
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {
+            "sequencer": cpu_seconds(self.sequencer.pid) or 0.0,
+            "ledger": cpu_seconds(self.ledger.pid) or 0.0,
+            "loadgen": children.ru_utime + children.ru_stime,
+            "backends": self.backends(),
+            "wall": time.monotonic(),
+        }
+
+    def run_workload(self, name: str) -> dict[str, Any]:
+        assert self.db is not None and self.sequencer is not None and self.ledger is not None
+        prefix = PREFIXES[name]
+        spec: dict[str, Any] = {
+            "workload": name,
+            "target": self.sequencer.address,
+            "concurrency": self.plan.concurrency,
+            "duration": self.plan.warmup if name == "warmup" else self.plan.seconds(name),
+            "entities": self.plan.entities,
+            "seed": 20241124 + len(name),
+            "prefix": prefix,
+            "storm_rounds": self.plan.storm_rounds,
+            "storm_callers": 100,
+            "replay_seconds": round(self.plan.duration * 0.4, 2) if name == "retries" else 0,
+        }
+        before = self.snapshot()
+        result = self.loadgen(spec)
+        first = audits.accepted(result)
+        drain_s, _terminal = self.drain(prefix, len(first))
+        after = self.snapshot()
+        rows = audits.sequencer_rows(self.db, prefix)
+        audit = audits.run_audit(self.db, prefix, result, rows)
+        return self.summarise(name, spec, result, first, rows, audit, drain_s, before, after)
+
+    def summarise(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        result: dict[str, Any],
+        first: dict[tuple[int, int], list[Any]],
+        rows: dict[tuple[str, int], Any],
+        audit: audits.Audit,
+        drain_s: float,
+        before: dict[str, Any],
+        after: dict[str, Any],
+    ) -> dict[str, Any]:
+        assert self.sequencer is not None and self.ledger is not None
+        requests = result["requests"]
+        entities = result["entities"]
+        answered = [r for r in requests if not r[7] and r[8] != "replay"]
+        creating = [r for r in first.values()]
+        ack = [r[4] for r in answered]
+        replay_records = [r for r in requests if r[6] and not r[7]]
+        burst = [r for r in requests if r[8] == "replay" and not r[7]]
+        s2a: list[float] = []
+        processed: list[float] = []
+        for (index, sequence), record in first.items():
+            row = rows.get((entities[index][1], sequence))
+            if row is not None and row[2] is not None:
+                processed.append(row[2])
+                s2a.append(max(0.0, row[2] - record[3]))
+        started = min((r[3] for r in requests), default=result["started_wall"])
+        window = (max(processed) - started) if processed else None
+        applied_count = len(processed)
+        elapsed = float(result.get("replay_burst", {}).get("elapsed") or 0.0)
+        storm = result.get("storm")
+        if storm:
+            replays_per_s = report.rate(len(replay_records), storm["elapsed"])
+        elif burst:
+            replays_per_s = report.rate(len(burst), elapsed)
+        else:
+            replays_per_s = None
+        parked = sum(1 for r in creating if r[5] == PARKED)
+        cpu_wall = after["wall"] - before["wall"]
+        # Backends connected at the end; one that connected meanwhile counts from zero, one that
+        # left meanwhile is missed (pools keep theirs, so this is close).
+        after["postgres"] = sum(cpu - before["backends"].get(pid, 0.0) for pid, cpu in after["backends"].items())
+        before["postgres"] = 0.0
+        cpu = {
+            k: round((after[k] - before[k]) / cpu_wall * 100, 1) for k in ("sequencer", "ledger", "loadgen", "postgres")
+        }
+
+        ack_summary = report.latency_summary(ack)
+        s2a_summary = report.latency_summary(s2a)
+        return {
+            "workload": name,
+            "events": len(first),
+            "calls": len(requests),
+            "submitted_per_s": report.rate(len(answered), result["elapsed"]),
+            "applied_per_s": report.rate(applied_count, window),
+            "ack_p50_ms": ack_summary["p50_ms"],
+            "ack_p99_ms": ack_summary["p99_ms"],
+            "s2a_p50_ms": s2a_summary["p50_ms"],
+            "s2a_p99_ms": s2a_summary["p99_ms"],
+            "replays_per_s": replays_per_s,
+            "errors": sum(report.errors_by_code(requests).values()),
+            "sequencer_peak_rss_mb": _round(peak_rss_mb(self.sequencer.pid)),
+            "ledger_peak_rss_mb": _round(peak_rss_mb(self.ledger.pid)),
+            "audit": "PASS" if audit.passed else "FAIL",
+            "details": {
+                "concurrency": spec["concurrency"],
+                "storm_callers": spec["storm_callers"] if name == "duplicate_storm" else None,
+                "submit_seconds": round(result["elapsed"], 3),
+                "drain_seconds_after_submit": round(drain_s, 3),
+                "applied_window_seconds": round(window, 3) if window else None,
+                "ack_latency": ack_summary,
+                "submit_to_applied_latency": s2a_summary,
+                "replay_latency": report.latency_summary([r[4] for r in replay_records]),
+                "replays": len(replay_records),
+                "parked_on_arrival": parked,
+                "parked_fraction": round(parked / len(creating), 3) if creating else None,
+                "transient_retries": result.get("retried", 0),
+                "errors_by_code": report.errors_by_code(requests),
+                "cpu_percent_of_one_core": cpu,
+                "cpu_ms_per_event": {
+                    k: round((after[k] - before[k]) * 1000 / len(first), 2)
+                    for k in ("sequencer", "ledger", "loadgen", "postgres")
+                }
+                if first
+                else None,
+                "loadgen_peak_rss_mb": _round(result.get("loadgen_peak_rss_mb")),
+                "audit": audit.as_dict(),
+            },
+        }
+
+    # --- ceilings ---------------------------------------------------------------------------
+
+    def echo_ceiling(self) -> dict[str, Any]:
+        server = EchoServer().start()
+        try:
+            result = self.loadgen(
+                {
+                    "workload": "echo",
+                    "target": f"127.0.0.1:{server.port}",
+                    "concurrency": self.plan.concurrency,
+                    "duration": self.plan.echo_seconds,
+                }
+            )
+            server_rss = peak_rss_mb(server.pid)
+        finally:
+            server.stop()
+        latencies = result["latencies"]
+        summary = report.latency_summary(latencies)
+        return {
+            "requests_per_s": report.rate(len(latencies), result["elapsed"]),
+            "concurrency": self.plan.concurrency,
+            "seconds": round(result["elapsed"], 2),
+            "p50_ms": summary["p50_ms"],
+            "p99_ms": summary["p99_ms"],
+            "errors": result["errors"],
+            "server_peak_rss_mb": _round(server_rss),
+        }
+
+    # --- the run ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        plan = self.plan
+        started = time.monotonic()
+        self.start()
+        assert self.db is not None
+        assert self.sequencer is not None and self.ledger is not None
+        print(
+            f"database: {self.db.where}, {self.db.name}; "
+            f"sequencer pid {self.sequencer.pid}, ledger pid {self.ledger.pid}",
+            flush=True,
+        )
+        if plan.warmup > 0:
+            self.run_workload("warmup")
+        rows = []
+        for name in plan.workloads:
+            row = self.run_workload(name)
+            rows.append(row)
+            problems = row["details"]["audit"]["problems"]
+            print(
+                f"{name}: {row['audit']} ({row['events']} events, {row['applied_per_s']} applied/s)"
+                + ("".join(f"\n  - {p}" for p in problems)),
+                flush=True,
+            )
+        echo = self.echo_ceiling()
+        print(f"echo ceiling: {echo['requests_per_s']} requests/s", flush=True)
+        pg = pgbench_ceiling(self.db, plan.concurrency, plan.pgbench_seconds, self.work)
+        print(f"database ceiling: {pg.get('events_per_s') or pg.get('note')}", flush=True)
+        pg_settings = server_settings(self.db)
+        for row in rows:
+            # A storm applies one event per round: its applied/s measures nothing worth a ratio.
+            storm = row["workload"] == "duplicate_storm"
+            row["applied_vs_pgbench"] = None if storm else report.ratio(row["applied_per_s"], pg.get("events_per_s"))
+            row["applied_vs_echo"] = None if storm else report.ratio(row["applied_per_s"], echo["requests_per_s"])
+            row["replays_vs_echo"] = report.ratio(row["replays_per_s"], echo["requests_per_s"])
+        return {
+            "schema": 1,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "mode": "smoke" if plan.smoke else "default",
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "postgres": pg_settings,
+                "database": self.db.where,
+            },
+            "settings": {
+                "concurrency": plan.concurrency,
+                "duration": plan.duration,
+                "entities": plan.entities,
+                "workloads": list(plan.workloads),
+                "service_env": plan.service_env,
+            },
+            "ceilings": {"echo": echo, "pgbench": pg},
+            "workloads": {row["workload"]: row for row in rows},
+            "all_passed": all(row["audit"] == "PASS" for row in rows),
+            "wall_seconds": round(time.monotonic() - started, 1),
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def render(result: dict[str, Any]) -> str:
+    rows = list(result["workloads"].values())
+    echo = result["ceilings"]["echo"]
+    pg = result["ceilings"]["pgbench"]
+    lines = [report.table(rows), ""]
+    pg_text = f"{pg['events_per_s']:,.1f} events/s" if pg.get("events_per_s") else pg.get("note", "not available")
+    lines.append(f"transport ceiling (echo, {echo['concurrency']} callers): {echo['requests_per_s']:,.1f} requests/s")
+    lines.append(
+        f"database ceiling (pgbench, {pg['clients']} clients, {pg['statements_per_event']} statements/event): {pg_text}"
+    )
+    for row in rows:
+        parts = []
+        if row.get("applied_vs_pgbench") is not None:
+            parts.append(f"applied/pgbench {row['applied_vs_pgbench']:.0%}")
+        if row.get("applied_vs_echo") is not None:
+            parts.append(f"applied/echo {row['applied_vs_echo']:.0%}")
+        if row.get("replays_vs_echo") is not None:
+            parts.append(f"replays/echo {row['replays_vs_echo']:.0%}")
+        lines.append(f"  {row['workload']}: " + ", ".join(parts))
+    lines.append(f"all audits: {'PASS' if result['all_passed'] else 'FAIL'}  ({result['wall_seconds']} s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan = parse(sys.argv[1:] if argv is None else argv)
+    bench = Bench(plan)
+    try:
+        result = bench.run()
+    finally:
+        bench.stop()
+    report.write_json(plan.json_path, result)
+    print()
+    print(render(result))
+    print(f"report: {plan.json_path}")
+    return 0 if result["all_passed"] else 1
