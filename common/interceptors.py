@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 
 from common import logs
 from common.auth import Authenticator, authorize, set_identity
-from common.errors import DomainError, MalformedRequest, PermissionDenied, Unauthenticated
+from common.errors import DomainError, InvalidArgument, MalformedRequest, PermissionDenied, Unauthenticated
 from common.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ COMMON_TABLE: ErrorTable = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 _MALFORMED = object()
@@ -104,6 +105,22 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
             return _MALFORMED
 
     return parse
+
+
+def _nul_field(message: Any, prefix: str = "") -> str | None:
+    """The path of the first string field holding a NUL (PostgreSQL text cannot store one)."""
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.type == field.TYPE_STRING:
+            values = value if field.is_repeated else [value]
+            if any("\x00" in v for v in values):
+                return path
+        elif field.type == field.TYPE_MESSAGE:
+            for index, child in enumerate(value if field.is_repeated else [value]):
+                found = _nul_field(child, f"{path}[{index}]." if field.is_repeated else f"{path}.")
+                if found is not None:
+                    return found
+    return None
 
 
 def _peer_subjects(context: Context) -> list[str]:
@@ -194,6 +211,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         authorize(identity, method, self.policy)
         if request is _MALFORMED:
             raise MalformedRequest("the request is not a valid message of this RPC's request type")
+        path = _nul_field(request)
+        if path is not None:
+            raise InvalidArgument(f"{path} contains a NUL character", field=path)
 
     def _begin(self, method: str, metadata: Any, context: Context) -> None:
         correlation_id = correlation_id_from(metadata)

@@ -1,0 +1,97 @@
+"""The hand-written Python client of the logistics sequencer and ledger.
+
+It fills idempotency keys and reuses them on every retry, retries only what is safe
+(UNAVAILABLE, DEADLINE_EXCEEDED) within the caller's overall deadline, sets a deadline on
+every call, and turns `google.rpc.ErrorInfo` reasons into typed exceptions.
+
+    from logistics.client import SequencerClient          # asyncio
+    from logistics.client import SyncSequencerClient      # blocking
+"""
+
+from __future__ import annotations
+
+from logistics.client._common import (
+    TERMINAL_STATES,
+    RetryPolicy,
+    SubmitResult,
+    channel_options,
+    new_idempotency_key,
+    service_config_json,
+)
+from logistics.client.aio import LedgerClient, SequencerClient, create_channel
+from logistics.client.errors import (
+    AccessError,
+    ConflictError,
+    DeadlineExceededError,
+    EntityNotFoundError,
+    EventNotFoundError,
+    IdempotencyKeyInvalidError,
+    IdempotencyKeyMissingError,
+    IdempotencyKeyReusedError,
+    IdempotencyRecordNotFoundError,
+    InternalError,
+    InvalidArgumentError,
+    InvalidEventError,
+    InvalidPageTokenError,
+    InvalidRequestError,
+    InventoryItemNotFoundError,
+    LogisticsError,
+    MalformedRequestError,
+    NotAGapError,
+    NotFoundError,
+    OutOfOrderError,
+    ParkedLimitReachedError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    RetryableError,
+    SequenceConflictError,
+    ShipmentNotFoundError,
+    TooManyWatchersError,
+    TransientError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from logistics.client.sync import SyncSequencerClient
+
+__all__ = [
+    "TERMINAL_STATES",
+    "AccessError",
+    "ConflictError",
+    "DeadlineExceededError",
+    "EntityNotFoundError",
+    "EventNotFoundError",
+    "IdempotencyKeyInvalidError",
+    "IdempotencyKeyMissingError",
+    "IdempotencyKeyReusedError",
+    "IdempotencyRecordNotFoundError",
+    "InternalError",
+    "InvalidArgumentError",
+    "InvalidEventError",
+    "InvalidPageTokenError",
+    "InvalidRequestError",
+    "InventoryItemNotFoundError",
+    "LedgerClient",
+    "LogisticsError",
+    "MalformedRequestError",
+    "NotAGapError",
+    "NotFoundError",
+    "OutOfOrderError",
+    "ParkedLimitReachedError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "RetryableError",
+    "SequenceConflictError",
+    "SequencerClient",
+    "ShipmentNotFoundError",
+    "SubmitResult",
+    "SyncSequencerClient",
+    "TooManyWatchersError",
+    "TransientError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "channel_options",
+    "create_channel",
+    "new_idempotency_key",
+    "service_config_json",
+]

@@ -1,0 +1,388 @@
+"""The transport-independent half of both clients: keys, metadata, results, errors, retries.
+
+`aio.py` and `sync.py` only differ in how they wait (await vs block); everything they decide
+is decided here once, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import importlib.resources
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import grpc
+import tenacity
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from logistics.client import errors
+from logistics.events.v1 import events_pb2
+from logistics.sequencer.v1 import sequencer_pb2
+
+log = logging.getLogger("logistics.client")
+
+IDEMPOTENCY_KEY_HEADER = "idempotency-key"
+CORRELATION_HEADER = "x-correlation-id"
+CLIENT_ID_HEADER = "x-client-id"
+AUTHORIZATION_HEADER = "authorization"
+REPLAYED_HEADER = "idempotency-replayed"
+EXPIRES_AT_HEADER = "idempotency-expires-at"
+STATUS_DETAILS_HEADER = "grpc-status-details-bin"
+
+#: States after which an event's status never changes again.
+TERMINAL_STATES = frozenset(
+    {events_pb2.EVENT_STATE_APPLIED, events_pb2.EVENT_STATE_REJECTED, events_pb2.EVENT_STATE_SKIPPED}
+)
+
+#: Deadline of a read (status, entity, page) when the caller gives none.
+DEFAULT_TIMEOUT = 10.0
+#: Deadline of a status stream when the caller gives none (streams need one too).
+DEFAULT_WATCH_TIMEOUT = 600.0
+
+Metadata = tuple[tuple[str, str], ...]
+EntityLike = events_pb2.EntityRef | tuple["events_pb2.EntityType.ValueType", str]
+
+
+# Service config (channel-level retries), shipped beside this module.
+
+
+@functools.cache
+def service_config_json() -> str:
+    """The channel's service config; one file, read through importlib.resources so it works
+    from a wheel or a zip as well as from the source tree."""
+    return importlib.resources.files("logistics.client").joinpath("service_config.json").read_text("utf-8")
+
+
+def channel_options(extra: Iterable[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
+    """Options for channels the clients create: the retry service config, retries enabled."""
+    return [("grpc.service_config", service_config_json()), ("grpc.enable_retries", 1), *extra]
+
+
+def _seconds(duration: str) -> float:
+    return float(duration.removesuffix("s"))
+
+
+# Retries above the channel: bounded, backed off with jitter, inside the overall deadline.
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How the client retries a call; the defaults are the shipped service config's numbers.
+
+    The channel's own retryPolicy covers UNAVAILABLE below the client; this policy also covers
+    what the channel does not retry (DEADLINE_EXCEEDED of one attempt, interceptors, proxies),
+    and always with the same idempotency key, so a retry can only ever replay.
+    """
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    backoff_multiplier: float = 2.0
+    retryable_codes: frozenset[grpc.StatusCode] = frozenset(
+        {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.initial_backoff < 0 or self.max_backoff < self.initial_backoff or self.backoff_multiplier < 1:
+            raise ValueError("backoffs must satisfy 0 <= initial_backoff <= max_backoff, multiplier >= 1")
+
+    @classmethod
+    def from_service_config(cls) -> RetryPolicy:
+        """The shipped service config's retryPolicy, plus DEADLINE_EXCEEDED (client side only)."""
+        config = json.loads(service_config_json())
+        policy = config["methodConfig"][0]["retryPolicy"]
+        codes = {grpc.StatusCode[name] for name in policy["retryableStatusCodes"]}
+        return cls(
+            max_attempts=int(policy["maxAttempts"]),
+            initial_backoff=_seconds(policy["initialBackoff"]),
+            max_backoff=_seconds(policy["maxBackoff"]),
+            backoff_multiplier=float(policy["backoffMultiplier"]),
+            retryable_codes=frozenset({*codes, grpc.StatusCode.DEADLINE_EXCEEDED}),
+        )
+
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter backoff before re-opening a stream after its `attempt`-th failure."""
+        ceiling = min(self.max_backoff, self.initial_backoff * self.backoff_multiplier ** max(0, attempt - 1))
+        return random.uniform(0.0, ceiling)  # noqa: S311 - jitter, not cryptography
+
+    def is_retryable(self, exc: BaseException) -> bool:
+        return status_code(exc) in self.retryable_codes
+
+    def tenacity_kwargs(self, deadline: float) -> dict[str, Any]:
+        """Arguments for tenacity.Retrying / AsyncRetrying: the one retry loop of both clients."""
+        return {
+            "stop": tenacity.stop_after_attempt(self.max_attempts) | StopBeforeDeadline(deadline),
+            # Full jitter: a random wait in [0, initial * multiplier ** (n - 1)], capped.
+            "wait": tenacity.wait_random_exponential(
+                multiplier=self.initial_backoff, max=self.max_backoff, exp_base=self.backoff_multiplier
+            ),
+            "retry": tenacity.retry_if_exception(self.is_retryable),
+            "before_sleep": _log_retry,
+            "reraise": True,
+        }
+
+
+class StopBeforeDeadline(tenacity.stop.stop_base):
+    """Stops when the next attempt would start at or after the overall deadline (monotonic)."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return time.monotonic() + retry_state.upcoming_sleep >= self.deadline
+
+
+def _log_retry(retry_state: tenacity.RetryCallState) -> None:
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    code = status_code(exc) if exc is not None else None
+    log.info(
+        "retrying call",
+        extra={
+            "attempt": retry_state.attempt_number,
+            "code": code.name if code else None,
+            "sleep_s": round(retry_state.upcoming_sleep, 3),
+        },
+    )
+
+
+def deadline_after(timeout: float) -> float:
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
+    return time.monotonic() + timeout
+
+
+def remaining(deadline: float) -> float:
+    """The time left until `deadline`: the deadline of the next attempt (never negative)."""
+    return max(0.0, deadline - time.monotonic())
+
+
+# Keys and metadata.
+
+
+def new_idempotency_key() -> str:
+    """A fresh key: a random UUID, inside the server's key charset and length."""
+    return str(uuid.uuid4())
+
+
+def new_correlation_id() -> str:
+    """One id for all attempts of one logical call, so the server logs tie them together."""
+    return uuid.uuid4().hex
+
+
+def call_metadata(
+    client_id: str | None,
+    *,
+    token: str | None = None,
+    idempotency_key: str | None = None,
+    correlation_id: str | None = None,
+) -> Metadata:
+    """The metadata of one logical call (identical on every attempt).
+
+    `token` goes out as `authorization: Bearer <token>`; `client_id` as `x-client-id`, which
+    names the key scope only on a development server (no credentials configured).
+    """
+    pairs: list[tuple[str, str]] = []
+    if token:
+        pairs.append((AUTHORIZATION_HEADER, f"Bearer {token}"))
+    if idempotency_key is not None:
+        pairs.append((IDEMPOTENCY_KEY_HEADER, idempotency_key))
+    if correlation_id:
+        pairs.append((CORRELATION_HEADER, correlation_id))
+    if client_id:
+        pairs.append((CLIENT_ID_HEADER, client_id))
+    return tuple(pairs)
+
+
+def text_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
+    """The text entries of received metadata (first value wins)."""
+    found: dict[str, str] = {}
+    for key, value in metadata or ():
+        if isinstance(value, str):
+            found.setdefault(key, value)
+    return found
+
+
+def entity_ref(entity: EntityLike) -> events_pb2.EntityRef:
+    if isinstance(entity, events_pb2.EntityRef):
+        return entity
+    entity_type, entity_id = entity
+    return events_pb2.EntityRef(entity_type=entity_type, entity_id=entity_id)
+
+
+# Requests and results.
+
+
+def submit_request(
+    event: events_pb2.Event, wait_for_terminal: float | dt.timedelta | None
+) -> sequencer_pb2.SubmitEventRequest:
+    request = sequencer_pb2.SubmitEventRequest(event=event)
+    if wait_for_terminal is not None:
+        seconds = (
+            wait_for_terminal.total_seconds() if isinstance(wait_for_terminal, dt.timedelta) else wait_for_terminal
+        )
+        if seconds < 0:
+            raise ValueError("wait_for_terminal must not be negative")
+        request.wait_for_terminal.SetInParent()
+        request.wait_for_terminal.FromTimedelta(dt.timedelta(seconds=seconds))
+    return request
+
+
+def status_request(transaction_id: str | None, idempotency_key: str | None) -> sequencer_pb2.GetEventStatusRequest:
+    if bool(transaction_id) == bool(idempotency_key):
+        raise ValueError("give exactly one of transaction_id or idempotency_key")
+    return sequencer_pb2.GetEventStatusRequest(
+        transaction_id=transaction_id or "", idempotency_key=idempotency_key or ""
+    )
+
+
+def watch_request(transaction_id: str | None, entity: EntityLike | None) -> sequencer_pb2.WatchEventStatusRequest:
+    if bool(transaction_id) == (entity is not None):
+        raise ValueError("give exactly one of transaction_id or entity")
+    if transaction_id:
+        return sequencer_pb2.WatchEventStatusRequest(transaction_id=transaction_id)
+    assert entity is not None
+    return sequencer_pb2.WatchEventStatusRequest(entity=entity_ref(entity))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmitResult:
+    """The accepted event plus what the idempotency layer said about it."""
+
+    response: sequencer_pb2.SubmitEventResponse
+    #: True when the server answered with the stored response of an earlier attempt.
+    replayed: bool
+    correlation_id: str
+    idempotency_key: str
+    #: When the server forgets the key (a retry after that is a new request).
+    expires_at: dt.datetime | None
+    #: How many attempts this call took (1 = no retry).
+    attempts: int = 1
+
+    @property
+    def transaction_id(self) -> str:
+        return self.response.transaction_id
+
+    @property
+    def state(self) -> events_pb2.EventState.ValueType:
+        return self.response.state
+
+    @property
+    def terminal(self) -> bool:
+        return self.response.state in TERMINAL_STATES
+
+
+def parse_timestamp(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+
+
+def submit_result(
+    response: sequencer_pb2.SubmitEventResponse,
+    trailing: Mapping[str, str],
+    *,
+    idempotency_key: str,
+    correlation_id: str,
+    attempts: int,
+) -> SubmitResult:
+    return SubmitResult(
+        response=response,
+        replayed=trailing.get(REPLAYED_HEADER, "").lower() == "true",
+        correlation_id=trailing.get(CORRELATION_HEADER) or response.correlation_id or correlation_id,
+        idempotency_key=idempotency_key,
+        expires_at=parse_timestamp(trailing.get(EXPIRES_AT_HEADER)),
+        attempts=attempts,
+    )
+
+
+# Errors.
+
+
+def status_code(exc: BaseException | None) -> grpc.StatusCode | None:
+    """The gRPC code of a failed call (sync grpc.RpcError or grpc.aio.AioRpcError)."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code()
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        return exc.code()
+    return None
+
+
+def received_trailing(exc: grpc.RpcError) -> list[tuple[str, str | bytes]]:
+    """Trailing metadata of a failed call as (key, value) pairs, sync or asyncio alike."""
+    raw: Any = exc.trailing_metadata() if isinstance(exc, (grpc.aio.AioRpcError, grpc.Call)) else ()
+    return [(str(key), value) for key, value in raw or ()]
+
+
+def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:
+    """google.rpc.Status from `grpc-status-details-bin`, checked against the call's own status."""
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(exc)
+    except ValueError:
+        # Code or message disagree with the details (a proxy rewrote one): still use the details.
+        raw = next((v for k, v in received_trailing(exc) if k == STATUS_DETAILS_HEADER), None)
+        status = status_pb2.Status.FromString(raw) if isinstance(raw, bytes) else None
+    return status
+
+
+def error_info(status: status_pb2.Status | None) -> error_details_pb2.ErrorInfo | None:
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None
+
+
+def map_error(exc: grpc.RpcError) -> errors.LogisticsError:
+    """The typed exception for a failed call, chosen by its ErrorInfo reason, else by its code."""
+    code = status_code(exc) or grpc.StatusCode.UNKNOWN
+    details = exc.details() if isinstance(exc, (grpc.aio.AioRpcError, grpc.Call)) else ""
+    trailing = text_metadata(received_trailing(exc))
+    info = error_info(_rich_status(exc))
+    reason = info.reason if info is not None else ""
+    cls = errors.REASONS.get(reason, errors.LogisticsError) if reason else errors.CODES.get(code, errors.LogisticsError)
+    return cls(
+        details or code.name,
+        code=code,
+        reason=reason,
+        metadata=dict(info.metadata) if info is not None else {},
+        domain=info.domain if info is not None else "",
+        correlation_id=trailing.get(CORRELATION_HEADER, ""),
+    )
+
+
+def reopen_after(policy: RetryPolicy, exc: BaseException) -> bool:
+    """Whether `wait()` re-opens its status stream after `exc` (False: the deadline ran out).
+
+    Raises the typed error when the failure is not transient.
+    """
+    code = status_code(exc)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return False
+    if not policy.is_retryable(exc):
+        assert isinstance(exc, grpc.RpcError)
+        raise map_error(exc) from exc
+    return True
+
+
+def wait_timed_out(transaction_id: str, last: sequencer_pb2.EventStatus | None) -> errors.DeadlineExceededError:
+    """The error `wait()` raises when the event is not terminal in time."""
+    state = events_pb2.EventState.Name(last.state) if last is not None else "UNKNOWN"
+    return errors.DeadlineExceededError(
+        f"transaction {transaction_id} is still {state}",
+        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+        metadata={"transaction_id": transaction_id, "state": state},
+    )

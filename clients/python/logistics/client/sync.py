@@ -1,0 +1,162 @@
+"""The blocking client for code without an event loop (scripts, WSGI apps, batch jobs).
+
+It decides nothing itself: keys, metadata, results, errors and the retry policy come from
+`_common`, exactly as for the asyncio client; only the waiting differs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import grpc
+import tenacity
+
+from logistics.client import _common
+from logistics.client._common import DEFAULT_TIMEOUT, TERMINAL_STATES, Metadata, RetryPolicy, SubmitResult
+from logistics.events.v1 import events_pb2
+from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
+
+__all__ = ["SyncSequencerClient", "create_channel"]
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+
+
+def create_channel(
+    target: str,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+    options: Iterable[tuple[str, Any]] = (),
+) -> grpc.Channel:
+    """A grpc.Channel with the shipped retry service config (retries enabled)."""
+    channel_options = _common.channel_options(options)
+    if credentials is not None:
+        return grpc.secure_channel(target, credentials, options=channel_options)
+    return grpc.insecure_channel(target, options=channel_options)
+
+
+class SyncSequencerClient:
+    """SequencerService with keys, retries, deadlines and typed errors, blocking."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        channel: grpc.Channel | None = None,
+        client_id: str | None = None,
+        token: str | None = None,
+        retry: RetryPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if (target is None) == (channel is None):
+            raise ValueError("give exactly one of target or channel")
+        self._owns_channel = channel is None
+        if channel is None:
+            assert target is not None
+            channel = create_channel(target, credentials=credentials)
+        self.channel = channel
+        self.client_id = client_id
+        self.token = token
+        self.retry = retry or RetryPolicy.from_service_config()
+        self._sequencer = sequencer_pb2_grpc.SequencerServiceStub(channel)
+
+    def close(self) -> None:
+        """Closes the channel if this client created it (a passed-in channel stays open)."""
+        if self._owns_channel:
+            self.channel.close()
+
+    def __enter__(self) -> SyncSequencerClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _metadata(self, idempotency_key: str | None = None, correlation_id: str | None = None) -> Metadata:
+        return _common.call_metadata(
+            self.client_id,
+            token=self.token,
+            idempotency_key=idempotency_key,
+            correlation_id=correlation_id or _common.new_correlation_id(),
+        )
+
+    def _unary(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+        *,
+        timeout: float,
+        metadata: Metadata | None = None,
+    ) -> tuple[ResponseT, dict[str, str], int]:
+        """One logical call: attempts with identical metadata, each bounded by the time left."""
+        deadline = _common.deadline_after(timeout)
+        metadata = metadata if metadata is not None else self._metadata()
+        try:
+            for attempt in tenacity.Retrying(**self.retry.tenacity_kwargs(deadline)):
+                with attempt:
+                    response, call = method.with_call(request, timeout=_common.remaining(deadline), metadata=metadata)
+                    trailing = _common.text_metadata(call.trailing_metadata())
+                    return response, trailing, attempt.retry_state.attempt_number
+        except grpc.RpcError as exc:
+            raise _common.map_error(exc) from exc
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    def submit(
+        self,
+        event: events_pb2.Event,
+        *,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+        wait_for_terminal: float | dt.timedelta | None = None,
+        timeout: float = 10.0,
+    ) -> SubmitResult:
+        """Submits one event, retrying transient failures with one key so a retry only replays."""
+        key = idempotency_key if idempotency_key is not None else _common.new_idempotency_key()
+        correlation_id = correlation_id or _common.new_correlation_id()
+        response, trailing, attempts = self._unary(
+            self._sequencer.SubmitEvent,
+            _common.submit_request(event, wait_for_terminal),
+            timeout=timeout,
+            metadata=self._metadata(key, correlation_id),
+        )
+        return _common.submit_result(
+            response, trailing, idempotency_key=key, correlation_id=correlation_id, attempts=attempts
+        )
+
+    def get_status(
+        self,
+        *,
+        transaction_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> sequencer_pb2.EventStatus:
+        request = _common.status_request(transaction_id, idempotency_key)
+        reply, _, _ = self._unary(self._sequencer.GetEventStatus, request, timeout=timeout)
+        return reply.status
+
+    def wait(self, transaction_id: str, timeout: float = 30.0) -> sequencer_pb2.EventStatus:
+        """The event's status once terminal; re-opens a broken WatchEventStatus stream.
+
+        Raises DeadlineExceededError when the event is not terminal within `timeout`.
+        """
+        deadline = _common.deadline_after(timeout)
+        request = _common.watch_request(transaction_id, None)
+        last: sequencer_pb2.EventStatus | None = None
+        failures = 0
+        while (left := _common.remaining(deadline)) > 0:
+            call = self._sequencer.WatchEventStatus(request, timeout=left, metadata=self._metadata())
+            try:
+                for reply in call:
+                    last = reply.status
+                    if last.state in TERMINAL_STATES:
+                        return last
+            except grpc.RpcError as exc:
+                if not _common.reopen_after(self.retry, exc):
+                    break
+            finally:
+                call.cancel()
+            failures += 1
+            time.sleep(min(self.retry.backoff(failures), _common.remaining(deadline)))
+        raise _common.wait_timed_out(transaction_id, last)
