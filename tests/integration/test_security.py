@@ -298,3 +298,23 @@ def test_exposed_listener_needs_tls_and_credentials(tmp_path: Path) -> None:
     assert settings.security.tls
     with pytest.raises(ConfigError):
         SequencerSettings.from_env({**base, "SEQUENCER_ALLOW_INSECURE": "true", "SEQUENCER_TLS_CERT": "c.pem"})
+
+
+async def test_mutual_tls_from_the_python_client(secured: Secured) -> None:
+    """The hand-written client with a client certificate: identity from the certificate."""
+    from logistics.client import PermissionDeniedError, SequencerClient
+
+    pair = secured.certs.clients["wms-mtls"]
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(secured.certs.ca).read_bytes(),
+        private_key=Path(pair.key).read_bytes(),
+        certificate_chain=Path(pair.cert).read_bytes(),
+    )
+    async with SequencerClient(f"localhost:{secured.mtls_port}", credentials=credentials) as client:
+        result = await client.submit(shipment_event("SEC-6", 1, "shipment_created"), idempotency_key="mtls-6")
+        status = await client.wait(result.transaction_id, timeout=20)
+        assert status.state == events_pb2.EVENT_STATE_APPLIED
+        record = await client.get_idempotency_record("mtls-6")
+        assert record.caller_id == "wms-mtls"
+        with pytest.raises(PermissionDeniedError):
+            await client.skip_sequence((events_pb2.ENTITY_TYPE_SHIPMENT, "SEC-6"), 2, "not mine to skip")
