@@ -27,7 +27,9 @@ def make_engine(url: str, *, pool_size: int = 10, application_name: str = "logis
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        # No ping per checkout (a round trip per transaction): a connection that died is
+        # invalidated on first use, and that request fails as retryable.
+        pool_pre_ping=False,
         pool_recycle=1800,
         connect_args={"application_name": application_name},
     )

@@ -19,7 +19,6 @@ import uuid
 from typing import Any
 
 import grpc
-from sqlalchemy import Row
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
@@ -32,7 +31,7 @@ from sequencer.clock import Clock
 from sequencer.config import Settings
 from sequencer.errors import Retryable
 from sequencer.metrics import SequencerMetrics
-from sequencer.service import QUEUED, Sequencer
+from sequencer.service import QUEUED, QueuedEvent, Sequencer
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +79,8 @@ class Forwarder:
         self.metrics = metrics
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.active: dict[EntityKey, asyncio.Task[None]] = {}
+        # Leases this replica holds, and until when (kept between chains, renewed per event).
+        self.leases: dict[EntityKey, dt.datetime] = {}
         # Entities that got new work while their task was running (re-checked before it ends).
         self.dirty: set[EntityKey] = set()
         self.slots = asyncio.Semaphore(settings.forwarder_concurrency)
@@ -89,22 +90,28 @@ class Forwarder:
     # --- scheduling ---------------------------------------------------------------------------
 
     def _on_notification(self, message: dict[str, Any]) -> None:
-        if message.get("resync") or message.get("s") == QUEUED:
-            key = (message.get("t"), message.get("e"))
-            if isinstance(key[0], int) and isinstance(key[1], str) and key in self.active:
-                self.dirty.add(key)
+        """Another replica queued work (our own submits kick us directly)."""
+        if message.get("resync"):
             self.wake.set()
-
-    def kick(self, entity_type: int, entity_id: str) -> None:
-        """New queued work for an entity, committed by this process: forward it now."""
-        key = (entity_type, entity_id)
+            return
+        if message.get("s") != QUEUED or message.get("o") == self.service.instance:
+            return
+        key = (message.get("t"), message.get("e"))
         if key in self.active:
             self.dirty.add(key)
         else:
-            self._start(key, claimed=False)
+            self.wake.set()
 
-    def _start(self, key: EntityKey, *, claimed: bool) -> None:
-        task = asyncio.create_task(self._drive(key, claimed), name=f"forward:{key[0]}:{key[1]}")
+    def kick(self, event: QueuedEvent) -> None:
+        """New queued work committed by this process: forward it now."""
+        key = (event.entity_type, event.entity_id)
+        if key in self.active:
+            self.dirty.add(key)
+        else:
+            self._start(key, first=event, claimed=False)
+
+    def _start(self, key: EntityKey, *, first: QueuedEvent | None = None, claimed: bool) -> None:
+        task = asyncio.create_task(self._drive(key, first, claimed), name=f"forward:{key[0]}:{key[1]}")
         self.active[key] = task
 
     async def run(self) -> None:
@@ -127,29 +134,38 @@ class Forwarder:
         async with self.engine.begin() as conn:
             claimed = await repo.claim_entities(conn, self.owner, now, until, room)
         for key in claimed:
+            self.leases[key] = until
             if key not in self.active:
                 self._start(key, claimed=True)
 
     async def close(self) -> None:
+        """Stops forwarding and hands this replica's leases back, so others need not wait."""
         self._unsubscribe()
         tasks = list(self.active.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            async with self.engine.begin() as conn:
+                for key in list(self.leases):
+                    await repo.release_lease(conn, key[0], key[1], self.owner)
+        except (DBAPIError, OSError):
+            log.warning("could not hand back forwarding leases; they will expire", exc_info=True)
+        self.leases.clear()
 
     # --- one entity ---------------------------------------------------------------------------
 
-    async def _drive(self, key: EntityKey, claimed: bool) -> None:
+    async def _drive(self, key: EntityKey, first: QueuedEvent | None, claimed: bool) -> None:
         entity_type, entity_id = key
         backoff: float | None = None
         try:
             async with self.slots:
-                if not claimed and not await self._claim_one(key):
+                if not claimed and not await self._hold_lease(key):
                     self.active.pop(key, None)  # another replica forwards it
                     return
                 logs.log_context.set({"entity_type": entity_type, "entity_id": entity_id, "forwarder": self.owner})
                 self.dirty.discard(key)
-                event = await self.service.next_queued(entity_type, entity_id)
+                event = first if first is not None else await self.service.next_queued(entity_type, entity_id)
                 while True:
                     while event is not None:
                         event = await self._forward(key, event)
@@ -167,38 +183,51 @@ class Forwarder:
             self.active.pop(key, None)
             raise
         try:
-            await self._let_go(key, backoff)
+            if backoff is not None:
+                await self._rest(key, backoff)
         finally:
             self.active.pop(key, None)
         if backoff is None and key in self.dirty:
-            self.kick(entity_type, entity_id)
+            self.dirty.discard(key)
+            self._start(key, claimed=False)
 
-    async def _claim_one(self, key: EntityKey) -> bool:
+    async def _hold_lease(self, key: EntityKey) -> bool:
+        """True when this replica holds the entity's lease: still (it is kept between chains, so
+        a busy entity costs no claim per event) or newly claimed."""
         now = self.clock.now()
+        half = dt.timedelta(seconds=self.settings.forwarder_lease / 2)
+        held_until = self.leases.get(key)
+        if held_until is not None and held_until - now > half:
+            return True
         until = now + dt.timedelta(seconds=self.settings.forwarder_lease)
         async with self.engine.begin() as conn:
-            return await repo.claim_entity(conn, key[0], key[1], self.owner, now, until)
+            claimed = await repo.claim_entity(conn, key[0], key[1], self.owner, now, until)
+        if claimed:
+            self.leases[key] = until
+        else:
+            self.leases.pop(key, None)
+        return claimed
 
-    async def _let_go(self, key: EntityKey, backoff: float | None) -> None:
-        """Releases the lease, or keeps it for `backoff` seconds so the entity rests a while."""
+    async def _rest(self, key: EntityKey, backoff: float) -> None:
+        """Keeps the lease for `backoff` seconds only, so the entity rests before a retry."""
+        self.leases.pop(key, None)
         try:
             async with self.engine.begin() as conn:
-                if backoff is None:
-                    await repo.release_lease(conn, key[0], key[1], self.owner)
-                else:
-                    until = self.clock.now() + dt.timedelta(seconds=backoff)
-                    await repo.renew_lease(conn, key[0], key[1], self.owner, until)
+                until = self.clock.now() + dt.timedelta(seconds=backoff)
+                await repo.renew_lease(conn, key[0], key[1], self.owner, until)
         except (DBAPIError, OSError):
-            log.warning("could not release a forwarding lease; it will expire", exc_info=True)
+            log.warning("could not shorten a forwarding lease; it will expire", exc_info=True)
 
-    async def _forward(self, key: EntityKey, row: Row[Any]) -> Row[Any] | None:
+    async def _forward(self, key: EntityKey, queued: QueuedEvent) -> QueuedEvent | None:
         """Applies one event at the ledger and records the outcome; returns the next one."""
-        logs.bind(sequence=row.sequence, transaction_id=str(row.transaction_id), correlation_id=row.correlation_id)
+        logs.bind(
+            sequence=queued.sequence, transaction_id=str(queued.transaction_id), correlation_id=queued.correlation_id
+        )
         request = ledger_pb2.ApplyEventRequest(
-            event=events_pb2.Event.FromString(row.event),
-            correlation_id=row.correlation_id,
-            transaction_id=str(row.transaction_id),
-            skip_reason=row.skip_reason or "",
+            event=events_pb2.Event.FromString(queued.event),
+            correlation_id=queued.correlation_id,
+            transaction_id=str(queued.transaction_id),
+            skip_reason=queued.skip_reason or "",
         )
         reply = await self._apply(request)
         outcome = reply.original_outcome if reply.outcome == ledger_pb2.APPLY_OUTCOME_DUPLICATE else reply.outcome
@@ -211,13 +240,14 @@ class Forwarder:
         recorded = await self.service.record_outcome(
             key[0],
             key[1],
-            row.sequence,
+            queued.sequence,
             state=state,
             reason=reply.reason,
             reason_detail=reply.reason_detail,
             entity_version=reply.version,
             lease_owner=self.owner,
         )
+        self.leases[key] = self.clock.now() + dt.timedelta(seconds=self.settings.forwarder_lease)
         log.info("event forwarded", extra={"outcome": events_pb2.EventState.Name(state)})
         return recorded.next_event
 

@@ -7,7 +7,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, func, insert, or_, select, text, tuple_, update
+from sqlalchemy import Row, and_, delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -23,17 +23,14 @@ def _entity(entity_type: int, entity_id: str) -> dict[str, Any]:
     return {"entity_type": entity_type, "entity_id": entity_id}
 
 
-async def set_lock_timeout(conn: AsyncConnection, seconds: float) -> None:
-    """Bounds lock waits in this transaction (the caller's remaining deadline)."""
-    millis = max(1, int(seconds * 1000))
-    await conn.execute(text(f"SET LOCAL lock_timeout = {millis}"))
-
-
 # --- idempotency keys -------------------------------------------------------------------------
 
 
-async def lock_key(conn: AsyncConnection, caller: str, key: str) -> None:
-    await conn.execute(queries.LOCK_KEY, {"caller": caller, "key": key})
+async def lock_key(conn: AsyncConnection, caller: str, key: str, timeout: float | None = None) -> None:
+    """Takes the key's lock; `timeout` (the caller's remaining deadline) bounds this and every
+    later lock wait of the transaction."""
+    bound = "0" if timeout is None else f"{max(1, int(timeout * 1000))}ms"
+    await conn.execute(queries.LOCK_KEY, {"caller": caller, "key": key, "lock_timeout": bound})
 
 
 async def get_key_record(conn: AsyncConnection, caller: str, key: str, now: dt.datetime) -> Row[Any] | None:
@@ -103,8 +100,22 @@ async def get_event(conn: AsyncConnection, entity_type: int, entity_id: str, seq
     return result.first()
 
 
-async def insert_event(conn: AsyncConnection, **values: Any) -> None:
-    await conn.execute(insert(events).values(**values))
+async def accept_event(conn: AsyncConnection, **values: Any) -> bool:
+    """Inserts the event, its idempotency record and the wake-up in one round trip; False when
+    the MSI is already held (then nothing was written)."""
+    row = (await conn.execute(queries.ACCEPT_EVENT, values)).first()
+    if row is None:
+        return False
+    if row.stored != 1:
+        # The key lock makes this unreachable; the primary key is the rule's backstop.
+        raise RuntimeError("idempotency record already exists for a key held under its lock")
+    return True
+
+
+async def insert_event(conn: AsyncConnection, **values: Any) -> bool:
+    """Inserts an event row and its wake-up; False when the MSI is already held."""
+    values.setdefault("skip_reason", None)
+    return (await conn.execute(queries.INSERT_EVENT, values)).first() is not None
 
 
 async def add_parked(conn: AsyncConnection, entity_type: int, entity_id: str, delta: int, now: dt.datetime) -> None:
@@ -175,21 +186,24 @@ async def complete_event(
     reason_detail: str | None,
     entity_version: int,
     now: dt.datetime,
+    origin: str,
 ) -> bool:
-    """Moves a QUEUED event to its terminal state; False when someone else already did."""
+    """Moves a QUEUED event to its terminal state and announces it; False when someone else
+    already did."""
     result = await conn.execute(
-        update(events)
-        .where(
-            events.c.entity_type == entity_type,
-            events.c.entity_id == entity_id,
-            events.c.sequence == sequence,
-            events.c.state == QUEUED,
-        )
-        .values(
-            state=state, reason=reason, reason_detail=reason_detail, entity_version=entity_version, processed_at=now
-        )
+        queries.COMPLETE_EVENT,
+        {
+            **_entity(entity_type, entity_id),
+            "sequence": sequence,
+            "state": state,
+            "reason": reason,
+            "reason_detail": reason_detail,
+            "entity_version": entity_version,
+            "now": now,
+            "origin": origin,
+        },
     )
-    return bool(result.rowcount == 1)
+    return result.first() is not None
 
 
 async def advance_watermark(
@@ -200,29 +214,33 @@ async def advance_watermark(
     *,
     last_outcome: int,
     last_outcome_reason: str | None,
+    released: int,
+    lease_owner: str,
+    lease_until: dt.datetime,
     now: dt.datetime,
 ) -> None:
+    """The new watermark and outcome, one fewer parked event per release, the lease renewed."""
     await conn.execute(
-        update(entities)
-        .where(entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
-        .values(watermark=watermark, last_outcome=last_outcome, last_outcome_reason=last_outcome_reason, updated_at=now)
+        queries.ADVANCE_WATERMARK,
+        {
+            **_entity(entity_type, entity_id),
+            "watermark": watermark,
+            "last_outcome": last_outcome,
+            "last_outcome_reason": last_outcome_reason,
+            "released": released,
+            "owner": lease_owner,
+            "lease_until": lease_until,
+            "now": now,
+        },
     )
 
 
 async def release_parked(
-    conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int, now: dt.datetime
+    conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int, now: dt.datetime, origin: str
 ) -> Row[Any] | None:
-    """Queues the parked event with this MSI, if there is one."""
+    """Queues (and announces) the parked event with this MSI, if there is one; returns its row."""
     result = await conn.execute(
-        update(events)
-        .where(
-            events.c.entity_type == entity_type,
-            events.c.entity_id == entity_id,
-            events.c.sequence == sequence,
-            events.c.state == PARKED,
-        )
-        .values(state=QUEUED, queued_at=now)
-        .returning(events.c.transaction_id, events.c.sequence)
+        queries.RELEASE_PARKED, {**_entity(entity_type, entity_id), "sequence": sequence, "now": now, "origin": origin}
     )
     return result.first()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -25,7 +26,6 @@ from common import logs
 from common.db import LOCK_NOT_AVAILABLE, QUERY_CANCELED, RETRYABLE_SQLSTATES, sqlstate
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
-from sequencer import queries
 from sequencer import repository as repo
 from sequencer.clock import Clock
 from sequencer.config import Settings
@@ -122,12 +122,59 @@ class Submission:
     expires_at: dt.datetime
 
 
+@dataclass(frozen=True)
+class QueuedEvent:
+    """An event to forward: what the forwarder needs, from a fresh insert or from a row."""
+
+    entity_type: int
+    entity_id: str
+    sequence: int
+    transaction_id: uuid.UUID
+    event: bytes
+    correlation_id: str
+    skip_reason: str | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> QueuedEvent:
+        return cls(
+            row.entity_type,
+            row.entity_id,
+            row.sequence,
+            row.transaction_id,
+            row.event,
+            row.correlation_id,
+            row.skip_reason,
+        )
+
+
 @dataclass
 class Effects:
     """What to do once the transaction has committed (never before: it might roll back)."""
 
-    queued: list[tuple[int, str]] = field(default_factory=list)
+    queued: list[QueuedEvent] = field(default_factory=list)
     states: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """The idempotency record to store with the first execution's answer."""
+
+    caller_id: str
+    idempotency_key: str
+    method: str
+    fingerprint: bytes
+    request: bytes
+    created_at: dt.datetime
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Executed:
+    """A first execution's answer, and whether the key record was already written with it."""
+
+    response: Message
+    transaction_id: uuid.UUID | None
+    stored: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,7 +182,7 @@ class Recorded:
     """The result of recording a ledger outcome: the next queued event, if one was released."""
 
     recorded: bool
-    next_event: Row[Any] | None
+    next_event: QueuedEvent | None
 
 
 class Sequencer:
@@ -148,26 +195,26 @@ class Sequencer:
         metrics: SequencerMetrics,
     ) -> None:
         self.engine = engine
+        # Single reads need no transaction: one round trip instead of BEGIN, read, ROLLBACK.
+        self.reader = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.settings = settings
         self.clock = clock
         self.notifier = notifier
         self.metrics = metrics
+        # Names this process in its notifications, so it can ignore its own wake-ups.
+        self.instance = uuid.uuid4().hex
         # Set by the server to the forwarder's kick: new queued work for an entity.
-        self.on_queued: Callable[[int, str], None] = lambda _t, _i: None
+        self.on_queued: Callable[[QueuedEvent], None] = lambda _event: None
 
     # --- transactions -------------------------------------------------------------------------
 
-    async def _transaction(
-        self, work: Callable[[AsyncConnection, Effects], Awaitable[T]], timeout: float | None = None
-    ) -> T:
+    async def _transaction(self, work: Callable[[AsyncConnection, Effects], Awaitable[T]]) -> T:
         """Runs `work` in one transaction; retries serialization failures, maps driver errors,
         and carries out the effects only after commit."""
         for attempt in range(3):
             effects = Effects()
             try:
                 async with self.engine.begin() as conn:
-                    if timeout is not None:
-                        await repo.set_lock_timeout(conn, timeout)
                     result = await work(conn, effects)
             except DBAPIError as exc:
                 state = sqlstate(exc)
@@ -175,17 +222,7 @@ class Sequencer:
                     continue
                 if state in (LOCK_NOT_AVAILABLE, QUERY_CANCELED):
                     raise DeadlineReached("gave up waiting for a concurrent request within the deadline") from exc
-                if (
-                    state in RETRYABLE_SQLSTATES
-                    or exc.connection_invalidated
-                    or state is None
-                    or state[:2]
-                    in (
-                        "08",
-                        "53",
-                        "57",
-                    )
-                ):
+                if _transient(exc, state):
                     raise Retryable("the database is unavailable; retry with the same idempotency key") from exc
                 raise
             except OSError as exc:
@@ -197,15 +234,15 @@ class Sequencer:
     def _after_commit(self, effects: Effects) -> None:
         for state in effects.states:
             self.metrics.events.labels(state_name(state)).inc()
-        for entity_type, entity_id in effects.queued:
-            self.on_queued(entity_type, entity_id)
+        for event in effects.queued:
+            self.on_queued(event)
 
-    async def _notify(
-        self, conn: AsyncConnection, row_tx: uuid.UUID | str, entity_type: int, entity_id: str, state: int
-    ) -> None:
-        """Tells watchers and other replicas' forwarders (at commit) that an event changed."""
-        payload = json.dumps({"x": str(row_tx), "t": entity_type, "e": entity_id, "s": state}, separators=(",", ":"))
-        await conn.execute(queries.NOTIFY, {"payload": payload})
+    def _payload(self, transaction_id: uuid.UUID | str, entity_type: int, entity_id: str, state: int) -> str:
+        """The NOTIFY payload: which event changed, to what, and which process changed it."""
+        return json.dumps(
+            {"x": str(transaction_id), "t": entity_type, "e": entity_id, "s": state, "o": self.instance},
+            separators=(",", ":"),
+        )
 
     async def _idempotent(
         self,
@@ -215,52 +252,58 @@ class Sequencer:
         method: str,
         keyless: Message,
         response_type: type[Message],
-        execute: Callable[[AsyncConnection, Effects, dt.datetime], Awaitable[tuple[Message, uuid.UUID | None]]],
+        execute: Callable[[AsyncConnection, Effects, KeyRecord], Awaitable[Executed]],
         timeout: float | None,
     ) -> Submission:
         """Replays the stored answer of (caller, key), or executes once and stores the answer in
         the same transaction as the work. The key's advisory lock makes concurrent duplicates
         wait for the first and then replay it."""
-        request_bytes = keyless.SerializeToString(deterministic=True)
         request_fp = fingerprint(keyless)
+
+        def replay(record: Row[Any]) -> Submission:
+            if record.method != method or record.fingerprint != request_fp:
+                fields = (
+                    ["method"]
+                    if record.method != method
+                    else differing_fields(type(keyless).FromString(record.request), keyless)
+                )
+                raise IdempotencyKeyReused(
+                    f"idempotency key {key!r} was first used with a different request; differing fields: "
+                    + ", ".join(fields),
+                    fields=",".join(fields),
+                    first_seen_at=record.created_at.isoformat(),
+                )
+            self.metrics.replays.inc()
+            return Submission(response_type.FromString(record.response), True, record.created_at, record.expires_at)
+
+        # A committed record never changes until it expires: a hit needs no lock (the retry path).
+        async with self.reader.connect() as conn:
+            record = await repo.get_key_record(conn, caller, key, self.clock.now())
+        if record is not None:
+            return replay(record)
 
         async def work(conn: AsyncConnection, effects: Effects) -> Submission:
             now = self.clock.now()
-            await repo.lock_key(conn, caller, key)
+            await repo.lock_key(conn, caller, key, timeout)
             record = await repo.get_key_record(conn, caller, key, now)
-            if record is not None:
-                if record.method != method or record.fingerprint != request_fp:
-                    fields = (
-                        ["method"]
-                        if record.method != method
-                        else differing_fields(type(keyless).FromString(record.request), keyless)
-                    )
-                    raise IdempotencyKeyReused(
-                        f"idempotency key {key!r} was first used with a different request; differing fields: "
-                        + ", ".join(fields),
-                        fields=",".join(fields),
-                        first_seen_at=record.created_at.isoformat(),
-                    )
-                self.metrics.replays.inc()
-                return Submission(response_type.FromString(record.response), True, record.created_at, record.expires_at)
-            response, transaction_id = await execute(conn, effects, now)
+            if record is not None:  # a concurrent first execution committed meanwhile
+                return replay(record)
             expires_at = now + dt.timedelta(seconds=self.settings.idempotency_retention)
-            await repo.store_key_record(
-                conn,
-                caller_id=caller,
-                idempotency_key=key,
-                method=method,
-                fingerprint=request_fp,
-                request=request_bytes,
-                status_code=0,
-                response=response.SerializeToString(),
-                transaction_id=transaction_id,
-                created_at=now,
-                expires_at=expires_at,
+            pending = KeyRecord(
+                caller, key, method, request_fp, keyless.SerializeToString(deterministic=True), now, expires_at
             )
-            return Submission(response, False, now, expires_at)
+            executed = await execute(conn, effects, pending)
+            if not executed.stored:
+                await repo.store_key_record(
+                    conn,
+                    **dataclasses.asdict(pending),
+                    status_code=0,
+                    response=executed.response.SerializeToString(),
+                    transaction_id=executed.transaction_id,
+                )
+            return Submission(executed.response, False, now, expires_at)
 
-        return await self._transaction(work, timeout)
+        return await self._transaction(work)
 
     # --- ingress ------------------------------------------------------------------------------
 
@@ -279,11 +322,8 @@ class Sequencer:
         logs.bind(entity_type=event.entity_type, entity_id=event.entity_id, sequence=event.sequence)
         keyless = sequencer_pb2.SubmitEventRequest(event=event)
 
-        async def execute(
-            conn: AsyncConnection, effects: Effects, now: dt.datetime
-        ) -> tuple[Message, uuid.UUID | None]:
-            response = await self._accept(conn, effects, event, caller, key, correlation_id, now)
-            return response, uuid.UUID(response.transaction_id) if response.transaction_id else None
+        async def execute(conn: AsyncConnection, effects: Effects, pending: KeyRecord) -> Executed:
+            return await self._accept(conn, effects, event, correlation_id, pending)
 
         result = await self._idempotent(
             caller=caller,
@@ -304,43 +344,23 @@ class Sequencer:
         conn: AsyncConnection,
         effects: Effects,
         event: events_pb2.Event,
-        caller: str,
-        key: str,
         correlation_id: str,
-        now: dt.datetime,
-    ) -> sequencer_pb2.SubmitEventResponse:
+        pending: KeyRecord,
+    ) -> Executed:
         """The MSI rules of SPEC 5, under the entity's lock."""
         et, eid, seq = event.entity_type, event.entity_id, event.sequence
+        now = pending.created_at
         entity = await repo.lock_entity(conn, et, eid, self.settings.lock_strategy, now)
         event_bytes = event.SerializeToString(deterministic=True)
         payload_hash = hashlib.sha256(event_bytes).digest()
-        held = await repo.get_event(conn, et, eid, seq)
-        if held is not None:
-            if held.skip_reason is not None:
-                # An operator gave up on this MSI; the late event is not applied.
-                return sequencer_pb2.SubmitEventResponse(
-                    transaction_id=str(held.transaction_id), state=SKIPPED, correlation_id=correlation_id
-                )
-            if held.payload_hash != payload_hash:
-                raise SequenceConflict(
-                    f"MSI {seq} of {eid} is already held with a different payload (transaction "
-                    f"{held.transaction_id}); a producer must never reuse an MSI",
-                    entity_id=eid,
-                    sequence=seq,
-                    transaction_id=str(held.transaction_id),
-                )
-            effects.states.append(DUPLICATE)
-            return sequencer_pb2.SubmitEventResponse(
-                transaction_id=str(held.transaction_id), state=DUPLICATE, correlation_id=correlation_id
-            )
         if seq <= entity.watermark:
-            # Processed long ago and no longer held: harmless, never applied twice.
-            effects.states.append(DUPLICATE)
-            return sequencer_pb2.SubmitEventResponse(state=DUPLICATE, correlation_id=correlation_id)
+            return await self._already_held(conn, effects, event, payload_hash, correlation_id)
         if seq == entity.watermark + 1:
             state = QUEUED
         else:
             if entity.parked_count >= self.settings.parked_limit:
+                if await repo.get_event(conn, et, eid, seq) is not None:
+                    return await self._already_held(conn, effects, event, payload_hash, correlation_id)
                 raise ParkedLimitReached(
                     f"entity {eid} already holds {entity.parked_count} parked events (limit "
                     f"{self.settings.parked_limit}); it waits for MSI {entity.watermark + 1}",
@@ -349,44 +369,98 @@ class Sequencer:
                 )
             state = PARKED
         transaction_id = uuid.uuid4()
-        await repo.insert_event(
-            conn,
-            entity_type=et,
-            entity_id=eid,
-            sequence=seq,
-            transaction_id=transaction_id,
-            state=state,
-            event=event_bytes,
-            payload_hash=payload_hash,
-            correlation_id=correlation_id,
-            caller_id=caller,
-            idempotency_key=key,
-            accepted_at=now,
-            queued_at=now if state == QUEUED else None,
-        )
-        awaiting = 0
-        if state == PARKED:
-            await repo.add_parked(conn, et, eid, 1, now)
-        if state == PARKED or entity.parked_count > 0:
-            gap = await repo.open_gap(conn, et, eid, entity.watermark)
-            await repo.sync_gap(conn, et, eid, gap, now)
-            awaiting = awaiting_for(seq, gap, entity.watermark)
+        row = {
+            "entity_type": et,
+            "entity_id": eid,
+            "sequence": seq,
+            "transaction_id": transaction_id,
+            "state": state,
+            "event": event_bytes,
+            "payload_hash": payload_hash,
+            "correlation_id": correlation_id,
+            "caller_id": pending.caller_id,
+            "idempotency_key": pending.idempotency_key,
+            "accepted_at": now,
+            "queued_at": now if state == QUEUED else None,
+            "payload": self._payload(transaction_id, et, eid, state),
+        }
         if state == QUEUED:
-            effects.queued.append((et, eid))
-        effects.states.append(state)
-        await self._notify(conn, transaction_id, et, eid, state)
-        return sequencer_pb2.SubmitEventResponse(
+            # The in-order path: the answer is known before the write, so the event, its key
+            # record and the wake-up go in one statement.
+            response = sequencer_pb2.SubmitEventResponse(
+                transaction_id=str(transaction_id), state=QUEUED, correlation_id=correlation_id
+            )
+            accepted = await repo.accept_event(
+                conn,
+                **row,
+                method=pending.method,
+                fingerprint=pending.fingerprint,
+                request=pending.request,
+                response=response.SerializeToString(),
+                expires_at=pending.expires_at,
+            )
+            if not accepted:
+                return await self._already_held(conn, effects, event, payload_hash, correlation_id)
+            if entity.parked_count > 0:
+                await repo.sync_gap(conn, et, eid, await repo.open_gap(conn, et, eid, entity.watermark), now)
+            effects.queued.append(QueuedEvent(et, eid, seq, transaction_id, event_bytes, correlation_id, None))
+            effects.states.append(QUEUED)
+            return Executed(response, transaction_id, stored=True)
+        if not await repo.insert_event(conn, **row):
+            return await self._already_held(conn, effects, event, payload_hash, correlation_id)
+        await repo.add_parked(conn, et, eid, 1, now)
+        gap = await repo.open_gap(conn, et, eid, entity.watermark)
+        await repo.sync_gap(conn, et, eid, gap, now)
+        effects.states.append(PARKED)
+        response = sequencer_pb2.SubmitEventResponse(
             transaction_id=str(transaction_id),
-            state=state,
-            awaiting_sequence=awaiting if state == PARKED else 0,
+            state=PARKED,
+            awaiting_sequence=awaiting_for(seq, gap, entity.watermark),
             correlation_id=correlation_id,
         )
+        return Executed(response, transaction_id)
+
+    async def _already_held(
+        self,
+        conn: AsyncConnection,
+        effects: Effects,
+        event: events_pb2.Event,
+        payload_hash: bytes,
+        correlation_id: str,
+    ) -> Executed:
+        """The MSI is held or processed: the same payload is a DUPLICATE, another a conflict."""
+        et, eid, seq = event.entity_type, event.entity_id, event.sequence
+        held = await repo.get_event(conn, et, eid, seq)
+        if held is None:
+            # Processed long ago and no longer held: harmless, never applied twice.
+            effects.states.append(DUPLICATE)
+            return Executed(sequencer_pb2.SubmitEventResponse(state=DUPLICATE, correlation_id=correlation_id), None)
+        if held.skip_reason is not None:
+            # An operator gave up on this MSI; the late event is not applied.
+            response = sequencer_pb2.SubmitEventResponse(
+                transaction_id=str(held.transaction_id), state=SKIPPED, correlation_id=correlation_id
+            )
+            return Executed(response, held.transaction_id)
+        if held.payload_hash != payload_hash:
+            raise SequenceConflict(
+                f"MSI {seq} of {eid} is already held with a different payload (transaction "
+                f"{held.transaction_id}); a producer must never reuse an MSI",
+                entity_id=eid,
+                sequence=seq,
+                transaction_id=str(held.transaction_id),
+            )
+        effects.states.append(DUPLICATE)
+        response = sequencer_pb2.SubmitEventResponse(
+            transaction_id=str(held.transaction_id), state=DUPLICATE, correlation_id=correlation_id
+        )
+        return Executed(response, held.transaction_id)
 
     # --- forwarding ---------------------------------------------------------------------------
 
-    async def next_queued(self, entity_type: int, entity_id: str) -> Row[Any] | None:
-        async with self.engine.connect() as conn:
-            return await repo.queued_event(conn, entity_type, entity_id)
+    async def next_queued(self, entity_type: int, entity_id: str) -> QueuedEvent | None:
+        async with self.reader.connect() as conn:
+            row = await repo.queued_event(conn, entity_type, entity_id)
+        return QueuedEvent.from_row(row) if row is not None else None
 
     async def record_outcome(
         self,
@@ -416,6 +490,7 @@ class Sequencer:
                 reason_detail=reason_detail or None,
                 entity_version=entity_version,
                 now=now,
+                origin=self.instance,
             )
             if not done:
                 return Recorded(False, None)
@@ -424,28 +499,29 @@ class Sequencer:
                     "watermark out of step with the queued event",
                     extra={"entity_id": entity_id, "watermark": entity.watermark, "sequence": sequence},
                 )
-            await repo.advance_watermark(
-                conn, entity_type, entity_id, sequence, last_outcome=state, last_outcome_reason=reason or None, now=now
-            )
             effects.states.append(state)
-            event_row = await repo.get_event(conn, entity_type, entity_id, sequence)
-            assert event_row is not None
-            await self._notify(conn, event_row.transaction_id, entity_type, entity_id, state)
-            released = await repo.release_parked(conn, entity_type, entity_id, sequence + 1, now)
-            parked_count = entity.parked_count
-            if released is not None:
-                parked_count -= 1
-                await repo.add_parked(conn, entity_type, entity_id, -1, now)
-                effects.states.append(QUEUED)
-                await self._notify(conn, released.transaction_id, entity_type, entity_id, QUEUED)
-            gap = await repo.open_gap(conn, entity_type, entity_id, sequence) if parked_count > 0 else None
-            await repo.sync_gap(conn, entity_type, entity_id, gap, now)
-            until = now + dt.timedelta(seconds=self.settings.forwarder_lease)
-            await repo.renew_lease(conn, entity_type, entity_id, lease_owner, until)
-            next_event = None
-            if released is not None:
-                next_event = await repo.get_event(conn, entity_type, entity_id, sequence + 1)
-            return Recorded(True, next_event)
+            released = None
+            if entity.parked_count > 0:
+                released = await repo.release_parked(conn, entity_type, entity_id, sequence + 1, now, self.instance)
+            await repo.advance_watermark(
+                conn,
+                entity_type,
+                entity_id,
+                sequence,
+                last_outcome=state,
+                last_outcome_reason=reason or None,
+                released=1 if released is not None else 0,
+                lease_owner=lease_owner,
+                lease_until=now + dt.timedelta(seconds=self.settings.forwarder_lease),
+                now=now,
+            )
+            if entity.parked_count > 0:
+                gap = await repo.open_gap(conn, entity_type, entity_id, sequence)
+                await repo.sync_gap(conn, entity_type, entity_id, gap, now)
+            if released is None:
+                return Recorded(True, None)
+            effects.states.append(QUEUED)
+            return Recorded(True, QueuedEvent.from_row(released))
 
         result = await self._transaction(work)
         if result.recorded:
@@ -474,9 +550,8 @@ class Sequencer:
         logs.bind(entity_type=et, entity_id=eid, sequence=seq)
         keyless = sequencer_pb2.SkipSequenceRequest(entity=request.entity, sequence=seq, reason=reason)
 
-        async def execute(
-            conn: AsyncConnection, effects: Effects, now: dt.datetime
-        ) -> tuple[Message, uuid.UUID | None]:
+        async def execute(conn: AsyncConnection, effects: Effects, pending: KeyRecord) -> Executed:
+            now = pending.created_at
             entity = await repo.lock_entity(conn, et, eid, self.settings.lock_strategy, now)
             held = await repo.get_event(conn, et, eid, seq)
             if held is not None or seq <= entity.watermark:
@@ -487,6 +562,7 @@ class Sequencer:
             state = QUEUED if seq == entity.watermark + 1 else PARKED
             transaction_id = uuid.uuid4()
             marker = events_pb2.Event(entity_type=et, entity_id=eid, sequence=seq, source=f"skip by {caller}")
+            marker_bytes = marker.SerializeToString(deterministic=True)
             await repo.insert_event(
                 conn,
                 entity_type=et,
@@ -494,7 +570,7 @@ class Sequencer:
                 sequence=seq,
                 transaction_id=transaction_id,
                 state=state,
-                event=marker.SerializeToString(deterministic=True),
+                event=marker_bytes,
                 payload_hash=SKIP_MARKER_HASH,
                 correlation_id=correlation_id,
                 caller_id=caller,
@@ -502,13 +578,13 @@ class Sequencer:
                 skip_reason=reason,
                 accepted_at=now,
                 queued_at=now if state == QUEUED else None,
+                payload=self._payload(transaction_id, et, eid, state),
             )
             if state == PARKED:
                 await repo.add_parked(conn, et, eid, 1, now)
             else:
-                effects.queued.append((et, eid))
+                effects.queued.append(QueuedEvent(et, eid, seq, transaction_id, marker_bytes, correlation_id, reason))
             await repo.sync_gap(conn, et, eid, await repo.open_gap(conn, et, eid, entity.watermark), now)
-            await self._notify(conn, transaction_id, et, eid, state)
             log.warning(
                 "sequence skipped by operator",
                 extra={"skipped_by": caller, "skip_reason": reason, "transaction_id": str(transaction_id)},
@@ -518,7 +594,7 @@ class Sequencer:
             response = sequencer_pb2.SkipSequenceResponse(
                 status=status_from_row(status_row), watermark=entity.watermark
             )
-            return response, transaction_id
+            return Executed(response, transaction_id)
 
         return await self._idempotent(
             caller=caller,
@@ -539,14 +615,14 @@ class Sequencer:
             tx = uuid.UUID(transaction_id)
         except ValueError as exc:
             raise InvalidArgument("transaction_id must be a UUID", field="transaction_id") from exc
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             row = await repo.status_by_transaction(conn, tx)
         if row is None or (scope is not None and row.caller_id != scope):
             raise EventNotFound(f"no event with transaction id {transaction_id}", transaction_id=transaction_id)
         return status_from_row(row)
 
     async def get_status_by_key(self, caller: str, key: str) -> sequencer_pb2.EventStatus:
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             row = await repo.status_by_key(conn, caller, key, self.clock.now())
         if row is None:
             raise EventNotFound("no event was submitted with this idempotency key by this caller")
@@ -555,12 +631,12 @@ class Sequencer:
     async def entity_statuses(
         self, entity_type: int, entity_id: str, since: dt.datetime | None
     ) -> list[sequencer_pb2.EventStatus]:
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             rows = await repo.statuses_for_entity(conn, entity_type, entity_id, since)
         return [status_from_row(r) for r in rows]
 
     async def get_key_record(self, caller: str, key: str) -> sequencer_pb2.IdempotencyRecord:
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             record = await repo.get_key_record(conn, caller, key, self.clock.now())
             row = None
             if record is not None and record.transaction_id is not None:
@@ -590,7 +666,7 @@ class Sequencer:
             except (ValueError, IndexError, TypeError) as exc:
                 raise InvalidArgument("page_token is malformed", field="page_token") from exc
         now = self.clock.now()
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             rows = await repo.list_gaps(conn, cursor, size + 1)
         result = []
         for r in rows[:size]:
@@ -623,7 +699,7 @@ class Sequencer:
                 cursor = (int(after[0]), str(after[1]), int(after[2]))
             except (ValueError, IndexError, TypeError) as exc:
                 raise InvalidArgument("page_token is malformed", field="page_token") from exc
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             rows = await repo.list_parked(
                 conn, (entity.entity_type, entity.entity_id) if entity is not None else None, cursor, size + 1
             )
@@ -644,7 +720,7 @@ class Sequencer:
 
     async def get_entity(self, entity_type: int, entity_id: str) -> sequencer_pb2.Entity:
         validate_entity(entity_type, entity_id, prefix="entity")
-        async with self.engine.connect() as conn:
+        async with self.reader.connect() as conn:
             row = await repo.get_entity(conn, entity_type, entity_id)
         if row is None:
             raise EntityNotFound(f"the sequencer has never seen entity {entity_id}", entity_id=entity_id)
@@ -694,6 +770,13 @@ class Sequencer:
         self.metrics.gaps_alerting.set(summary.alerting)
         self.metrics.oldest_gap_age.set((now - summary.oldest).total_seconds() if summary.oldest else 0.0)
         return len(alerted)
+
+
+def _transient(exc: DBAPIError, state: str | None) -> bool:
+    """Lost connections, server shutdowns and resource exhaustion: worth a retry by the caller."""
+    return (
+        state in RETRYABLE_SQLSTATES or exc.connection_invalidated or state is None or state[:2] in ("08", "53", "57")
+    )
 
 
 def _page_size(requested: int) -> int:
