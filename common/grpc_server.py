@@ -148,9 +148,16 @@ def channel(
     return grpc.aio.secure_channel(target, credentials, options=options)
 
 
-def banner_security(security: SecuritySettings, authenticator: Authenticator) -> dict[str, Any]:
-    """What the start-up log line says about who may call (development mode is loud)."""
+def listening(
+    listen_addr: str, port: int, metrics_port: int, security: SecuritySettings, authenticator: Authenticator
+) -> dict[str, Any]:
+    """The fields of the start-up log line: where it listens (the bound ports, so port 0 works
+    for tests and `make up`) and who may call (development mode is loud)."""
+    host = listen_addr.rpartition(":")[0]
     return {
+        "address": f"{host}:{port}",
+        "port": port,
+        "metrics_port": metrics_port,
         "tls": "mutual" if security.tls_client_ca else ("on" if security.tls else "off"),
         "auth": "development: every caller has every role (loopback only)"
         if authenticator.development

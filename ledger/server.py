@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from common import logs
 from common.auth import Authenticator
 from common.db import make_engine, require_migrated
-from common.grpc_server import add_health_and_reflection, banner_security, bind, run_until_signal, set_serving
+from common.grpc_server import add_health_and_reflection, bind, listening, run_until_signal, set_serving
 from common.metrics import serve_metrics
 from ledger.config import Settings
 from ledger.interceptors import build_interceptor
@@ -81,15 +81,6 @@ async def main() -> None:
     registry = CollectorRegistry()
     metrics_port = serve_metrics(registry, settings.metrics_addr)
     app = await build_server(settings, registry=registry)
-    host = settings.listen_addr.rpartition(":")[0]
-    log.info(
-        "ledger listening",
-        extra={
-            "address": f"{host}:{app.port}",
-            "port": app.port,
-            "metrics_port": metrics_port,
-            "lock_strategy": settings.lock_strategy,
-            **banner_security(settings.security, app.authenticator),
-        },
-    )
+    fields = listening(settings.listen_addr, app.port, metrics_port, settings.security, app.authenticator)
+    log.info("ledger listening", extra={**fields, "lock_strategy": settings.lock_strategy})
     await run_until_signal(app.server, app.health, SERVICE_NAMES, settings.shutdown_grace, app.close)

@@ -18,9 +18,9 @@ from common.auth import Authenticator
 from common.db import make_engine, require_migrated
 from common.grpc_server import (
     add_health_and_reflection,
-    banner_security,
     bind,
     channel,
+    listening,
     run_until_signal,
     set_serving,
 )
@@ -135,15 +135,6 @@ async def main() -> None:
     registry = CollectorRegistry()
     metrics_port = serve_metrics(registry, settings.metrics_addr)
     app = await build_server(settings, registry=registry)
-    host = settings.listen_addr.rpartition(":")[0]
-    log.info(
-        "sequencer listening",
-        extra={
-            "address": f"{host}:{app.port}",
-            "port": app.port,
-            "metrics_port": metrics_port,
-            "ledger": settings.ledger_target,
-            **banner_security(settings.security, app.authenticator),
-        },
-    )
+    fields = listening(settings.listen_addr, app.port, metrics_port, settings.security, app.authenticator)
+    log.info("sequencer listening", extra={**fields, "ledger": settings.ledger_target})
     await run_until_signal(app.server, app.health, SERVICE_NAMES, settings.shutdown_grace, app.close)
