@@ -21,6 +21,8 @@ class Settings:
     ledger_timeout: float = 5.0
     # How long an idempotency record is kept (48 h).
     idempotency_retention: float = 48 * 3600.0
+    # Recently committed idempotency answers kept in memory for lock-free replays (0: none).
+    answer_cache_size: int = 10_000
     sweep_interval: float = 60.0
     sweep_batch: int = 500
     # A gap older than this is alerted (log, metric, ListGaps.alerting).
@@ -58,6 +60,7 @@ class Settings:
             ledger_target=env.address("LEDGER_TARGET", "127.0.0.1:50052"),
             ledger_timeout=env.seconds("LEDGER_TIMEOUT", 5.0, minimum=0.01),
             idempotency_retention=env.seconds("IDEMPOTENCY_RETENTION", 48 * 3600.0, minimum=1.0),
+            answer_cache_size=env.int("ANSWER_CACHE_SIZE", 10_000, minimum=0, maximum=10_000_000),
             sweep_interval=env.seconds("SWEEP_INTERVAL", 60.0, minimum=0.01),
             sweep_batch=env.int("SWEEP_BATCH", 500, minimum=1, maximum=100_000),
             gap_alert_after=env.seconds("GAP_ALERT_AFTER", 60.0),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import dataclasses
 import datetime as dt
 import hashlib
@@ -169,6 +170,51 @@ class KeyRecord:
 
 
 @dataclass(frozen=True)
+class StoredAnswer:
+    """A committed idempotency record: what a retry of the key is compared with and answered."""
+
+    method: str
+    fingerprint: bytes
+    request: bytes
+    response: bytes
+    created_at: dt.datetime
+    expires_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> StoredAnswer:
+        return cls(row.method, row.fingerprint, row.request, row.response, row.created_at, row.expires_at)
+
+
+class AnswerCache:
+    """Recently committed answers, by (caller, key), least recently used dropped first.
+
+    Safe because a committed record never changes before it expires; expired entries are
+    never answered from here."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: collections.OrderedDict[tuple[str, str], StoredAnswer] = collections.OrderedDict()
+
+    def get(self, caller: str, key: str, now: dt.datetime) -> StoredAnswer | None:
+        answer = self._entries.get((caller, key))
+        if answer is None:
+            return None
+        if answer.expires_at <= now:
+            del self._entries[(caller, key)]
+            return None
+        self._entries.move_to_end((caller, key))
+        return answer
+
+    def put(self, caller: str, key: str, answer: StoredAnswer) -> StoredAnswer:
+        if self.capacity > 0:
+            self._entries[(caller, key)] = answer
+            self._entries.move_to_end((caller, key))
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return answer
+
+
+@dataclass(frozen=True)
 class Executed:
     """A first execution's answer, and whether the key record was already written with it."""
 
@@ -201,6 +247,7 @@ class Sequencer:
         self.clock = clock
         self.notifier = notifier
         self.metrics = metrics
+        self.answers = AnswerCache(settings.answer_cache_size)
         # Names this process in its notifications, so it can ignore its own wake-ups.
         self.instance = uuid.uuid4().hex
         # Set by the server to the forwarder's kick: new queued work for an entity.
@@ -260,7 +307,7 @@ class Sequencer:
         wait for the first and then replay it."""
         request_fp = fingerprint(keyless)
 
-        def replay(record: Row[Any]) -> Submission:
+        def replay(record: StoredAnswer) -> Submission:
             if record.method != method or record.fingerprint != request_fp:
                 fields = (
                     ["method"]
@@ -276,34 +323,43 @@ class Sequencer:
             self.metrics.replays.inc()
             return Submission(response_type.FromString(record.response), True, record.created_at, record.expires_at)
 
-        # A committed record never changes until it expires: a hit needs no lock (the retry path).
+        # A committed record never changes until it expires, so a hit needs no lock: from this
+        # process's memory, else from the database (the retry path).
+        cached = self.answers.get(caller, key, self.clock.now())
+        if cached is not None:
+            return replay(cached)
         async with self.reader.connect() as conn:
-            record = await repo.get_key_record(conn, caller, key, self.clock.now())
-        if record is not None:
-            return replay(record)
+            row = await repo.get_key_record(conn, caller, key, self.clock.now())
+        if row is not None:
+            return replay(self.answers.put(caller, key, StoredAnswer.from_row(row)))
 
-        async def work(conn: AsyncConnection, effects: Effects) -> Submission:
+        async def work(conn: AsyncConnection, effects: Effects) -> tuple[Submission, StoredAnswer]:
             now = self.clock.now()
             await repo.lock_key(conn, caller, key, timeout)
-            record = await repo.get_key_record(conn, caller, key, now)
-            if record is not None:  # a concurrent first execution committed meanwhile
-                return replay(record)
+            row = await repo.get_key_record(conn, caller, key, now)
+            if row is not None:  # a concurrent first execution committed meanwhile
+                answer = StoredAnswer.from_row(row)
+                return replay(answer), answer
             expires_at = now + dt.timedelta(seconds=self.settings.idempotency_retention)
             pending = KeyRecord(
                 caller, key, method, request_fp, keyless.SerializeToString(deterministic=True), now, expires_at
             )
             executed = await execute(conn, effects, pending)
+            response_bytes = executed.response.SerializeToString()
             if not executed.stored:
                 await repo.store_key_record(
                     conn,
                     **dataclasses.asdict(pending),
                     status_code=0,
-                    response=executed.response.SerializeToString(),
+                    response=response_bytes,
                     transaction_id=executed.transaction_id,
                 )
-            return Submission(executed.response, False, now, expires_at)
+            answer = StoredAnswer(method, request_fp, pending.request, response_bytes, now, expires_at)
+            return Submission(executed.response, False, now, expires_at), answer
 
-        return await self._transaction(work)
+        submission, answer = await self._transaction(work)
+        self.answers.put(caller, key, answer)  # committed: safe to remember
+        return submission
 
     # --- ingress ------------------------------------------------------------------------------
 
