@@ -168,6 +168,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._begin(method, metadata, context)
                 started = time.perf_counter()
                 try:
+                    await self._echo(context)
                     self._admit(method, metadata, request, context)
                     response = await inner_unary(request, context)
                 except BaseException as exc:
@@ -188,6 +189,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._begin(method, metadata, context)
                 started = time.perf_counter()
                 try:
+                    await self._echo(context)
                     self._admit(method, metadata, request, context)
                     async for item in inner_stream(request, context):
                         yield item
@@ -220,6 +222,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         logs.log_context.set({"rpc": method, "correlation_id": correlation_id})
         _trailing.set([])
         add_trailing_metadata(context, (CORRELATION_HEADER, correlation_id))
+
+    @staticmethod
+    async def _echo(context: Context) -> None:
+        """The correlation id goes back in the initial metadata too, so a caller has it at once
+        (streams) and whatever the outcome."""
+        await context.send_initial_metadata(((CORRELATION_HEADER, correlation_id()),))
 
     def _done(self, method: str, started: float, context: Context) -> None:
         code = context.code() or grpc.StatusCode.OK

@@ -213,3 +213,15 @@ def value(text: str, series: str) -> float:
         if line.startswith(series):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+async def test_correlation_id_is_in_initial_and_trailing_metadata_even_on_errors(system: System) -> None:
+    call = system.sequencer.SubmitEvent(
+        sequencer_pb2.SubmitEventRequest(event=shipment_event("SHP-W9", 1, "shipment_created")),
+        metadata=(("x-correlation-id", "corr-err"),),  # no key: rejected
+        timeout=5,
+    )
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call
+    assert dict(await call.initial_metadata())["x-correlation-id"] == "corr-err"
+    assert dict(await call.trailing_metadata())["x-correlation-id"] == "corr-err"
