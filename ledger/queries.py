@@ -1,4 +1,11 @@
-"""The concurrency-critical SQL of the ledger, named, each with why it is written this way."""
+"""The concurrency-critical SQL of the ledger, named, each with why it is written this way.
+
+One ApplyEvent is, in order: BEGIN, the entity lock, one read of everything the event needs,
+the state write (if the rule accepts), one compare-and-set that also appends the history row,
+COMMIT. The read is a statement of its own after the lock: in READ COMMITTED a statement that
+waits for a lock keeps the snapshot it took before the wait, so a read folded into the lock
+statement could miss the commit of the transaction it waited for.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,8 @@ from typing import Final
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ledger.models import shipments
 
 # Serialises all work on one entity for the rest of the transaction. Transaction-scoped, so a
 # dropped connection cannot leave it held; the namespace keeps it apart from the sequencer's.
@@ -20,21 +29,68 @@ ENSURE_VERSION_ROW: Final = text(
     "VALUES (:entity_type, :entity_id, 0, now()) ON CONFLICT (entity_type, entity_id) DO NOTHING"
 )
 
-# Then lock it: every writer of the entity queues here until the holder commits.
+# Then lock it, in a statement of its own (this one's snapshot is taken after the insert above
+# finished waiting): every writer of the entity queues here until the holder commits.
 LOCK_VERSION_ROW: Final = text(
     "SELECT version FROM ledger.entity_versions WHERE entity_type = :entity_type AND entity_id = :entity_id FOR UPDATE"
 )
 
-# The compare-and-set: moves the version from :expected to :version and nothing else. Under the
-# entity lock it always matches; if it does not (a writer without the lock), no row is returned
-# and the transaction is retried instead of overwriting.
-ADVANCE_VERSION: Final = text(
+# What every event needs to know, read under the lock: the entity's version (0 if never seen)
+# and the history row of this MSI if it was processed already (a re-send or a conflict). The
+# one-row `one` makes the answer exactly one row whether or not either row exists.
+_HEAD_COLUMNS = (
+    "COALESCE(v.version, 0) AS version, h.sequence AS processed_sequence, h.kind, h.outcome, h.reason, "
+    "h.reason_detail, h.correlation_id, h.transaction_id, h.source, h.occurred_at, h.processed_at, h.payload_hash"
+)
+_HEAD_FROM = (
+    "FROM (SELECT 1) AS one "
+    "LEFT JOIN ledger.entity_versions v ON v.entity_type = :entity_type AND v.entity_id = :entity_id "
+    "LEFT JOIN ledger.entity_history h "
+    "ON h.entity_type = :entity_type AND h.entity_id = :entity_id AND h.sequence = :sequence"
+)
+
+# A skip changes no state: the head alone.
+LOAD_HEAD: Final = text(f"SELECT {_HEAD_COLUMNS} {_HEAD_FROM}")
+
+# The head plus the shipment's row (NULLs for a shipment not created yet), in the same read.
+LOAD_SHIPMENT_HEAD: Final = text(
+    f"SELECT {_HEAD_COLUMNS}, {', '.join(f's.{c.name}' for c in shipments.c)} {_HEAD_FROM} "
+    "LEFT JOIN ledger.shipments s ON s.shipment_id = :entity_id"
+)
+
+# The head plus the part of the item the command touches: the reservation (if named) and the
+# balances of :locations and of the reservation's location; one row per balance found, at
+# least one row.
+LOAD_INVENTORY_HEAD: Final = text(
+    f"SELECT {_HEAD_COLUMNS}, r.location AS reservation_location, r.quantity AS reservation_quantity, "
+    "r.released_at IS NOT NULL AS reservation_released, b.location, b.on_hand, b.reserved "
+    f"{_HEAD_FROM} "
+    "LEFT JOIN ledger.inventory_reservations r ON r.sku = :entity_id AND r.reservation_id = :reservation_id "
+    "LEFT JOIN ledger.inventory_balances b "
+    "ON b.sku = :entity_id AND (b.location = ANY(CAST(:locations AS text[])) OR b.location = r.location)"
+)
+
+# The compare-and-set and the history row in one statement: the version moves from :expected to
+# :sequence and nothing else, and the history row is inserted only from the CAS's RETURNING. Under
+# the entity lock it always matches; if it does not (a writer without the lock), no row is
+# returned, nothing is written, and the transaction is retried instead of overwriting. (The casts:
+# parameters in a SELECT list take no type from the columns they are inserted into.)
+RECORD_EVENT: Final = text(
+    "WITH advanced AS ("
     "INSERT INTO ledger.entity_versions AS v (entity_type, entity_id, version, updated_at) "
-    "VALUES (:entity_type, :entity_id, :version, :updated_at) "
+    "VALUES (:entity_type, :entity_id, :sequence, :processed_at) "
     "ON CONFLICT (entity_type, entity_id) DO UPDATE "
     "SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at "
     "WHERE v.version = :expected "
-    "RETURNING v.version"
+    "RETURNING v.version) "
+    "INSERT INTO ledger.entity_history (entity_type, entity_id, sequence, kind, outcome, reason, reason_detail, "
+    "correlation_id, transaction_id, source, occurred_at, processed_at, payload_hash) "
+    "SELECT CAST(:entity_type AS smallint), CAST(:entity_id AS text), advanced.version, CAST(:kind AS text), "
+    "CAST(:outcome AS smallint), CAST(:reason AS text), CAST(:reason_detail AS text), "
+    "CAST(:correlation_id AS text), CAST(:transaction_id AS text), CAST(:source AS text), "
+    "CAST(:occurred_at AS timestamptz), CAST(:processed_at AS timestamptz), CAST(:payload_hash AS bytea) "
+    "FROM advanced "
+    "RETURNING sequence"
 )
 
 LOCK_STRATEGIES: Final = ("advisory", "row")

@@ -8,9 +8,10 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
-from sqlalchemy import and_, func, literal, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import RowMapping, and_, bindparam, func, literal, select, text
+from sqlalchemy.dialects.postgresql import Insert, insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -76,16 +77,64 @@ async def get_version(conn: AsyncConnection, entity_type: int, entity_id: str) -
     return int(version or 0)
 
 
-async def advance_version(
-    conn: AsyncConnection, entity_type: int, entity_id: str, expected: int, version: int, at: dt.datetime
-) -> None:
-    row = await conn.execute(
-        queries.ADVANCE_VERSION,
-        {**_entity(entity_type, entity_id), "expected": expected, "version": version, "updated_at": at},
-    )
-    if row.first() is None:
+@dataclass(frozen=True)
+class EntityHead:
+    """What an event is checked against: the entity's version and, if this MSI was processed
+    already, its history row."""
+
+    version: int
+    previous: HistoryRecord | None
+
+
+def _head(m: RowMapping, entity_type: int, entity_id: str) -> EntityHead:
+    previous = None
+    if m["processed_sequence"] is not None:
+        previous = HistoryRecord(
+            entity_type=entity_type,
+            entity_id=entity_id,
+            sequence=m["processed_sequence"],
+            kind=m["kind"],
+            outcome=domain.Outcome(m["outcome"]),
+            reason=m["reason"],
+            reason_detail=m["reason_detail"],
+            correlation_id=m["correlation_id"],
+            transaction_id=m["transaction_id"],
+            source=m["source"],
+            occurred_at=m["occurred_at"],
+            processed_at=m["processed_at"],
+            payload_hash=bytes(m["payload_hash"]),
+        )
+    return EntityHead(int(m["version"]), previous)
+
+
+async def load_head(conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int) -> EntityHead:
+    """The version and this MSI's history row; run after the entity lock, never within it."""
+    row = (await conn.execute(queries.LOAD_HEAD, {**_entity(entity_type, entity_id), "sequence": sequence})).one()
+    return _head(row._mapping, entity_type, entity_id)
+
+
+async def record_event(conn: AsyncConnection, expected: int, record: HistoryRecord) -> None:
+    """Moves the version from `expected` to the record's MSI and appends the record, in one
+    statement that writes nothing unless the compare-and-set matches."""
+    params = {
+        "entity_type": record.entity_type,
+        "entity_id": record.entity_id,
+        "sequence": record.sequence,
+        "expected": expected,
+        "kind": record.kind,
+        "outcome": int(record.outcome),
+        "reason": record.reason,
+        "reason_detail": record.reason_detail,
+        "correlation_id": record.correlation_id,
+        "transaction_id": record.transaction_id,
+        "source": record.source,
+        "occurred_at": record.occurred_at,
+        "processed_at": record.processed_at,
+        "payload_hash": record.payload_hash,
+    }
+    if (await conn.execute(queries.RECORD_EVENT, params)).first() is None:
         # Only possible if something wrote the entity without its lock: read again and retry.
-        raise Retryable("entity version moved concurrently", entity_id=entity_id)
+        raise Retryable("entity version moved concurrently", entity_id=record.entity_id)
 
 
 def _history_record(row: object) -> HistoryRecord:
@@ -104,36 +153,6 @@ def _history_record(row: object) -> HistoryRecord:
         occurred_at=m["occurred_at"],
         processed_at=m["processed_at"],
         payload_hash=bytes(m["payload_hash"]),
-    )
-
-
-async def get_history(conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int) -> HistoryRecord | None:
-    h = entity_history.c
-    row = (
-        await conn.execute(
-            select(entity_history).where(h.entity_type == entity_type, h.entity_id == entity_id, h.sequence == sequence)
-        )
-    ).first()
-    return None if row is None else _history_record(row)
-
-
-async def insert_history(conn: AsyncConnection, record: HistoryRecord) -> None:
-    await conn.execute(
-        entity_history.insert().values(
-            entity_type=record.entity_type,
-            entity_id=record.entity_id,
-            sequence=record.sequence,
-            kind=record.kind,
-            outcome=int(record.outcome),
-            reason=record.reason,
-            reason_detail=record.reason_detail,
-            correlation_id=record.correlation_id,
-            transaction_id=record.transaction_id,
-            source=record.source,
-            occurred_at=record.occurred_at,
-            processed_at=record.processed_at,
-            payload_hash=record.payload_hash,
-        )
     )
 
 
@@ -160,23 +179,41 @@ async def has_history(conn: AsyncConnection, entity_type: int, entity_id: str) -
 # --- shipments -------------------------------------------------------------------------------
 
 
-def _shipment(row: object) -> domain.Shipment:
-    m = dict(row._mapping)  # type: ignore[attr-defined]
-    m.pop("version", None)
-    m["status"] = domain.ShipmentStatus(m["status"])
-    return domain.Shipment(**m)
+_SHIPMENT_FIELDS: Final = tuple(c.name for c in shipments.c)
 
 
-async def load_shipment(conn: AsyncConnection, shipment_id: str) -> domain.Shipment | None:
-    row = (await conn.execute(select(shipments).where(shipments.c.shipment_id == shipment_id))).first()
-    return None if row is None else _shipment(row)
+def _shipment(m: RowMapping) -> domain.Shipment:
+    values = {name: m[name] for name in _SHIPMENT_FIELDS}
+    values["status"] = domain.ShipmentStatus(values["status"])
+    return domain.Shipment(**values)
+
+
+async def load_shipment_head(
+    conn: AsyncConnection, shipment_id: str, sequence: int
+) -> tuple[EntityHead, domain.Shipment | None]:
+    """The head and the shipment (None before its first event), in one read after the lock."""
+    row = (
+        await conn.execute(queries.LOAD_SHIPMENT_HEAD, {**_entity(SHIPMENT, shipment_id), "sequence": sequence})
+    ).one()
+    m = row._mapping
+    return _head(m, SHIPMENT, shipment_id), None if m["shipment_id"] is None else _shipment(m)
+
+
+def _shipment_upsert() -> Insert:
+    """Every field is written; the key and the creation time never change."""
+    stmt = insert(shipments).values({c.name: bindparam(c.name, type_=c.type) for c in shipments.c})
+    return stmt.on_conflict_do_update(
+        index_elements=[shipments.c.shipment_id],
+        set_={name: stmt.excluded[name] for name in _SHIPMENT_FIELDS if name not in {"shipment_id", "created_at"}},
+    )
+
+
+# Built once at import, not per call.
+_SAVE_SHIPMENT: Final = _shipment_upsert()
 
 
 async def save_shipment(conn: AsyncConnection, shipment: domain.Shipment) -> None:
-    values = {**shipment.__dict__, "status": int(shipment.status)}
-    stmt = insert(shipments).values(**values)
-    updates = {k: stmt.excluded[k] for k in values if k not in {"shipment_id", "created_at"}}
-    await conn.execute(stmt.on_conflict_do_update(index_elements=[shipments.c.shipment_id], set_=updates))
+    await conn.execute(_SAVE_SHIPMENT, {**shipment.__dict__, "status": int(shipment.status)})
 
 
 async def get_shipment_view(conn: AsyncConnection, shipment_id: str) -> tuple[domain.Shipment, int] | None:
@@ -196,38 +233,60 @@ async def get_shipment_view(conn: AsyncConnection, shipment_id: str) -> tuple[do
     ).first()
     if row is None:
         return None
-    return _shipment(row), int(row._mapping["version"])
+    return _shipment(row._mapping), int(row._mapping["version"])
 
 
 # --- inventory -------------------------------------------------------------------------------
 
 
-async def load_inventory(
-    conn: AsyncConnection, sku: str, locations: Sequence[str], reservation_id: str | None
-) -> domain.InventoryState:
-    """The part of an item a command touches: those locations and that reservation (and, for a
-    release, the reservation's location)."""
-    reservations: dict[str, domain.Reservation] = {}
-    wanted = set(locations)
-    if reservation_id is not None:
-        r = inventory_reservations.c
-        row = (
-            await conn.execute(select(inventory_reservations).where(r.sku == sku, r.reservation_id == reservation_id))
-        ).first()
-        if row is not None:
-            m = row._mapping
-            reservations[reservation_id] = domain.Reservation(
-                reservation_id, m["location"], m["quantity"], released=m["released_at"] is not None
-            )
-            wanted.add(m["location"])
-    balances: dict[str, domain.Balance] = {}
-    if wanted:
-        b = inventory_balances.c
-        rows = await conn.execute(
-            select(b.location, b.on_hand, b.reserved).where(b.sku == sku, b.location.in_(sorted(wanted)))
+async def load_inventory_head(
+    conn: AsyncConnection, sku: str, sequence: int, locations: Sequence[str], reservation_id: str | None
+) -> tuple[EntityHead, domain.InventoryState]:
+    """The head and the part of the item a command touches: those locations and that
+    reservation (and, for a release, the reservation's location), in one read after the lock."""
+    rows = (
+        await conn.execute(
+            queries.LOAD_INVENTORY_HEAD,
+            {
+                **_entity(INVENTORY_ITEM, sku),
+                "sequence": sequence,
+                "locations": list(locations),
+                "reservation_id": reservation_id,
+            },
         )
-        balances = {row.location: domain.Balance(row.on_hand, row.reserved) for row in rows}
-    return domain.InventoryState(balances, reservations)
+    ).all()
+    first = rows[0]._mapping
+    reservations: dict[str, domain.Reservation] = {}
+    if reservation_id is not None and first["reservation_location"] is not None:
+        reservations[reservation_id] = domain.Reservation(
+            reservation_id,
+            first["reservation_location"],
+            first["reservation_quantity"],
+            released=first["reservation_released"],
+        )
+    balances = {row.location: domain.Balance(row.on_hand, row.reserved) for row in rows if row.location is not None}
+    return _head(first, INVENTORY_ITEM, sku), domain.InventoryState(balances, reservations)
+
+
+# One statement whatever the number of touched locations (one or two): the rows go as parallel
+# arrays, in location order as before.
+_SAVE_BALANCES: Final = text(
+    "INSERT INTO ledger.inventory_balances (sku, location, on_hand, reserved, updated_at) "
+    "SELECT CAST(:sku AS text), t.location, t.on_hand, t.reserved, CAST(:updated_at AS timestamptz) "
+    "FROM unnest(CAST(:locations AS text[]), CAST(:on_hand AS bigint[]), CAST(:reserved AS bigint[])) "
+    "AS t(location, on_hand, reserved) "
+    "ON CONFLICT (sku, location) DO UPDATE "
+    "SET on_hand = EXCLUDED.on_hand, reserved = EXCLUDED.reserved, updated_at = EXCLUDED.updated_at"
+)
+
+_OPEN_RESERVATION: Final = text(
+    "INSERT INTO ledger.inventory_reservations (sku, reservation_id, location, quantity, created_at) "
+    "VALUES (:sku, :reservation_id, :location, :quantity, :at)"
+)
+
+_RELEASE_RESERVATION: Final = text(
+    "UPDATE ledger.inventory_reservations SET released_at = :at WHERE sku = :sku AND reservation_id = :reservation_id"
+)
 
 
 async def save_inventory_effect(
@@ -235,37 +294,26 @@ async def save_inventory_effect(
 ) -> None:
     """Writes the new values of the touched rows (computed under the entity lock)."""
     if effect.balances:
-        stmt = insert(inventory_balances).values(
-            [
-                {"sku": sku, "location": loc, "on_hand": b.on_hand, "reserved": b.reserved, "updated_at": at}
-                for loc, b in sorted(effect.balances.items())
-            ]
-        )
+        touched = sorted(effect.balances.items())
         await conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[inventory_balances.c.sku, inventory_balances.c.location],
-                set_={
-                    "on_hand": stmt.excluded.on_hand,
-                    "reserved": stmt.excluded.reserved,
-                    "updated_at": stmt.excluded.updated_at,
-                },
-            )
+            _SAVE_BALANCES,
+            {
+                "sku": sku,
+                "updated_at": at,
+                "locations": [loc for loc, _ in touched],
+                "on_hand": [b.on_hand for _, b in touched],
+                "reserved": [b.reserved for _, b in touched],
+            },
         )
     r = effect.reservation
     if r is None:
         return
     if r.released:
-        c = inventory_reservations.c
-        await conn.execute(
-            inventory_reservations.update()
-            .where(c.sku == sku, c.reservation_id == r.reservation_id)
-            .values(released_at=at)
-        )
+        await conn.execute(_RELEASE_RESERVATION, {"sku": sku, "reservation_id": r.reservation_id, "at": at})
     else:
         await conn.execute(
-            inventory_reservations.insert().values(
-                sku=sku, reservation_id=r.reservation_id, location=r.location, quantity=r.quantity, created_at=at
-            )
+            _OPEN_RESERVATION,
+            {"sku": sku, "reservation_id": r.reservation_id, "location": r.location, "quantity": r.quantity, "at": at},
         )
 
 

@@ -262,7 +262,19 @@ class Ledger:
 
     async def _apply(self, conn: AsyncConnection, ev: ParsedEvent, corr: str, transaction_id: str) -> ApplyResult:
         await repository.lock_entity(conn, ev.entity_type, ev.entity_id, self.lock_strategy)
-        previous = await repository.get_history(conn, ev.entity_type, ev.entity_id, ev.sequence)
+        # A statement of its own after the lock, so it sees what the previous holder committed;
+        # it brings the state the event needs along, to save a round trip.
+        state: domain.Shipment | domain.InventoryState | None = None
+        if ev.shipment is not None:
+            head, state = await repository.load_shipment_head(conn, ev.entity_id, ev.sequence)
+        elif ev.inventory is not None:
+            locations, reservation_id = domain.touched(ev.inventory)
+            head, state = await repository.load_inventory_head(
+                conn, ev.entity_id, ev.sequence, locations, reservation_id
+            )
+        else:
+            head = await repository.load_head(conn, ev.entity_type, ev.entity_id, ev.sequence)
+        previous = head.previous
         if previous is not None:
             if previous.payload_hash != ev.payload_hash:
                 raise errors.SequenceConflict(
@@ -278,7 +290,7 @@ class Ledger:
                 previous.sequence,
                 previous.processed_at,
             )
-        version = await repository.get_version(conn, ev.entity_type, ev.entity_id)
+        version = head.version
         if ev.sequence != version + 1:
             raise errors.OutOfOrder(
                 f"{ev.entity_id} is at version {version}: expected MSI {version + 1}, received {ev.sequence}",
@@ -290,14 +302,14 @@ class Ledger:
         if ev.skip_reason:
             outcome = Outcome.SKIPPED
         else:
-            rejection = await self._change_state(conn, ev, now)
+            rejection = await self._change_state(conn, ev, state, now)
             outcome = Outcome.APPLIED if rejection is None else Outcome.REJECTED
-        # A rejection or a skip consumes the MSI too: the version always moves to it.
-        await repository.advance_version(conn, ev.entity_type, ev.entity_id, version, ev.sequence, now)
         reason = rejection.reason if rejection else ""
         detail = rejection.detail if rejection else ev.skip_reason
-        await repository.insert_history(
+        # A rejection or a skip consumes the MSI too: the version always moves to it.
+        await repository.record_event(
             conn,
+            version,
             HistoryRecord(
                 entity_type=ev.entity_type,
                 entity_id=ev.entity_id,
@@ -316,19 +328,24 @@ class Ledger:
         )
         return ApplyResult(outcome, None, reason, detail, ev.sequence, now)
 
-    async def _change_state(self, conn: AsyncConnection, ev: ParsedEvent, now: dt.datetime) -> domain.Rejection | None:
-        """Applies the domain rule and writes the new state; the rejection if the rule refuses."""
+    async def _change_state(
+        self,
+        conn: AsyncConnection,
+        ev: ParsedEvent,
+        current: domain.Shipment | domain.InventoryState | None,
+        now: dt.datetime,
+    ) -> domain.Rejection | None:
+        """Applies the domain rule to the state read under the lock and writes the new state;
+        the rejection if the rule refuses."""
         if ev.shipment is not None:
-            current = await repository.load_shipment(conn, ev.entity_id)
+            assert current is None or isinstance(current, domain.Shipment)
             shipment = domain.apply_shipment(ev.entity_id, current, ev.shipment, now)
             if isinstance(shipment, domain.Rejection):
                 return shipment
             await repository.save_shipment(conn, shipment)
             return None
-        assert ev.inventory is not None
-        locations, reservation_id = domain.touched(ev.inventory)
-        state = await repository.load_inventory(conn, ev.entity_id, locations, reservation_id)
-        effect = domain.decide_inventory(state, ev.inventory)
+        assert ev.inventory is not None and isinstance(current, domain.InventoryState)
+        effect = domain.decide_inventory(current, ev.inventory)
         if isinstance(effect, domain.Rejection):
             return effect
         await repository.save_inventory_effect(conn, ev.entity_id, effect, now)
