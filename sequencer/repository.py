@@ -7,7 +7,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, func, or_, select, tuple_, update
+from sqlalchemy import Row, and_, bindparam, delete, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -33,15 +33,17 @@ async def lock_key(conn: AsyncConnection, caller: str, key: str, timeout: float 
     await conn.execute(queries.LOCK_KEY, {"caller": caller, "key": key, "lock_timeout": bound})
 
 
+# Built once: the lookup runs on every request (twice on a first execution).
+_LIVE_KEY_RECORD = select(idempotency_keys).where(
+    idempotency_keys.c.caller_id == bindparam("caller"),
+    idempotency_keys.c.idempotency_key == bindparam("key"),
+    idempotency_keys.c.expires_at > bindparam("now"),
+)
+
+
 async def get_key_record(conn: AsyncConnection, caller: str, key: str, now: dt.datetime) -> Row[Any] | None:
     """The live (unexpired) record of a key, if any."""
-    result = await conn.execute(
-        select(idempotency_keys).where(
-            idempotency_keys.c.caller_id == caller,
-            idempotency_keys.c.idempotency_key == key,
-            idempotency_keys.c.expires_at > now,
-        )
-    )
+    result = await conn.execute(_LIVE_KEY_RECORD, {"caller": caller, "key": key, "now": now})
     return result.first()
 
 
