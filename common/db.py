@@ -18,6 +18,17 @@ UNIQUE_VIOLATION = "23505"
 CHECK_VIOLATION = "23514"
 
 
+# Constraint and index names both services' models get, so they are predictable in migrations
+# and recognisable in driver errors.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
 class NotMigrated(RuntimeError):
     """The database schema is behind this code's migrations."""
 

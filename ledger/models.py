@@ -23,18 +23,11 @@ from sqlalchemy import (
     text,
 )
 
+from common.db import NAMING_CONVENTION
+
 SCHEMA = "ledger"
 
-metadata = MetaData(
-    schema=SCHEMA,
-    naming_convention={
-        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-        "ck": "ck_%(table_name)s_%(constraint_name)s",
-        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-        "pk": "pk_%(table_name)s",
-    },
-)
+metadata = MetaData(schema=SCHEMA, naming_convention=NAMING_CONVENTION)
 
 # One row per entity: the last MSI processed (applied, rejected or skipped). The compare-and-set
 # target, and the row the "row" lock strategy locks.
