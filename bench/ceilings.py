@@ -68,25 +68,28 @@ WITH ins AS (INSERT INTO {SEQ}.events (entity_type, entity_id, sequence, transac
 SELECT (SELECT count(*) FROM k) AS stored, pg_notify('bench_ceiling', '{{"x":"' || ins.transaction_id
     || '","t":2,"e":"' || {ENTITY} || '","s":2}}') FROM ins;
 COMMIT;
--- 4. ledger ApplyEvent: entity lock, history lookup, version, balances, state, CAS, history.
+-- 4. ledger ApplyEvent: entity lock, one read of the version, this MSI's history row and the
+--    touched balances, the balance write, then the version CAS and the history row in one.
 BEGIN;
 SELECT pg_advisory_xact_lock(hashtextextended('ledger:' || '2' || ':' || {ENTITY}, 0));
-SELECT * FROM {LED}.entity_history WHERE entity_type = 2 AND entity_id = {ENTITY} AND sequence =
-    :watermark + 1;
-SELECT version FROM {LED}.entity_versions WHERE entity_type = 2 AND entity_id = {ENTITY} \\gset
-SELECT location, on_hand, reserved FROM {LED}.inventory_balances WHERE sku = {ENTITY} AND location
-    IN ('A') \\gset
+SELECT COALESCE(v.version, 0) AS version, h.sequence AS processed_sequence, h.payload_hash,
+    b.location, b.on_hand, b.reserved FROM (SELECT 1) AS one
+    LEFT JOIN {LED}.entity_versions v ON v.entity_type = 2 AND v.entity_id = {ENTITY}
+    LEFT JOIN {LED}.entity_history h ON h.entity_type = 2 AND h.entity_id = {ENTITY} AND h.sequence =
+    :watermark + 1
+    LEFT JOIN {LED}.inventory_balances b ON b.sku = {ENTITY} AND b.location = ANY(ARRAY['A']) \\gset
 INSERT INTO {LED}.inventory_balances (sku, location, on_hand, reserved, updated_at) VALUES
     ({ENTITY}, 'A', :on_hand + 5, :reserved, now()) ON CONFLICT (sku, location) DO UPDATE SET
     on_hand = excluded.on_hand, reserved = excluded.reserved, updated_at = excluded.updated_at;
-INSERT INTO {LED}.entity_versions AS v (entity_type, entity_id, version, updated_at) VALUES (2,
-    {ENTITY}, :version + 1, now()) ON CONFLICT (entity_type, entity_id) DO UPDATE SET version =
-    EXCLUDED.version, updated_at = EXCLUDED.updated_at WHERE v.version = :version RETURNING
-    v.version;
+WITH advanced AS (INSERT INTO {LED}.entity_versions AS v (entity_type, entity_id, version,
+    updated_at) VALUES (2, {ENTITY}, :version + 1, now()) ON CONFLICT (entity_type, entity_id) DO
+    UPDATE SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at WHERE v.version =
+    :version RETURNING v.version)
 INSERT INTO {LED}.entity_history (entity_type, entity_id, sequence, kind, outcome, reason,
     reason_detail, correlation_id, transaction_id, source, occurred_at, processed_at, payload_hash)
-    VALUES (2, {ENTITY}, :version + 1, 'inventory_received', 1, '', '', md5(random()::text),
-    gen_random_uuid()::text, 'bench', NULL, now(), sha256(decode('{EVENT_HEX}', 'hex')));
+    SELECT 2, {ENTITY}, advanced.version, 'inventory_received', 1, '', '', md5(random()::text),
+    gen_random_uuid()::text, 'bench', NULL, now(), sha256(decode('{EVENT_HEX}', 'hex')) FROM
+    advanced RETURNING sequence;
 COMMIT;
 -- 5. sequencer: record the outcome (and its NOTIFY) in one statement, then advance the watermark
 --    and renew the lease in another; nothing is parked, so there is nothing to release.
