@@ -86,8 +86,6 @@ SWEEP_EXPIRED_KEYS = text(
     ") d WHERE k.caller_id = d.caller_id AND k.idempotency_key = d.idempotency_key"
 )
 
-NOTIFY = text("SELECT pg_notify('sequencer_events', :payload)")
-
 _EVENT_COLUMNS = (
     "entity_type, entity_id, sequence, transaction_id, state, event, payload_hash, correlation_id, "
     "caller_id, idempotency_key, accepted_at, queued_at"

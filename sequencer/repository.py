@@ -161,11 +161,6 @@ async def sync_gap(
     await conn.execute(stmt)
 
 
-async def get_gap(conn: AsyncConnection, entity_type: int, entity_id: str) -> Row[Any] | None:
-    result = await conn.execute(select(gaps).where(gaps.c.entity_type == entity_type, gaps.c.entity_id == entity_id))
-    return result.first()
-
-
 async def queued_event(conn: AsyncConnection, entity_type: int, entity_id: str) -> Row[Any] | None:
     """The entity's queued event: at most one, the direct successor of its watermark."""
     result = await conn.execute(
