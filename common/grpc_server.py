@@ -75,6 +75,15 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[s
     return health_servicer
 
 
+async def bounded(step: Awaitable[Any], seconds: float, what: str) -> None:
+    """Awaits one shutdown step for at most `seconds`: a stuck step is logged and skipped, so
+    stopping a process (or a test's servers) can never hang."""
+    try:
+        await asyncio.wait_for(step, seconds)
+    except TimeoutError:
+        log.warning("shutdown step timed out", extra={"step": what, "seconds": seconds})
+
+
 async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool) -> None:
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *names]:
@@ -96,8 +105,8 @@ async def run_until_signal(
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": grace})
     await set_serving(health_servicer, names, False)
-    await server.stop(grace)
-    await cleanup()
+    await bounded(server.stop(grace), grace + 5, "grpc server")
+    await bounded(cleanup(), 10, "cleanup")
     log.info("stopped")
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from common import logs
 from common.auth import Authenticator
 from common.db import make_engine, require_migrated
-from common.grpc_server import add_health_and_reflection, bind, listening, run_until_signal, set_serving
+from common.grpc_server import add_health_and_reflection, bind, bounded, listening, run_until_signal, set_serving
 from common.metrics import serve_metrics
 from ledger.config import Settings
 from ledger.interceptors import build_interceptor
@@ -43,7 +43,7 @@ class App:
 
     async def stop(self, grace: float = 1.0) -> None:
         await set_serving(self.health, SERVICE_NAMES, False)
-        await self.server.stop(grace)
+        await bounded(self.server.stop(grace), grace + 5, "grpc server")
         await self.close()
 
     async def close(self) -> None:

@@ -19,6 +19,7 @@ import uuid
 from typing import Any
 
 import grpc
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
@@ -145,13 +146,17 @@ class Forwarder:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        leases, self.leases = list(self.leases), {}
+        if not leases:
+            return
         try:
             async with self.engine.begin() as conn:
-                for key in list(self.leases):
+                # Never wait on a row a cancelled transaction may still hold: expiry frees it.
+                await conn.execute(text("SET LOCAL lock_timeout = '500ms'"))
+                for key in leases:
                     await repo.release_lease(conn, key[0], key[1], self.owner)
         except (DBAPIError, OSError):
             log.warning("could not hand back forwarding leases; they will expire", exc_info=True)
-        self.leases.clear()
 
     # --- one entity ---------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from common.db import make_engine, require_migrated
 from common.grpc_server import (
     add_health_and_reflection,
     bind,
+    bounded,
     channel,
     listening,
     run_until_signal,
@@ -64,16 +65,16 @@ class App:
 
     async def stop(self, grace: float = 1.0) -> None:
         await set_serving(self.health, SERVICE_NAMES, False)
-        await self.server.stop(grace)
+        await bounded(self.server.stop(grace), grace + 5, "grpc server")
         await self.close()
 
     async def close(self) -> None:
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.forwarder.close()
-        await self.service.notifier.close()
-        await self.ledger_channel.close()
+        await bounded(asyncio.gather(*self.tasks, return_exceptions=True), 5, "background tasks")
+        await bounded(self.forwarder.close(), 5, "forwarder")
+        await bounded(self.service.notifier.close(), 5, "notification listener")
+        await bounded(self.ledger_channel.close(), 5, "ledger channel")
         await self.engine.dispose()
 
 

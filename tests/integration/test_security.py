@@ -44,6 +44,7 @@ class Secured:
     sequencer_app: Any
     ledger_app: Any
     mtls_app: Any
+    channels: list[grpc.aio.Channel] = dataclasses.field(default_factory=list)
 
     def channel(self, port: int, *, token: str | None = None, client: str | None = None) -> grpc.aio.Channel:
         pair = self.certs.clients[client] if client else None
@@ -54,7 +55,9 @@ class Secured:
         )
         if token:
             credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-        return grpc.aio.secure_channel(f"localhost:{port}", credentials)
+        channel = grpc.aio.secure_channel(f"localhost:{port}", credentials)
+        self.channels.append(channel)
+        return channel
 
     def sequencer(self, **kwargs: Any) -> sequencer_pb2_grpc.SequencerServiceStub:
         port = self.mtls_port if kwargs.get("client") else self.sequencer_port
@@ -117,7 +120,10 @@ async def secured(database_url: str, tmp_path: Path) -> AsyncIterator[Secured]:
     mtls_app = await build_sequencer(
         dataclasses.replace(settings, security=security("sequencer-ids.json", mutual=True))
     )
-    yield Secured(certs, sequencer_app.port, mtls_app.port, ledger_app.port, sequencer_app, ledger_app, mtls_app)
+    secured = Secured(certs, sequencer_app.port, mtls_app.port, ledger_app.port, sequencer_app, ledger_app, mtls_app)
+    yield secured
+    for channel in secured.channels:
+        await channel.close()
     await mtls_app.stop(0)
     await sequencer_app.stop(0)
     await ledger_app.stop(0)
