@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 import grpc
 import tenacity
@@ -82,13 +82,17 @@ class _Client:
         self.client_id = client_id
         self.token = token
         self.retry = retry or RetryPolicy.from_service_config()
+        self._bind()
+
+    def _bind(self) -> None:
+        """Creates the service stubs on the channel (each client its own)."""
 
     async def close(self) -> None:
         """Closes the channel if this client created it (a passed-in channel stays open)."""
         if self._owns_channel:
             await self.channel.close()
 
-    async def __aenter__(self) -> _Client:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -144,31 +148,9 @@ class _Client:
 class SequencerClient(_Client):
     """SequencerService and SequencerAdminService with keys, retries, deadlines, typed errors."""
 
-    def __init__(
-        self,
-        target: str | None = None,
-        *,
-        channel: grpc.aio.Channel | None = None,
-        client_id: str | None = None,
-        token: str | None = None,
-        retry: RetryPolicy | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            channel=channel,
-            client_id=client_id,
-            token=token,
-            retry=retry,
-            credentials=credentials,
-            interceptors=interceptors,
-        )
+    def _bind(self) -> None:
         self._sequencer = sequencer_pb2_grpc.SequencerServiceStub(self.channel)
         self._admin = sequencer_pb2_grpc.SequencerAdminServiceStub(self.channel)
-
-    async def __aenter__(self) -> SequencerClient:
-        return self
 
     async def submit(
         self,
@@ -306,30 +288,8 @@ class SequencerClient(_Client):
 class LedgerClient(_Client):
     """LedgerService reads: shipments, inventory items and entity histories."""
 
-    def __init__(
-        self,
-        target: str | None = None,
-        *,
-        channel: grpc.aio.Channel | None = None,
-        client_id: str | None = None,
-        token: str | None = None,
-        retry: RetryPolicy | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
-    ) -> None:
-        super().__init__(
-            target,
-            channel=channel,
-            client_id=client_id,
-            token=token,
-            retry=retry,
-            credentials=credentials,
-            interceptors=interceptors,
-        )
+    def _bind(self) -> None:
         self._ledger = ledger_pb2_grpc.LedgerServiceStub(self.channel)
-
-    async def __aenter__(self) -> LedgerClient:
-        return self
 
     async def get_shipment(self, shipment_id: str, *, timeout: float = DEFAULT_TIMEOUT) -> ledger_pb2.Shipment:
         request = ledger_pb2.GetShipmentRequest(shipment_id=shipment_id)
