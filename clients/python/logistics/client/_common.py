@@ -203,6 +203,21 @@ def call_metadata(
     return tuple(pairs)
 
 
+class CallerIdentity:
+    """Who the client calls as: the metadata every call of the async and sync clients carries."""
+
+    client_id: str | None
+    token: str | None
+
+    def _metadata(self, idempotency_key: str | None = None, correlation_id: str | None = None) -> Metadata:
+        return call_metadata(
+            self.client_id,
+            token=self.token,
+            idempotency_key=idempotency_key,
+            correlation_id=correlation_id or new_correlation_id(),
+        )
+
+
 def text_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> dict[str, str]:
     """The text entries of received metadata (first value wins)."""
     found: dict[str, str] = {}

@@ -58,7 +58,7 @@ def create_channel(
     return grpc.aio.insecure_channel(target, options=channel_options, interceptors=interceptors)
 
 
-class _Client:
+class _Client(_common.CallerIdentity):
     """Channel ownership, caller metadata and the one retry loop every unary call goes through."""
 
     def __init__(
@@ -97,14 +97,6 @@ class _Client:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
-
-    def _metadata(self, idempotency_key: str | None = None, correlation_id: str | None = None) -> Metadata:
-        return _common.call_metadata(
-            self.client_id,
-            token=self.token,
-            idempotency_key=idempotency_key,
-            correlation_id=correlation_id or _common.new_correlation_id(),
-        )
 
     async def _unary(
         self,

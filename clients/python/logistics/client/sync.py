@@ -38,7 +38,7 @@ def create_channel(
     return grpc.insecure_channel(target, options=channel_options)
 
 
-class SyncSequencerClient:
+class SyncSequencerClient(_common.CallerIdentity):
     """SequencerService with keys, retries, deadlines and typed errors, blocking."""
 
     def __init__(
@@ -73,14 +73,6 @@ class SyncSequencerClient:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def _metadata(self, idempotency_key: str | None = None, correlation_id: str | None = None) -> Metadata:
-        return _common.call_metadata(
-            self.client_id,
-            token=self.token,
-            idempotency_key=idempotency_key,
-            correlation_id=correlation_id or _common.new_correlation_id(),
-        )
 
     def _unary(
         self,
