@@ -29,46 +29,25 @@ ENTITIES_PER_CLIENT = 20
 EVENT_HEX = "0802120a70676220656e7469747918012a0562656e6368a201050a01411005"
 ENTITY = "('pgb-' || :client_id || '-' || :k)"
 
-# One pgbench transaction = one event through the whole in-order path: the sequencer's lock-free
-# key check, its accept transaction, the ledger's apply transaction and the sequencer's outcome
-# transaction. The forwarder keeps its lease on a busy entity and gets the queued row from the
-# submit itself, so in the steady state no claim, read or release happens per event.
+# One pgbench transaction = one event through the whole in-order path: the sequencer's in-order
+# submit step, the ledger's apply transaction and the sequencer's outcome step. The forwarder
+# keeps its lease on a busy entity and gets the queued row from the submit itself, so in the
+# steady state no claim, read or release happens per event.
 SCRIPT = f"""
 \\set k random(1, {ENTITIES_PER_CLIENT})
 \\set r random(1, 1000000000000)
--- 1. sequencer SubmitEvent: the replay check without a lock (autocommit), then one transaction:
---    key lock (with the deadline as lock_timeout), key lookup, entity lock, watermark, and one
---    statement that inserts the event, its idempotency record and the NOTIFY.
-SELECT caller_id, idempotency_key, method, fingerprint, request, status_code, response,
-    transaction_id, created_at, expires_at FROM {SEQ}.idempotency_keys WHERE caller_id = 'bench' AND
-    idempotency_key = 'pgb-' || :r AND expires_at > now();
-BEGIN;
-SELECT t.bound, pg_advisory_xact_lock(hashtextextended('idem:' || 'bench' || ':' || ('pgb-' || :r), 0))
-    FROM (SELECT set_config('lock_timeout', '9990ms', true) AS bound) t;
-SELECT caller_id, idempotency_key, method, fingerprint, request, status_code, response,
-    transaction_id, created_at, expires_at FROM {SEQ}.idempotency_keys WHERE caller_id = 'bench' AND
-    idempotency_key = 'pgb-' || :r AND expires_at > now();
-SELECT pg_advisory_xact_lock(hashtextextended('seq:' || CAST(2 AS text) || ':' || {ENTITY}, 0));
-SELECT watermark, parked_count FROM {SEQ}.entities WHERE entity_type = 2 AND entity_id = {ENTITY}
-    \\gset
-WITH ins AS (INSERT INTO {SEQ}.events (entity_type, entity_id, sequence, transaction_id, state, event,
-    payload_hash, correlation_id, caller_id, idempotency_key, accepted_at, queued_at) VALUES (2,
-    {ENTITY}, :watermark + 1, gen_random_uuid(), 2, decode('{EVENT_HEX}', 'hex'),
-    sha256(decode('{EVENT_HEX}', 'hex')), md5(random()::text), 'bench', 'pgb-' || :r, now(), now())
-    ON CONFLICT DO NOTHING RETURNING transaction_id),
-  k AS (INSERT INTO {SEQ}.idempotency_keys (caller_id, idempotency_key, method, fingerprint, request,
-    status_code, response, transaction_id, created_at, expires_at) SELECT 'bench', 'pgb-' || :r,
+-- 1. sequencer SubmitEvent: one statement, its own transaction (sequencer.submit_in_order): key
+--    lock with the deadline as lock_timeout, key lookup, entity lock, watermark, and the event,
+--    its idempotency record and the NOTIFY. Each client owns its entities, so reading the next
+--    MSI beforehand in the same statement races with nobody.
+SELECT s.outcome, w.next AS seq FROM (SELECT watermark + 1 AS next FROM {SEQ}.entities
+    WHERE entity_type = 2 AND entity_id = {ENTITY}) w, LATERAL {SEQ}.submit_in_order('bench',
+    'pgb-' || :r, '9990ms', false, now(), CAST(2 AS smallint), {ENTITY}, w.next, gen_random_uuid(),
+    decode('{EVENT_HEX}', 'hex'), sha256(decode('{EVENT_HEX}', 'hex')), md5(random()::text),
     '/logistics.sequencer.v1.SequencerService/SubmitEvent', sha256(decode('{EVENT_HEX}', 'hex')),
-    decode('0a1e{EVENT_HEX}', 'hex'), 0, decode('0a2430', 'hex'), transaction_id, now(), now() +
-    interval '48 hours' FROM ins ON CONFLICT (caller_id, idempotency_key) DO UPDATE SET method =
-    excluded.method, fingerprint = excluded.fingerprint, request = excluded.request, status_code =
-    excluded.status_code, response = excluded.response, transaction_id = excluded.transaction_id,
-    created_at = excluded.created_at, expires_at = excluded.expires_at WHERE
-    {SEQ}.idempotency_keys.expires_at <= excluded.created_at RETURNING 1)
-SELECT (SELECT count(*) FROM k) AS stored, pg_notify('bench_ceiling', '{{"x":"' || ins.transaction_id
-    || '","t":2,"e":"' || {ENTITY} || '","s":2}}') FROM ins;
-COMMIT;
--- 4. ledger ApplyEvent: entity lock, one read of the version, this MSI's history row and the
+    decode('0a1e{EVENT_HEX}', 'hex'), decode('0a2430', 'hex'), now() + interval '48 hours',
+    '{{"x":"00000000-0000-0000-0000-000000000000","t":2,"e":"pgb","s":2}}') s \\gset
+-- 2. ledger ApplyEvent: entity lock, one read of the version, this MSI's history row and the
 --    touched balances, the balance write, then the version CAS and the history row in one.
 BEGIN;
 SELECT pg_advisory_xact_lock(hashtextextended('ledger:' || '2' || ':' || {ENTITY}, 0));
@@ -76,7 +55,7 @@ SELECT COALESCE(v.version, 0) AS version, h.sequence AS processed_sequence, h.pa
     b.location, b.on_hand, b.reserved FROM (SELECT 1) AS one
     LEFT JOIN {LED}.entity_versions v ON v.entity_type = 2 AND v.entity_id = {ENTITY}
     LEFT JOIN {LED}.entity_history h ON h.entity_type = 2 AND h.entity_id = {ENTITY} AND h.sequence =
-    :watermark + 1
+    :seq
     LEFT JOIN {LED}.inventory_balances b ON b.sku = {ENTITY} AND b.location = ANY(ARRAY['A']) \\gset
 INSERT INTO {LED}.inventory_balances (sku, location, on_hand, reserved, updated_at) VALUES
     ({ENTITY}, 'A', :on_hand + 5, :reserved, now()) ON CONFLICT (sku, location) DO UPDATE SET
@@ -91,24 +70,15 @@ INSERT INTO {LED}.entity_history (entity_type, entity_id, sequence, kind, outcom
     gen_random_uuid()::text, 'bench', NULL, now(), sha256(decode('{EVENT_HEX}', 'hex')) FROM
     advanced RETURNING sequence;
 COMMIT;
--- 5. sequencer: record the outcome (and its NOTIFY) in one statement, then advance the watermark
---    and renew the lease in another; nothing is parked, so there is nothing to release.
-BEGIN;
-SELECT pg_advisory_xact_lock(hashtextextended('seq:' || CAST(2 AS text) || ':' || {ENTITY}, 0));
-SELECT watermark, parked_count FROM {SEQ}.entities WHERE entity_type = 2 AND entity_id = {ENTITY};
-WITH done AS (UPDATE {SEQ}.events SET state = 3, reason = NULL, reason_detail = NULL,
-    entity_version = :watermark + 1, processed_at = now() WHERE entity_type = 2 AND entity_id =
-    {ENTITY} AND sequence = :watermark + 1 AND state = 2 RETURNING transaction_id)
-SELECT done.transaction_id, pg_notify('bench_ceiling', json_build_object('x', done.transaction_id,
-    't', 2, 'e', {ENTITY}, 's', 3, 'o', 'pgb')::text) FROM done;
-UPDATE {SEQ}.entities SET watermark = :watermark + 1, last_outcome = 3, last_outcome_reason = NULL,
-    updated_at = now(), parked_count = parked_count - 0, lease_until = CASE WHEN lease_owner = 'pgb'
-    THEN now() + interval '30 seconds' ELSE lease_until END WHERE entity_type = 2 AND entity_id =
-    {ENTITY};
-COMMIT;
+-- 3. sequencer: record the outcome in one statement, its own transaction
+--    (sequencer.record_outcome): entity lock, terminal state and NOTIFY, watermark advanced and
+--    lease renewed; nothing is parked, so there is nothing to release.
+SELECT recorded FROM {SEQ}.record_outcome(CAST(2 AS smallint), {ENTITY}, CAST(:seq AS bigint),
+    CAST(3 AS smallint), NULL, NULL, CAST(:seq AS bigint), false, now(), 'pgb', 'pgb',
+    now() + interval '30 seconds');
 """
 
-TRANSACTIONS_PER_EVENT = 3  # plus the lock-free autocommit key check
+TRANSACTIONS_PER_EVENT = 3
 STATEMENTS_PER_EVENT = sum(
     1 for line in SCRIPT.splitlines() if line.rstrip().endswith((";", "\\gset")) and not line.startswith("--")
 )
@@ -125,6 +95,15 @@ def _setup(db: Database, clients: int) -> None:
             conn.execute(f"CREATE SCHEMA {schema}")
             for name in names:
                 conn.execute(f"CREATE TABLE {schema}.{name} (LIKE {source}.{name} INCLUDING ALL)")
+        # The sequencer's server-side steps, as migrated, pointed at the copies (and at a NOTIFY
+        # channel nobody listens on, so the live services are never woken by the ceiling).
+        definitions = conn.execute(
+            "SELECT pg_get_functiondef(p.oid) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = 'sequencer' ORDER BY p.oid"
+        ).fetchall()
+        for (definition,) in definitions:
+            copy = definition.replace("sequencer.", f"{SEQ}.").replace("'sequencer_events'", "'bench_ceiling'")
+            conn.execute(copy)
         ids = [f"pgb-{c}-{k}" for c in range(clients) for k in range(1, ENTITIES_PER_CLIENT + 1)]
         conn.execute(
             f"INSERT INTO {SEQ}.entities (entity_type, entity_id, updated_at) "

@@ -13,40 +13,56 @@ LOCK_KEY = text(
     "FROM (SELECT set_config('lock_timeout', :lock_timeout, true) AS bound) t"
 )
 
-# Serialises all work on one entity (advisory strategy). Node-local on Citus: use "row" there.
-LOCK_ENTITY_ADVISORY = text(
-    "SELECT pg_advisory_xact_lock(hashtextextended('seq:' || CAST(:entity_type AS text) || ':' || :entity_id, 0))"
+# The steps below are server-side functions (migration 5c1f0e2a9b7d): each is one round trip
+# for what took several, under the same locks. Casts pin the argument types for resolution.
+
+# Serialises all work on one entity for the rest of the transaction; returns (watermark,
+# parked_count), creating the row on first sight. Advisory lock, or the row's lock for
+# distributed Postgres (where advisory locks are node-local).
+LOCK_ENTITY = text(
+    "SELECT watermark, parked_count FROM sequencer.lock_entity("
+    "CAST(:entity_type AS smallint), :entity_id, :row_lock, :now)"
 )
 
-# Creates the watermark row on first sight; the primary key settles concurrent first events.
-ENSURE_ENTITY = text(
-    "INSERT INTO sequencer.entities (entity_type, entity_id, updated_at) "
-    "VALUES (:entity_type, :entity_id, :now) ON CONFLICT DO NOTHING"
+# (lowest missing MSI above the watermark, highest held MSI): a gap exists only below the latter.
+HELD_RANGE = text(
+    "SELECT lowest_missing, highest_held FROM sequencer.held_range("
+    "CAST(:entity_type AS smallint), :entity_id, CAST(:watermark AS bigint))"
 )
 
-SELECT_ENTITY = text(
-    "SELECT watermark, parked_count FROM sequencer.entities WHERE entity_type = :entity_type AND entity_id = :entity_id"
+# Makes the gap row say what is missing now; returns the missing MSI, or NULL for no gap.
+SYNC_GAP = text(
+    "SELECT sequencer.sync_gap(CAST(:entity_type AS smallint), :entity_id, CAST(:watermark AS bigint), :now) "
+    "AS awaiting"
 )
 
-# Row strategy: the watermark row itself is the lock (works on distributed Postgres).
-SELECT_ENTITY_FOR_UPDATE = text(
-    "SELECT watermark, parked_count FROM sequencer.entities "
-    "WHERE entity_type = :entity_type AND entity_id = :entity_id FOR UPDATE"
+_ACCEPT_ARGS = (
+    "CAST(:entity_type AS smallint), :entity_id, CAST(:sequence AS bigint), :transaction_id, :event, "
+    ":payload_hash, :correlation_id"
+)
+_ANSWER_ARGS = ":method, :fingerprint, :request, :response, :expires_at, :payload"
+
+# The event as QUEUED with its known answer: event row, key record and NOTIFY in one step; false
+# (nothing written) when the MSI is already held.
+ACCEPT_QUEUED = text(
+    f"SELECT sequencer.accept_queued({_ACCEPT_ARGS}, :caller_id, :idempotency_key, :now, {_ANSWER_ARGS}) AS accepted"
 )
 
-# Where the entity's gap is: the lowest MSI above the watermark that is not held, and the
-# highest held MSI (a gap exists only below it). Bounded by the parked limit, since only held
-# (PARKED/QUEUED) rows lie above the watermark.
-LOWEST_MISSING = text(
-    "SELECT (SELECT min(s.sequence) + 1 FROM ("
-    "  SELECT CAST(:watermark AS bigint) AS sequence"
-    "  UNION ALL SELECT sequence FROM sequencer.events"
-    "  WHERE entity_type = :entity_type AND entity_id = :entity_id AND sequence > :watermark"
-    ") s WHERE NOT EXISTS ("
-    "  SELECT 1 FROM sequencer.events e WHERE e.entity_type = :entity_type AND e.entity_id = :entity_id"
-    "  AND e.sequence = s.sequence + 1)) AS lowest_missing, "
-    "(SELECT max(sequence) FROM sequencer.events"
-    "  WHERE entity_type = :entity_type AND entity_id = :entity_id AND sequence > :watermark) AS highest_held"
+# The in-order submission as one statement: 'replay' with the key's live record, 'queued', or
+# 'other' (nothing written: take the general path).
+SUBMIT_IN_ORDER = text(
+    "SELECT outcome, method, fingerprint, request, response, created_at, expires_at "
+    "FROM sequencer.submit_in_order(:caller_id, :idempotency_key, :lock_timeout, :row_lock, :now, "
+    f"{_ACCEPT_ARGS}, {_ANSWER_ARGS})"
+)
+
+# Records a ledger outcome: terminal state, parked successor released, watermark advanced, lease
+# renewed, gap kept in step. Returns whether it was recorded and the released event, if any.
+RECORD_OUTCOME = text(
+    "SELECT recorded, previous_watermark, transaction_id, event, correlation_id, skip_reason "
+    "FROM sequencer.record_outcome(CAST(:entity_type AS smallint), :entity_id, CAST(:sequence AS bigint), "
+    "CAST(:state AS smallint), :reason, :reason_detail, CAST(:entity_version AS bigint), :row_lock, :now, "
+    ":origin, :owner, :lease_until)"
 )
 
 # Claims forwarding of up to :limit entities with queued work whose lease is free, expired or
@@ -95,59 +111,10 @@ _EVENT_VALUES = (
     ":caller_id, :idempotency_key, :accepted_at, :queued_at"
 )
 
-# Accepts an event whose answer is known before it is written (the in-order path) in one round
-# trip: the event row, the idempotency record with the answer, and the NOTIFY wake-up. A held
-# MSI makes the insert do nothing, and then nothing else happens either (no row comes back).
-ACCEPT_EVENT = text(
-    f"WITH ins AS (INSERT INTO sequencer.events ({_EVENT_COLUMNS}) VALUES ({_EVENT_VALUES}) "
-    "  ON CONFLICT DO NOTHING RETURNING transaction_id), "
-    "k AS (INSERT INTO sequencer.idempotency_keys (caller_id, idempotency_key, method, fingerprint, request, "
-    "  status_code, response, transaction_id, created_at, expires_at) "
-    "  SELECT :caller_id, :idempotency_key, :method, :fingerprint, :request, 0, :response, transaction_id, "
-    "  :accepted_at, :expires_at FROM ins "
-    "  ON CONFLICT (caller_id, idempotency_key) DO UPDATE SET method = excluded.method, "
-    "  fingerprint = excluded.fingerprint, request = excluded.request, status_code = excluded.status_code, "
-    "  response = excluded.response, transaction_id = excluded.transaction_id, "
-    "  created_at = excluded.created_at, expires_at = excluded.expires_at "
-    "  WHERE sequencer.idempotency_keys.expires_at <= excluded.created_at RETURNING 1) "
-    "SELECT (SELECT count(*) FROM k) AS stored, pg_notify('sequencer_events', :payload) FROM ins"
-)
-
 # Inserts an event row whose answer depends on what is then held (parked events, skips), with
 # its NOTIFY; returns nothing when the MSI is already held.
 INSERT_EVENT = text(
     f"WITH ins AS (INSERT INTO sequencer.events ({_EVENT_COLUMNS}, skip_reason) "
     f"  VALUES ({_EVENT_VALUES}, :skip_reason) ON CONFLICT DO NOTHING RETURNING transaction_id) "
     "SELECT pg_notify('sequencer_events', :payload) FROM ins"
-)
-
-# Moves a QUEUED event to its terminal state and announces it; no row when it was not QUEUED.
-COMPLETE_EVENT = text(
-    "WITH done AS (UPDATE sequencer.events SET state = :state, reason = :reason, reason_detail = :reason_detail, "
-    "  entity_version = :entity_version, processed_at = :now "
-    "  WHERE entity_type = :entity_type AND entity_id = :entity_id AND sequence = :sequence AND state = 2 "
-    "  RETURNING transaction_id) "
-    "SELECT done.transaction_id, pg_notify('sequencer_events', json_build_object("
-    "  'x', done.transaction_id, 't', CAST(:entity_type AS int), 'e', CAST(:entity_id AS text), "
-    "  's', CAST(:state AS int), 'o', CAST(:origin AS text))::text) "
-    "FROM done"
-)
-
-# Queues the parked direct successor, if there is one, and announces it; returns the whole row.
-RELEASE_PARKED = text(
-    "WITH released AS (UPDATE sequencer.events SET state = 2, queued_at = :now "
-    "  WHERE entity_type = :entity_type AND entity_id = :entity_id AND sequence = :sequence AND state = 1 "
-    "  RETURNING *) "
-    "SELECT released.*, pg_notify('sequencer_events', json_build_object("
-    "  'x', released.transaction_id, 't', CAST(:entity_type AS int), 'e', CAST(:entity_id AS text), 's', 2, "
-    "  'o', CAST(:origin AS text))::text) "
-    "  AS notified FROM released"
-)
-
-# The new watermark and outcome; the forwarding lease is renewed in the same write.
-ADVANCE_WATERMARK = text(
-    "UPDATE sequencer.entities SET watermark = :watermark, last_outcome = :last_outcome, "
-    "  last_outcome_reason = :last_outcome_reason, updated_at = :now, parked_count = parked_count - :released, "
-    "  lease_until = CASE WHEN lease_owner = :owner THEN :lease_until ELSE lease_until END "
-    "WHERE entity_type = :entity_type AND entity_id = :entity_id"
 )

@@ -7,7 +7,7 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, delete, func, or_, select, tuple_, update
+from sqlalchemy import Row, and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -26,11 +26,15 @@ def _entity(entity_type: int, entity_id: str) -> dict[str, Any]:
 # --- idempotency keys -------------------------------------------------------------------------
 
 
+def _lock_timeout(timeout: float | None) -> str:
+    """The caller's remaining deadline as a lock_timeout setting ('0': no bound)."""
+    return "0" if timeout is None else f"{max(1, int(timeout * 1000))}ms"
+
+
 async def lock_key(conn: AsyncConnection, caller: str, key: str, timeout: float | None = None) -> None:
     """Takes the key's lock; `timeout` (the caller's remaining deadline) bounds this and every
     later lock wait of the transaction."""
-    bound = "0" if timeout is None else f"{max(1, int(timeout * 1000))}ms"
-    await conn.execute(queries.LOCK_KEY, {"caller": caller, "key": key, "lock_timeout": bound})
+    await conn.execute(queries.LOCK_KEY, {"caller": caller, "key": key, "lock_timeout": _lock_timeout(timeout)})
 
 
 # Built once: the lookup runs on every request (twice on a first execution).
@@ -72,25 +76,9 @@ async def sweep_expired_keys(conn: AsyncConnection, now: dt.datetime, batch: int
 async def lock_entity(
     conn: AsyncConnection, entity_type: int, entity_id: str, strategy: str, now: dt.datetime
 ) -> Row[Any]:
-    """Serialises work on one entity for this transaction; returns (watermark, parked_count).
-
-    The one place that knows the strategies: an advisory lock (default) or the watermark row's
-    own lock (for distributed Postgres, where advisory locks are node-local).
-    """
-    params = {**_entity(entity_type, entity_id), "now": now}
-    if strategy == "advisory":
-        await conn.execute(queries.LOCK_ENTITY_ADVISORY, params)
-        row = (await conn.execute(queries.SELECT_ENTITY, params)).first()
-        if row is None:
-            await conn.execute(queries.ENSURE_ENTITY, params)
-            row = (await conn.execute(queries.SELECT_ENTITY, params)).first()
-    else:
-        row = (await conn.execute(queries.SELECT_ENTITY_FOR_UPDATE, params)).first()
-        if row is None:
-            await conn.execute(queries.ENSURE_ENTITY, params)
-            row = (await conn.execute(queries.SELECT_ENTITY_FOR_UPDATE, params)).first()
-    assert row is not None
-    return row
+    """Serialises work on one entity for this transaction; returns (watermark, parked_count)."""
+    params = {**_entity(entity_type, entity_id), "row_lock": strategy == "row", "now": now}
+    return (await conn.execute(queries.LOCK_ENTITY, params)).one()
 
 
 async def get_event(conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int) -> Row[Any] | None:
@@ -102,16 +90,17 @@ async def get_event(conn: AsyncConnection, entity_type: int, entity_id: str, seq
     return result.first()
 
 
-async def accept_event(conn: AsyncConnection, **values: Any) -> bool:
-    """Inserts the event, its idempotency record and the wake-up in one round trip; False when
-    the MSI is already held (then nothing was written)."""
-    row = (await conn.execute(queries.ACCEPT_EVENT, values)).first()
-    if row is None:
-        return False
-    if row.stored != 1:
-        # The key lock makes this unreachable; the primary key is the rule's backstop.
-        raise RuntimeError("idempotency record already exists for a key held under its lock")
-    return True
+async def accept_queued(conn: AsyncConnection, **values: Any) -> bool:
+    """Inserts the event as QUEUED, its idempotency record and the wake-up in one round trip;
+    False when the MSI is already held (then nothing was written)."""
+    return bool((await conn.execute(queries.ACCEPT_QUEUED, values)).scalar_one())
+
+
+async def submit_in_order(conn: AsyncConnection, *, strategy: str, timeout: float | None, **values: Any) -> Row[Any]:
+    """The in-order submission in one statement: ('replay', record...), ('queued', ...) or
+    ('other', ...) when the general path must decide (nothing was written)."""
+    params = {**values, "row_lock": strategy == "row", "lock_timeout": _lock_timeout(timeout)}
+    return (await conn.execute(queries.SUBMIT_IN_ORDER, params)).one()
 
 
 async def insert_event(conn: AsyncConnection, **values: Any) -> bool:
@@ -130,35 +119,18 @@ async def add_parked(conn: AsyncConnection, entity_type: int, entity_id: str, de
 
 async def held_range(conn: AsyncConnection, entity_type: int, entity_id: str, watermark: int) -> tuple[int, int | None]:
     """(lowest missing MSI above the watermark, highest held MSI or None)."""
-    row = (
-        await conn.execute(queries.LOWEST_MISSING, {**_entity(entity_type, entity_id), "watermark": watermark})
-    ).one()
+    row = (await conn.execute(queries.HELD_RANGE, {**_entity(entity_type, entity_id), "watermark": watermark})).one()
     return int(row.lowest_missing), None if row.highest_held is None else int(row.highest_held)
 
 
-async def open_gap(conn: AsyncConnection, entity_type: int, entity_id: str, watermark: int) -> int | None:
-    """The lowest missing MSI when something held waits behind it, else None (no gap)."""
-    lowest, highest = await held_range(conn, entity_type, entity_id, watermark)
-    return lowest if highest is not None and lowest < highest else None
-
-
 async def sync_gap(
-    conn: AsyncConnection, entity_type: int, entity_id: str, awaiting: int | None, now: dt.datetime
-) -> None:
-    """Makes the gap row say what is missing now: none, the same gap (kept), or a new one."""
-    where = and_(gaps.c.entity_type == entity_type, gaps.c.entity_id == entity_id)
-    if awaiting is None:
-        await conn.execute(delete(gaps).where(where))
-        return
-    stmt = pg_insert(gaps).values(
-        entity_type=entity_type, entity_id=entity_id, awaiting_sequence=awaiting, first_seen_at=now
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[gaps.c.entity_type, gaps.c.entity_id],
-        set_={"awaiting_sequence": awaiting, "first_seen_at": now, "alerted_at": None},
-        where=gaps.c.awaiting_sequence != awaiting,
-    )
-    await conn.execute(stmt)
+    conn: AsyncConnection, entity_type: int, entity_id: str, watermark: int, now: dt.datetime
+) -> int | None:
+    """Makes the gap row say what is missing above the watermark now: none, the same gap (kept)
+    or a new one; returns the missing MSI when something held waits behind it."""
+    params = {**_entity(entity_type, entity_id), "watermark": watermark, "now": now}
+    awaiting = (await conn.execute(queries.SYNC_GAP, params)).scalar_one()
+    return None if awaiting is None else int(awaiting)
 
 
 async def queued_event(conn: AsyncConnection, entity_type: int, entity_id: str) -> Row[Any] | None:
@@ -172,74 +144,39 @@ async def queued_event(conn: AsyncConnection, entity_type: int, entity_id: str) 
     return result.first()
 
 
-async def complete_event(
+async def record_outcome(
     conn: AsyncConnection,
     entity_type: int,
     entity_id: str,
     sequence: int,
     *,
+    strategy: str,
     state: int,
     reason: str | None,
     reason_detail: str | None,
     entity_version: int,
     now: dt.datetime,
     origin: str,
-) -> bool:
-    """Moves a QUEUED event to its terminal state and announces it; False when someone else
-    already did."""
-    result = await conn.execute(
-        queries.COMPLETE_EVENT,
-        {
-            **_entity(entity_type, entity_id),
-            "sequence": sequence,
-            "state": state,
-            "reason": reason,
-            "reason_detail": reason_detail,
-            "entity_version": entity_version,
-            "now": now,
-            "origin": origin,
-        },
-    )
-    return result.first() is not None
-
-
-async def advance_watermark(
-    conn: AsyncConnection,
-    entity_type: int,
-    entity_id: str,
-    watermark: int,
-    *,
-    last_outcome: int,
-    last_outcome_reason: str | None,
-    released: int,
     lease_owner: str,
     lease_until: dt.datetime,
-    now: dt.datetime,
-) -> None:
-    """The new watermark and outcome, one fewer parked event per release, the lease renewed."""
-    await conn.execute(
-        queries.ADVANCE_WATERMARK,
-        {
-            **_entity(entity_type, entity_id),
-            "watermark": watermark,
-            "last_outcome": last_outcome,
-            "last_outcome_reason": last_outcome_reason,
-            "released": released,
-            "owner": lease_owner,
-            "lease_until": lease_until,
-            "now": now,
-        },
-    )
-
-
-async def release_parked(
-    conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int, now: dt.datetime, origin: str
-) -> Row[Any] | None:
-    """Queues (and announces) the parked event with this MSI, if there is one; returns its row."""
-    result = await conn.execute(
-        queries.RELEASE_PARKED, {**_entity(entity_type, entity_id), "sequence": sequence, "now": now, "origin": origin}
-    )
-    return result.first()
+) -> Row[Any]:
+    """Records a QUEUED event's outcome under the entity's lock, releases its parked successor,
+    advances the watermark and renews the lease; returns (recorded, previous_watermark, and the
+    released event's transaction_id, event, correlation_id, skip_reason or NULLs)."""
+    params = {
+        **_entity(entity_type, entity_id),
+        "sequence": sequence,
+        "state": state,
+        "reason": reason,
+        "reason_detail": reason_detail,
+        "entity_version": entity_version,
+        "row_lock": strategy == "row",
+        "now": now,
+        "origin": origin,
+        "owner": lease_owner,
+        "lease_until": lease_until,
+    }
+    return (await conn.execute(queries.RECORD_OUTCOME, params)).one()
 
 
 # --- forwarding leases ------------------------------------------------------------------------

@@ -224,6 +224,22 @@ class Executed:
 
 
 @dataclass(frozen=True)
+class Acceptance:
+    """An event about to be accepted as QUEUED: its answer is known before the write, so one
+    step writes the event, its key record and the wake-up (`params` are that step's arguments)."""
+
+    payload_hash: bytes
+    response: sequencer_pb2.SubmitEventResponse
+    forward: QueuedEvent
+    params: dict[str, Any]
+
+    def accepted(self, effects: Effects) -> Executed:
+        effects.queued.append(self.forward)
+        effects.states.append(QUEUED)
+        return Executed(self.response, self.forward.transaction_id, stored=True)
+
+
+@dataclass(frozen=True)
 class Recorded:
     """The result of recording a ledger outcome: the next queued event, if one was released."""
 
@@ -255,13 +271,17 @@ class Sequencer:
 
     # --- transactions -------------------------------------------------------------------------
 
-    async def _transaction(self, work: Callable[[AsyncConnection, Effects], Awaitable[T]]) -> T:
+    async def _transaction(
+        self, work: Callable[[AsyncConnection, Effects], Awaitable[T]], *, single_statement: bool = False
+    ) -> T:
         """Runs `work` in one transaction; retries serialization failures, maps driver errors,
-        and carries out the effects only after commit."""
+        and carries out the effects only after commit. Work of one statement (a server-side
+        step) runs as that statement's own transaction: no BEGIN and COMMIT round trips."""
+        engine = self.reader if single_statement else self.engine
         for attempt in range(3):
             effects = Effects()
             try:
-                async with self.engine.begin() as conn:
+                async with engine.begin() as conn:
                     result = await work(conn, effects)
             except DBAPIError as exc:
                 state = sqlstate(exc)
@@ -301,10 +321,16 @@ class Sequencer:
         response_type: type[Message],
         execute: Callable[[AsyncConnection, Effects, KeyRecord], Awaitable[Executed]],
         timeout: float | None,
+        first_step: Callable[[AsyncConnection, Effects, KeyRecord], Awaitable[Executed | StoredAnswer | None]]
+        | None = None,
     ) -> Submission:
         """Replays the stored answer of (caller, key), or executes once and stores the answer in
         the same transaction as the work. The key's advisory lock makes concurrent duplicates
-        wait for the first and then replay it."""
+        wait for the first and then replay it.
+
+        `first_step`, when given, is one server-side statement that takes the same locks and
+        either finds the key's record, or executes the common case, or (None) leaves the
+        request to `execute`."""
         request_fp = fingerprint(keyless)
 
         def replay(record: StoredAnswer) -> Submission:
@@ -323,39 +349,54 @@ class Sequencer:
             self.metrics.replays.inc()
             return Submission(response_type.FromString(record.response), True, record.created_at, record.expires_at)
 
-        # A committed record never changes until it expires, so a hit needs no lock: from this
-        # process's memory, else from the database (the retry path).
+        def pending_record() -> KeyRecord:
+            now = self.clock.now()
+            expires_at = now + dt.timedelta(seconds=self.settings.idempotency_retention)
+            request = keyless.SerializeToString(deterministic=True)
+            return KeyRecord(caller, key, method, request_fp, request, now, expires_at)
+
+        def first(executed: Executed, pending: KeyRecord) -> tuple[Submission, StoredAnswer]:
+            response = executed.response.SerializeToString()
+            answer = StoredAnswer(method, request_fp, pending.request, response, pending.created_at, pending.expires_at)
+            return Submission(executed.response, False, pending.created_at, pending.expires_at), answer
+
+        # A committed record never changes until it expires, so a hit in this process's memory
+        # needs no lock.
         cached = self.answers.get(caller, key, self.clock.now())
         if cached is not None:
             return replay(cached)
-        async with self.reader.connect() as conn:
-            row = await repo.get_key_record(conn, caller, key, self.clock.now())
-        if row is not None:
-            return replay(self.answers.put(caller, key, StoredAnswer.from_row(row)))
+        if first_step is not None:
+            pending = pending_record()
+
+            async def step(conn: AsyncConnection, effects: Effects) -> Executed | StoredAnswer | None:
+                return await first_step(conn, effects, pending)
+
+            outcome = await self._transaction(step, single_statement=True)
+            if isinstance(outcome, StoredAnswer):
+                return replay(self.answers.put(caller, key, outcome))
+            if outcome is not None:
+                submission, answer = first(outcome, pending)
+                self.answers.put(caller, key, answer)
+                return submission
 
         async def work(conn: AsyncConnection, effects: Effects) -> tuple[Submission, StoredAnswer]:
-            now = self.clock.now()
+            pending = pending_record()
             await repo.lock_key(conn, caller, key, timeout)
-            row = await repo.get_key_record(conn, caller, key, now)
+            row = await repo.get_key_record(conn, caller, key, pending.created_at)
             if row is not None:  # a concurrent first execution committed meanwhile
                 answer = StoredAnswer.from_row(row)
                 return replay(answer), answer
-            expires_at = now + dt.timedelta(seconds=self.settings.idempotency_retention)
-            pending = KeyRecord(
-                caller, key, method, request_fp, keyless.SerializeToString(deterministic=True), now, expires_at
-            )
             executed = await execute(conn, effects, pending)
-            response_bytes = executed.response.SerializeToString()
+            submission, answer = first(executed, pending)
             if not executed.stored:
                 await repo.store_key_record(
                     conn,
                     **dataclasses.asdict(pending),
                     status_code=0,
-                    response=response_bytes,
+                    response=answer.response,
                     transaction_id=executed.transaction_id,
                 )
-            answer = StoredAnswer(method, request_fp, pending.request, response_bytes, now, expires_at)
-            return Submission(executed.response, False, now, expires_at), answer
+            return submission, answer
 
         submission, answer = await self._transaction(work)
         self.answers.put(caller, key, answer)  # committed: safe to remember
@@ -378,6 +419,11 @@ class Sequencer:
         logs.bind(entity_type=event.entity_type, entity_id=event.entity_id, sequence=event.sequence)
         keyless = sequencer_pb2.SubmitEventRequest(event=event)
 
+        async def in_order(
+            conn: AsyncConnection, effects: Effects, pending: KeyRecord
+        ) -> Executed | StoredAnswer | None:
+            return await self._submit_in_order(conn, effects, event, correlation_id, pending, timeout)
+
         async def execute(conn: AsyncConnection, effects: Effects, pending: KeyRecord) -> Executed:
             return await self._accept(conn, effects, event, correlation_id, pending)
 
@@ -389,11 +435,60 @@ class Sequencer:
             response_type=sequencer_pb2.SubmitEventResponse,
             execute=execute,
             timeout=timeout,
+            first_step=in_order,
         )
         response = result.response
         assert isinstance(response, sequencer_pb2.SubmitEventResponse)
         logs.bind(transaction_id=response.transaction_id, state=state_name(response.state), replayed=result.replayed)
         return result
+
+    def _queued(self, event: events_pb2.Event, correlation_id: str, pending: KeyRecord) -> Acceptance:
+        et, eid, seq = event.entity_type, event.entity_id, event.sequence
+        event_bytes = event.SerializeToString(deterministic=True)
+        payload_hash = hashlib.sha256(event_bytes).digest()
+        transaction_id = uuid.uuid4()
+        response = sequencer_pb2.SubmitEventResponse(
+            transaction_id=str(transaction_id), state=QUEUED, correlation_id=correlation_id
+        )
+        params = {
+            "entity_type": et,
+            "entity_id": eid,
+            "sequence": seq,
+            "transaction_id": transaction_id,
+            "event": event_bytes,
+            "payload_hash": payload_hash,
+            "correlation_id": correlation_id,
+            "caller_id": pending.caller_id,
+            "idempotency_key": pending.idempotency_key,
+            "now": pending.created_at,
+            "method": pending.method,
+            "fingerprint": pending.fingerprint,
+            "request": pending.request,
+            "response": response.SerializeToString(),
+            "expires_at": pending.expires_at,
+            "payload": self._payload(transaction_id, et, eid, QUEUED),
+        }
+        forward = QueuedEvent(et, eid, seq, transaction_id, event_bytes, correlation_id, None)
+        return Acceptance(payload_hash, response, forward, params)
+
+    async def _submit_in_order(
+        self,
+        conn: AsyncConnection,
+        effects: Effects,
+        event: events_pb2.Event,
+        correlation_id: str,
+        pending: KeyRecord,
+        timeout: float | None,
+    ) -> Executed | StoredAnswer | None:
+        """The common case in one statement: the key's live record (a replay), or the entity's
+        direct successor accepted as QUEUED. None: nothing written, `_accept` decides."""
+        queued = self._queued(event, correlation_id, pending)
+        row = await repo.submit_in_order(conn, strategy=self.settings.lock_strategy, timeout=timeout, **queued.params)
+        if row.outcome == "replay":
+            return StoredAnswer.from_row(row)
+        if row.outcome == "queued":
+            return queued.accepted(effects)
+        return None
 
     async def _accept(
         self,
@@ -407,66 +502,47 @@ class Sequencer:
         et, eid, seq = event.entity_type, event.entity_id, event.sequence
         now = pending.created_at
         entity = await repo.lock_entity(conn, et, eid, self.settings.lock_strategy, now)
-        event_bytes = event.SerializeToString(deterministic=True)
-        payload_hash = hashlib.sha256(event_bytes).digest()
+        queued = self._queued(event, correlation_id, pending)
+        event_bytes, payload_hash = queued.forward.event, queued.payload_hash
         if seq <= entity.watermark:
             return await self._already_held(conn, effects, event, payload_hash, correlation_id)
         if seq == entity.watermark + 1:
-            state = QUEUED
-        else:
-            if entity.parked_count >= self.settings.parked_limit:
-                if await repo.get_event(conn, et, eid, seq) is not None:
-                    return await self._already_held(conn, effects, event, payload_hash, correlation_id)
-                raise ParkedLimitReached(
-                    f"entity {eid} already holds {entity.parked_count} parked events (limit "
-                    f"{self.settings.parked_limit}); it waits for MSI {entity.watermark + 1}",
-                    entity_id=eid,
-                    limit=self.settings.parked_limit,
-                )
-            state = PARKED
+            # The answer is known before the write: one step writes the event, its key record
+            # and the wake-up.
+            if not await repo.accept_queued(conn, **queued.params):
+                return await self._already_held(conn, effects, event, payload_hash, correlation_id)
+            if entity.parked_count > 0:
+                await repo.sync_gap(conn, et, eid, entity.watermark, now)
+            return queued.accepted(effects)
+        if entity.parked_count >= self.settings.parked_limit:
+            if await repo.get_event(conn, et, eid, seq) is not None:
+                return await self._already_held(conn, effects, event, payload_hash, correlation_id)
+            raise ParkedLimitReached(
+                f"entity {eid} already holds {entity.parked_count} parked events (limit "
+                f"{self.settings.parked_limit}); it waits for MSI {entity.watermark + 1}",
+                entity_id=eid,
+                limit=self.settings.parked_limit,
+            )
         transaction_id = uuid.uuid4()
         row = {
             "entity_type": et,
             "entity_id": eid,
             "sequence": seq,
             "transaction_id": transaction_id,
-            "state": state,
+            "state": PARKED,
             "event": event_bytes,
             "payload_hash": payload_hash,
             "correlation_id": correlation_id,
             "caller_id": pending.caller_id,
             "idempotency_key": pending.idempotency_key,
             "accepted_at": now,
-            "queued_at": now if state == QUEUED else None,
-            "payload": self._payload(transaction_id, et, eid, state),
+            "queued_at": None,
+            "payload": self._payload(transaction_id, et, eid, PARKED),
         }
-        if state == QUEUED:
-            # The in-order path: the answer is known before the write, so the event, its key
-            # record and the wake-up go in one statement.
-            response = sequencer_pb2.SubmitEventResponse(
-                transaction_id=str(transaction_id), state=QUEUED, correlation_id=correlation_id
-            )
-            accepted = await repo.accept_event(
-                conn,
-                **row,
-                method=pending.method,
-                fingerprint=pending.fingerprint,
-                request=pending.request,
-                response=response.SerializeToString(),
-                expires_at=pending.expires_at,
-            )
-            if not accepted:
-                return await self._already_held(conn, effects, event, payload_hash, correlation_id)
-            if entity.parked_count > 0:
-                await repo.sync_gap(conn, et, eid, await repo.open_gap(conn, et, eid, entity.watermark), now)
-            effects.queued.append(QueuedEvent(et, eid, seq, transaction_id, event_bytes, correlation_id, None))
-            effects.states.append(QUEUED)
-            return Executed(response, transaction_id, stored=True)
         if not await repo.insert_event(conn, **row):
             return await self._already_held(conn, effects, event, payload_hash, correlation_id)
         await repo.add_parked(conn, et, eid, 1, now)
-        gap = await repo.open_gap(conn, et, eid, entity.watermark)
-        await repo.sync_gap(conn, et, eid, gap, now)
+        gap = await repo.sync_gap(conn, et, eid, entity.watermark, now)
         effects.states.append(PARKED)
         response = sequencer_pb2.SubmitEventResponse(
             transaction_id=str(transaction_id),
@@ -535,51 +611,38 @@ class Sequencer:
 
         async def work(conn: AsyncConnection, effects: Effects) -> Recorded:
             now = self.clock.now()
-            entity = await repo.lock_entity(conn, entity_type, entity_id, self.settings.lock_strategy, now)
-            done = await repo.complete_event(
+            row = await repo.record_outcome(
                 conn,
                 entity_type,
                 entity_id,
                 sequence,
+                strategy=self.settings.lock_strategy,
                 state=state,
                 reason=reason or None,
                 reason_detail=reason_detail or None,
                 entity_version=entity_version,
                 now=now,
                 origin=self.instance,
-            )
-            if not done:
-                return Recorded(False, None)
-            if entity.watermark != sequence - 1:
-                log.error(
-                    "watermark out of step with the queued event",
-                    extra={"entity_id": entity_id, "watermark": entity.watermark, "sequence": sequence},
-                )
-            effects.states.append(state)
-            released = None
-            if entity.parked_count > 0:
-                released = await repo.release_parked(conn, entity_type, entity_id, sequence + 1, now, self.instance)
-            await repo.advance_watermark(
-                conn,
-                entity_type,
-                entity_id,
-                sequence,
-                last_outcome=state,
-                last_outcome_reason=reason or None,
-                released=1 if released is not None else 0,
                 lease_owner=lease_owner,
                 lease_until=now + dt.timedelta(seconds=self.settings.forwarder_lease),
-                now=now,
             )
-            if entity.parked_count > 0:
-                gap = await repo.open_gap(conn, entity_type, entity_id, sequence)
-                await repo.sync_gap(conn, entity_type, entity_id, gap, now)
-            if released is None:
+            if not row.recorded:
+                return Recorded(False, None)
+            if row.previous_watermark != sequence - 1:
+                log.error(
+                    "watermark out of step with the queued event",
+                    extra={"entity_id": entity_id, "watermark": row.previous_watermark, "sequence": sequence},
+                )
+            effects.states.append(state)
+            if row.transaction_id is None:
                 return Recorded(True, None)
             effects.states.append(QUEUED)
-            return Recorded(True, QueuedEvent.from_row(released))
+            released = QueuedEvent(
+                entity_type, entity_id, sequence + 1, row.transaction_id, row.event, row.correlation_id, row.skip_reason
+            )
+            return Recorded(True, released)
 
-        result = await self._transaction(work)
+        result = await self._transaction(work, single_statement=True)
         if result.recorded:
             self.metrics.ledger_outcomes.labels(state_name(state)).inc()
         return result
@@ -640,7 +703,7 @@ class Sequencer:
                 await repo.add_parked(conn, et, eid, 1, now)
             else:
                 effects.queued.append(QueuedEvent(et, eid, seq, transaction_id, marker_bytes, correlation_id, reason))
-            await repo.sync_gap(conn, et, eid, await repo.open_gap(conn, et, eid, entity.watermark), now)
+            await repo.sync_gap(conn, et, eid, entity.watermark, now)
             log.warning(
                 "sequence skipped by operator",
                 extra={"skipped_by": caller, "skip_reason": reason, "transaction_id": str(transaction_id)},

@@ -19,7 +19,7 @@ from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.clock import ManualClock
 from sequencer.models import events, idempotency_keys
 from sequencer.server import App, build_server
-from tests.support import error_info, shipment_event, submit_request, trailing
+from tests.support import error_info, shipment_event, submit_request, trailing, with_overrides
 
 
 @pytest.fixture
@@ -205,6 +205,34 @@ async def test_replay_survives_a_restart(sequencer_settings: Any) -> None:
     finally:
         await second_app.stop(0)
     assert first.SerializeToString() == second.SerializeToString()
+
+
+async def test_database_answers_every_retry_without_the_answer_cache(sequencer_settings: Any) -> None:
+    """With no in-process cache, every retry is answered from the stored record: for an event
+    the in-order step accepted (QUEUED) and for one the general path accepted (PARKED)."""
+    app = await build_server(with_overrides(sequencer_settings, answer_cache_size=0), run_forwarder=False)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = sequencer_pb2_grpc.SequencerServiceStub(channel)
+            for sequence, key, state in (
+                (1, "k-nc-1", events_pb2.EVENT_STATE_QUEUED),
+                (3, "k-nc-3", events_pb2.EVENT_STATE_PARKED),
+            ):
+                request = submit_request(shipment_event("SHP-NC", sequence, "shipment_created"), request_id=key)
+                first = await stub.SubmitEvent(request, timeout=5)
+                assert first.state == state
+                for _ in range(2):
+                    call = stub.SubmitEvent(request, timeout=5)
+                    assert (await call).SerializeToString() == first.SerializeToString()
+                    assert (await trailing(call))["idempotency-replayed"] == "true"
+                other = shipment_event("SHP-NC", sequence, "shipment_created", order_id="ORD-OTHER")
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.SubmitEvent(submit_request(other, request_id=key), timeout=5)
+                assert error_info(caught.value).reason == "IDEMPOTENCY_KEY_REUSED"
+        assert await count(app, events) == 2
+        assert await count(app, idempotency_keys) == 2
+    finally:
+        await app.stop(0)
 
 
 async def test_expiry_sweeper_and_msi_rules_after_expiry(sequencer_settings: Any) -> None:
