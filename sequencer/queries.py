@@ -42,6 +42,14 @@ _ACCEPT_ARGS = (
 )
 _ANSWER_ARGS = ":method, :fingerprint, :request, :response, :expires_at, :payload"
 
+# Holds a parked event or a skip marker (row, NOTIFY, parked count, gap); returns (held, the MSI
+# then missing or NULL); not held, nothing written, when the MSI is already held.
+HOLD_EVENT = text(
+    "SELECT held, awaiting FROM sequencer.hold_event(CAST(:entity_type AS smallint), :entity_id, "
+    "CAST(:sequence AS bigint), :transaction_id, CAST(:state AS smallint), :event, :payload_hash, :correlation_id, "
+    ":caller_id, :idempotency_key, :skip_reason, CAST(:watermark AS bigint), :now, :payload)"
+)
+
 # The event as QUEUED with its known answer: event row, key record and NOTIFY in one step; false
 # (nothing written) when the MSI is already held.
 ACCEPT_QUEUED = text(
@@ -100,21 +108,4 @@ SWEEP_EXPIRED_KEYS = text(
     "  SELECT caller_id, idempotency_key FROM sequencer.idempotency_keys"
     "  WHERE expires_at <= :now ORDER BY expires_at LIMIT :batch FOR UPDATE SKIP LOCKED"
     ") d WHERE k.caller_id = d.caller_id AND k.idempotency_key = d.idempotency_key"
-)
-
-_EVENT_COLUMNS = (
-    "entity_type, entity_id, sequence, transaction_id, state, event, payload_hash, correlation_id, "
-    "caller_id, idempotency_key, accepted_at, queued_at"
-)
-_EVENT_VALUES = (
-    ":entity_type, :entity_id, :sequence, :transaction_id, :state, :event, :payload_hash, :correlation_id, "
-    ":caller_id, :idempotency_key, :accepted_at, :queued_at"
-)
-
-# Inserts an event row whose answer depends on what is then held (parked events, skips), with
-# its NOTIFY; returns nothing when the MSI is already held.
-INSERT_EVENT = text(
-    f"WITH ins AS (INSERT INTO sequencer.events ({_EVENT_COLUMNS}, skip_reason) "
-    f"  VALUES ({_EVENT_VALUES}, :skip_reason) ON CONFLICT DO NOTHING RETURNING transaction_id) "
-    "SELECT pg_notify('sequencer_events', :payload) FROM ins"
 )

@@ -103,18 +103,12 @@ async def submit_in_order(conn: AsyncConnection, *, strategy: str, timeout: floa
     return (await conn.execute(queries.SUBMIT_IN_ORDER, params)).one()
 
 
-async def insert_event(conn: AsyncConnection, **values: Any) -> bool:
-    """Inserts an event row and its wake-up; False when the MSI is already held."""
+async def hold_event(conn: AsyncConnection, **values: Any) -> tuple[bool, int | None]:
+    """Holds a parked event or a skip marker (row, wake-up, parked count, gap) in one round
+    trip; returns (held, the MSI the entity then misses); not held when the MSI already is."""
     values.setdefault("skip_reason", None)
-    return (await conn.execute(queries.INSERT_EVENT, values)).first() is not None
-
-
-async def add_parked(conn: AsyncConnection, entity_type: int, entity_id: str, delta: int, now: dt.datetime) -> None:
-    await conn.execute(
-        update(entities)
-        .where(entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
-        .values(parked_count=entities.c.parked_count + delta, updated_at=now)
-    )
+    row = (await conn.execute(queries.HOLD_EVENT, values)).one()
+    return bool(row.held), None if row.awaiting is None else int(row.awaiting)
 
 
 async def held_range(conn: AsyncConnection, entity_type: int, entity_id: str, watermark: int) -> tuple[int, int | None]:

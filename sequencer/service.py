@@ -524,25 +524,24 @@ class Sequencer:
                 limit=self.settings.parked_limit,
             )
         transaction_id = uuid.uuid4()
-        row = {
-            "entity_type": et,
-            "entity_id": eid,
-            "sequence": seq,
-            "transaction_id": transaction_id,
-            "state": PARKED,
-            "event": event_bytes,
-            "payload_hash": payload_hash,
-            "correlation_id": correlation_id,
-            "caller_id": pending.caller_id,
-            "idempotency_key": pending.idempotency_key,
-            "accepted_at": now,
-            "queued_at": None,
-            "payload": self._payload(transaction_id, et, eid, PARKED),
-        }
-        if not await repo.insert_event(conn, **row):
+        held, gap = await repo.hold_event(
+            conn,
+            entity_type=et,
+            entity_id=eid,
+            sequence=seq,
+            transaction_id=transaction_id,
+            state=PARKED,
+            event=event_bytes,
+            payload_hash=payload_hash,
+            correlation_id=correlation_id,
+            caller_id=pending.caller_id,
+            idempotency_key=pending.idempotency_key,
+            watermark=entity.watermark,
+            now=now,
+            payload=self._payload(transaction_id, et, eid, PARKED),
+        )
+        if not held:
             return await self._already_held(conn, effects, event, payload_hash, correlation_id)
-        await repo.add_parked(conn, et, eid, 1, now)
-        gap = await repo.sync_gap(conn, et, eid, entity.watermark, now)
         effects.states.append(PARKED)
         response = sequencer_pb2.SubmitEventResponse(
             transaction_id=str(transaction_id),
@@ -682,7 +681,7 @@ class Sequencer:
             transaction_id = uuid.uuid4()
             marker = events_pb2.Event(entity_type=et, entity_id=eid, sequence=seq, source=f"skip by {caller}")
             marker_bytes = marker.SerializeToString(deterministic=True)
-            await repo.insert_event(
+            await repo.hold_event(
                 conn,
                 entity_type=et,
                 entity_id=eid,
@@ -695,15 +694,12 @@ class Sequencer:
                 caller_id=caller,
                 idempotency_key=key,
                 skip_reason=reason,
-                accepted_at=now,
-                queued_at=now if state == QUEUED else None,
+                watermark=entity.watermark,
+                now=now,
                 payload=self._payload(transaction_id, et, eid, state),
             )
-            if state == PARKED:
-                await repo.add_parked(conn, et, eid, 1, now)
-            else:
+            if state == QUEUED:
                 effects.queued.append(QueuedEvent(et, eid, seq, transaction_id, marker_bytes, correlation_id, reason))
-            await repo.sync_gap(conn, et, eid, entity.watermark, now)
             log.warning(
                 "sequence skipped by operator",
                 extra={"skipped_by": caller, "skip_reason": reason, "transaction_id": str(transaction_id)},

@@ -85,6 +85,34 @@ BEGIN
         WHERE g.awaiting_sequence <> excluded.awaiting_sequence;
     RETURN v_lowest;
 END $$""",
+    # Holds an event whose answer depends on what is then held (a parked event, an operator's
+    # skip marker): the event row and its NOTIFY, the parked count, the gap kept in step.
+    # Returns whether it was held (false, nothing written: the MSI is already held) and the
+    # MSI the entity then misses (NULL: no gap).
+    """
+CREATE FUNCTION sequencer.hold_event(
+    p_type smallint, p_id text, p_sequence bigint, p_transaction_id uuid, p_state smallint,
+    p_event bytea, p_payload_hash bytea, p_correlation_id text, p_caller text, p_key text,
+    p_skip_reason text, p_watermark bigint, p_now timestamptz, p_payload text,
+    OUT held boolean, OUT awaiting bigint)
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO sequencer.events (entity_type, entity_id, sequence, transaction_id, state, event,
+        payload_hash, correlation_id, caller_id, idempotency_key, skip_reason, accepted_at, queued_at)
+    VALUES (p_type, p_id, p_sequence, p_transaction_id, p_state, p_event, p_payload_hash,
+        p_correlation_id, p_caller, p_key, p_skip_reason, p_now, CASE WHEN p_state = 2 THEN p_now END)
+    ON CONFLICT DO NOTHING;
+    held := FOUND;
+    IF NOT held THEN
+        RETURN;
+    END IF;
+    PERFORM pg_notify('sequencer_events', p_payload);
+    IF p_state = 1 THEN
+        UPDATE sequencer.entities SET parked_count = parked_count + 1, updated_at = p_now
+        WHERE entity_type = p_type AND entity_id = p_id;
+    END IF;
+    awaiting := sequencer.sync_gap(p_type, p_id, p_watermark, p_now);
+END $$""",
     # Accepts an event as QUEUED with its answer, known before the write: the event row, the
     # idempotency record (replacing an expired one) and the NOTIFY wake-up. False, and nothing
     # written, when the MSI is already held.
@@ -220,6 +248,8 @@ SIGNATURES = [
     "text, text, bytea, bytea, bytea, timestamptz, text)",
     "sequencer.accept_queued(smallint, text, bigint, uuid, bytea, bytea, text, text, text, timestamptz, text, bytea, "
     "bytea, bytea, timestamptz, text)",
+    "sequencer.hold_event(smallint, text, bigint, uuid, smallint, bytea, bytea, text, text, text, text, bigint, "
+    "timestamptz, text)",
     "sequencer.sync_gap(smallint, text, bigint, timestamptz)",
     "sequencer.held_range(smallint, text, bigint)",
     "sequencer.lock_entity(smallint, text, boolean, timestamptz)",
