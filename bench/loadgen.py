@@ -203,12 +203,52 @@ async def hot_set(run: Run) -> None:
     await asyncio.gather(*(caller() for _ in range(int(run.spec["concurrency"]))))
 
 
+TERMINAL = frozenset(
+    {int(events_pb2.EVENT_STATE_APPLIED), int(events_pb2.EVENT_STATE_REJECTED), int(events_pb2.EVENT_STATE_SKIPPED)}
+)
+
+
+async def drained(run: Run, answered: list[Sent], timeout: float = 120.0) -> float:
+    """Waits until each entity's last answered event is terminal (an entity applies in MSI
+    order, so then all of its events are); returns the seconds waited."""
+    last: dict[int, Sent] = {}
+    for sent in answered:
+        if sent.transaction_id and (sent.entity not in last or sent.sequence > last[sent.entity].sequence):
+            last[sent.entity] = sent
+    waiting = list(last.values())
+    metadata = (("x-client-id", CALLER),)
+    gate = asyncio.Semaphore(int(run.spec["concurrency"]))
+    started = time.monotonic()
+
+    async def open_(sent: Sent) -> bool:
+        async with gate:
+            call = cast(
+                "grpc.aio.UnaryUnaryCall[sequencer_pb2.GetEventStatusRequest, sequencer_pb2.GetEventStatusResponse]",
+                run.stub.GetEventStatus(
+                    sequencer_pb2.GetEventStatusRequest(transaction_id=sent.transaction_id),
+                    metadata=metadata,
+                    timeout=DEADLINE,
+                ),
+            )
+            reply: sequencer_pb2.GetEventStatusResponse = await call
+        return int(reply.status.state) not in TERMINAL
+
+    while waiting and time.monotonic() - started < timeout:
+        still = await asyncio.gather(*(open_(s) for s in waiting))
+        waiting = [s for s, is_open in zip(waiting, still, strict=True) if is_open]
+        if waiting:
+            await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
 async def replay_burst(run: Run, seconds: float) -> dict[str, Any]:
     """Re-sends already answered requests (same key, same payload) at full concurrency: the
-    replay path alone."""
+    replay path alone, once the backlog of the load phase has drained (else the burst would
+    share the machine with the forwarder)."""
     answered = [s for s in run.sent if s.phase == "main" and not s.error]
     if not answered:
         return {"count": 0, "elapsed": 0.0}
+    waited = await drained(run, answered)
     deadline = time.monotonic() + seconds
     started = time.perf_counter()
 
@@ -219,7 +259,7 @@ async def replay_burst(run: Run, seconds: float) -> dict[str, Any]:
             run.check_replay(first, again)
 
     await asyncio.gather(*(caller() for _ in range(int(run.spec["concurrency"]))))
-    return {"elapsed": time.perf_counter() - started}
+    return {"elapsed": time.perf_counter() - started, "drain_wait": waited}
 
 
 async def duplicate_storm(run: Run) -> dict[str, Any]:

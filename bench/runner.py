@@ -288,6 +288,7 @@ class Bench:
                 "submit_to_applied_latency": s2a_summary,
                 "replay_latency": report.latency_summary([r[4] for r in replay_records]),
                 "replays": len(replay_records),
+                "replay_burst_waited_for_drain_seconds": result.get("replay_burst", {}).get("drain_wait"),
                 "parked_on_arrival": parked,
                 "parked_fraction": round(parked / len(creating), 3) if creating else None,
                 "transient_retries": result.get("retried", 0),
