@@ -48,7 +48,8 @@ SELECT s.outcome, w.next AS seq FROM (SELECT watermark + 1 AS next FROM {SEQ}.en
     decode('0a1e{EVENT_HEX}', 'hex'), decode('0a2430', 'hex'), now() + interval '48 hours',
     '{{"x":"00000000-0000-0000-0000-000000000000","t":2,"e":"pgb","s":2}}') s \\gset
 -- 2. ledger ApplyEvent: entity lock, one read of the version, this MSI's history row and the
---    touched balances, the balance write, then the version CAS and the history row in one.
+--    touched balances, then one statement for the balance write, the version CAS and the
+--    history row.
 BEGIN;
 SELECT pg_advisory_xact_lock(hashtextextended('ledger:' || '2' || ':' || {ENTITY}, 0));
 SELECT COALESCE(v.version, 0) AS version, h.sequence AS processed_sequence, h.payload_hash,
@@ -57,10 +58,12 @@ SELECT COALESCE(v.version, 0) AS version, h.sequence AS processed_sequence, h.pa
     LEFT JOIN {LED}.entity_history h ON h.entity_type = 2 AND h.entity_id = {ENTITY} AND h.sequence =
     :seq
     LEFT JOIN {LED}.inventory_balances b ON b.sku = {ENTITY} AND b.location = ANY(ARRAY['A']) \\gset
-INSERT INTO {LED}.inventory_balances (sku, location, on_hand, reserved, updated_at) VALUES
-    ({ENTITY}, 'A', :on_hand + 5, :reserved, now()) ON CONFLICT (sku, location) DO UPDATE SET
-    on_hand = excluded.on_hand, reserved = excluded.reserved, updated_at = excluded.updated_at;
-WITH advanced AS (INSERT INTO {LED}.entity_versions AS v (entity_type, entity_id, version,
+WITH w0 AS (INSERT INTO {LED}.inventory_balances (sku, location, on_hand, reserved, updated_at)
+    SELECT CAST({ENTITY} AS text), t.location, t.on_hand, t.reserved, now() FROM
+    unnest(ARRAY['A'], ARRAY[:on_hand + 5]::bigint[], ARRAY[:reserved]::bigint[]) AS t(location,
+    on_hand, reserved) ON CONFLICT (sku, location) DO UPDATE SET on_hand = excluded.on_hand,
+    reserved = excluded.reserved, updated_at = excluded.updated_at),
+  advanced AS (INSERT INTO {LED}.entity_versions AS v (entity_type, entity_id, version,
     updated_at) VALUES (2, {ENTITY}, :version + 1, now()) ON CONFLICT (entity_type, entity_id) DO
     UPDATE SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at WHERE v.version =
     :version RETURNING v.version)

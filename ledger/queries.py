@@ -1,17 +1,19 @@
 """The concurrency-critical SQL of the ledger, named, each with why it is written this way.
 
 One ApplyEvent is, in order: BEGIN, the entity lock, one read of everything the event needs,
-the state write (if the rule accepts), one compare-and-set that also appends the history row,
-COMMIT. The read is a statement of its own after the lock: in READ COMMITTED a statement that
-waits for a lock keeps the snapshot it took before the wait, so a read folded into the lock
-statement could miss the commit of the transaction it waited for.
+one statement that writes the new state (if the rule accepts), moves the version by
+compare-and-set and appends the history row, COMMIT. The read is a statement of its own after
+the lock: in READ COMMITTED a statement that waits for a lock keeps the snapshot it took before
+the wait, so a read folded into the lock statement could miss the commit of the transaction it
+waited for.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ledger.models import shipments
@@ -70,13 +72,13 @@ LOAD_INVENTORY_HEAD: Final = text(
     "ON b.sku = :entity_id AND (b.location = ANY(CAST(:locations AS text[])) OR b.location = r.location)"
 )
 
-# The compare-and-set and the history row in one statement: the version moves from :expected to
-# :sequence and nothing else, and the history row is inserted only from the CAS's RETURNING. Under
-# the entity lock it always matches; if it does not (a writer without the lock), no row is
-# returned, nothing is written, and the transaction is retried instead of overwriting. (The casts:
-# parameters in a SELECT list take no type from the columns they are inserted into.)
-RECORD_EVENT: Final = text(
-    "WITH advanced AS ("
+# The compare-and-set and the history row: the version moves from :expected to :sequence and
+# nothing else, and the history row is inserted only from the CAS's RETURNING. Under the entity
+# lock it always matches; if it does not (a writer without the lock), no row is returned and the
+# transaction is retried instead of overwriting. (The casts: parameters in a SELECT list take no
+# type from the columns they are inserted into.)
+_ADVANCE_AND_RECORD: Final = (
+    "advanced AS ("
     "INSERT INTO ledger.entity_versions AS v (entity_type, entity_id, version, updated_at) "
     "VALUES (:entity_type, :entity_id, :sequence, :processed_at) "
     "ON CONFLICT (entity_type, entity_id) DO UPDATE "
@@ -92,6 +94,46 @@ RECORD_EVENT: Final = text(
     "FROM advanced "
     "RETURNING sequence"
 )
+
+# State writes that go in front of the compare-and-set, as parts of the same statement. They run
+# whether or not the CAS matches; when it does not, the statement returns no row and the
+# transaction rolls back, taking them with it.
+_SHIPMENT_COLUMNS: Final = tuple(c.name for c in shipments.c)
+SAVE_SHIPMENT: Final = (
+    f"INSERT INTO ledger.shipments ({', '.join(_SHIPMENT_COLUMNS)}) "
+    f"VALUES ({', '.join(':' + c for c in _SHIPMENT_COLUMNS)}) "
+    "ON CONFLICT (shipment_id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _SHIPMENT_COLUMNS if c not in ("shipment_id", "created_at"))
+)
+
+# One statement whatever the number of touched locations (one or two): the rows go as parallel
+# arrays, in location order.
+SAVE_BALANCES: Final = (
+    "INSERT INTO ledger.inventory_balances (sku, location, on_hand, reserved, updated_at) "
+    "SELECT CAST(:sku AS text), t.location, t.on_hand, t.reserved, CAST(:updated_at AS timestamptz) "
+    "FROM unnest(CAST(:locations AS text[]), CAST(:on_hand AS bigint[]), CAST(:reserved AS bigint[])) "
+    "AS t(location, on_hand, reserved) "
+    "ON CONFLICT (sku, location) DO UPDATE "
+    "SET on_hand = EXCLUDED.on_hand, reserved = EXCLUDED.reserved, updated_at = EXCLUDED.updated_at"
+)
+
+OPEN_RESERVATION: Final = (
+    "INSERT INTO ledger.inventory_reservations (sku, reservation_id, location, quantity, created_at) "
+    "VALUES (:sku, :reservation_id, :location, :quantity, :at)"
+)
+
+RELEASE_RESERVATION: Final = (
+    "UPDATE ledger.inventory_reservations SET released_at = :at WHERE sku = :sku AND reservation_id = :reservation_id"
+)
+
+
+@functools.cache
+def record_event(writes: tuple[str, ...] = ()) -> TextClause:
+    """The state writes (none for a rejection or a skip), the compare-and-set and the history
+    row, as one statement: one round trip for the whole change."""
+    parts = [f"w{i} AS ({sql})" for i, sql in enumerate(writes)]
+    return text("WITH " + ", ".join([*parts, _ADVANCE_AND_RECORD]))
+
 
 LOCK_STRATEGIES: Final = ("advisory", "row")
 

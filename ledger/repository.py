@@ -8,10 +8,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from sqlalchemy import RowMapping, and_, bindparam, func, literal, select, text
-from sqlalchemy.dialects.postgresql import Insert, insert
+from sqlalchemy import RowMapping, and_, func, literal, select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -113,10 +112,21 @@ async def load_head(conn: AsyncConnection, entity_type: int, entity_id: str, seq
     return _head(row._mapping, entity_type, entity_id)
 
 
-async def record_event(conn: AsyncConnection, expected: int, record: HistoryRecord) -> None:
-    """Moves the version from `expected` to the record's MSI and appends the record, in one
-    statement that writes nothing unless the compare-and-set matches."""
-    params = {
+@dataclass(frozen=True)
+class StateWrite:
+    """A write of the new state, made in the statement that moves the version (named SQL of
+    queries.py and its parameters)."""
+
+    sql: str
+    params: dict[str, Any]
+
+
+async def record_event(
+    conn: AsyncConnection, expected: int, record: HistoryRecord, writes: Sequence[StateWrite] = ()
+) -> None:
+    """Writes the new state, moves the version from `expected` to the record's MSI and appends
+    the record, in one statement that fails as a whole unless the compare-and-set matches."""
+    params: dict[str, Any] = {
         "entity_type": record.entity_type,
         "entity_id": record.entity_id,
         "sequence": record.sequence,
@@ -132,8 +142,12 @@ async def record_event(conn: AsyncConnection, expected: int, record: HistoryReco
         "processed_at": record.processed_at,
         "payload_hash": record.payload_hash,
     }
-    if (await conn.execute(queries.RECORD_EVENT, params)).first() is None:
-        # Only possible if something wrote the entity without its lock: read again and retry.
+    for write in writes:
+        params.update(write.params)
+    statement = queries.record_event(tuple(write.sql for write in writes))
+    if (await conn.execute(statement, params)).first() is None:
+        # Only possible if something wrote the entity without its lock: the state writes roll
+        # back with the transaction; read again and retry.
         raise Retryable("entity version moved concurrently", entity_id=record.entity_id)
 
 
@@ -199,21 +213,9 @@ async def load_shipment_head(
     return _head(m, SHIPMENT, shipment_id), None if m["shipment_id"] is None else _shipment(m)
 
 
-def _shipment_upsert() -> Insert:
+def shipment_write(shipment: domain.Shipment) -> StateWrite:
     """Every field is written; the key and the creation time never change."""
-    stmt = insert(shipments).values({c.name: bindparam(c.name, type_=c.type) for c in shipments.c})
-    return stmt.on_conflict_do_update(
-        index_elements=[shipments.c.shipment_id],
-        set_={name: stmt.excluded[name] for name in _SHIPMENT_FIELDS if name not in {"shipment_id", "created_at"}},
-    )
-
-
-# Built once at import, not per call.
-_SAVE_SHIPMENT: Final = _shipment_upsert()
-
-
-async def save_shipment(conn: AsyncConnection, shipment: domain.Shipment) -> None:
-    await conn.execute(_SAVE_SHIPMENT, {**shipment.__dict__, "status": int(shipment.status)})
+    return StateWrite(queries.SAVE_SHIPMENT, {**shipment.__dict__, "status": int(shipment.status)})
 
 
 async def get_shipment_view(conn: AsyncConnection, shipment_id: str) -> tuple[domain.Shipment, int] | None:
@@ -268,53 +270,36 @@ async def load_inventory_head(
     return _head(first, INVENTORY_ITEM, sku), domain.InventoryState(balances, reservations)
 
 
-# One statement whatever the number of touched locations (one or two): the rows go as parallel
-# arrays, in location order as before.
-_SAVE_BALANCES: Final = text(
-    "INSERT INTO ledger.inventory_balances (sku, location, on_hand, reserved, updated_at) "
-    "SELECT CAST(:sku AS text), t.location, t.on_hand, t.reserved, CAST(:updated_at AS timestamptz) "
-    "FROM unnest(CAST(:locations AS text[]), CAST(:on_hand AS bigint[]), CAST(:reserved AS bigint[])) "
-    "AS t(location, on_hand, reserved) "
-    "ON CONFLICT (sku, location) DO UPDATE "
-    "SET on_hand = EXCLUDED.on_hand, reserved = EXCLUDED.reserved, updated_at = EXCLUDED.updated_at"
-)
-
-_OPEN_RESERVATION: Final = text(
-    "INSERT INTO ledger.inventory_reservations (sku, reservation_id, location, quantity, created_at) "
-    "VALUES (:sku, :reservation_id, :location, :quantity, :at)"
-)
-
-_RELEASE_RESERVATION: Final = text(
-    "UPDATE ledger.inventory_reservations SET released_at = :at WHERE sku = :sku AND reservation_id = :reservation_id"
-)
-
-
-async def save_inventory_effect(
-    conn: AsyncConnection, sku: str, effect: domain.InventoryEffect, at: dt.datetime
-) -> None:
-    """Writes the new values of the touched rows (computed under the entity lock)."""
+def inventory_writes(sku: str, effect: domain.InventoryEffect, at: dt.datetime) -> list[StateWrite]:
+    """The new values of the touched rows (computed under the entity lock)."""
+    writes: list[StateWrite] = []
     if effect.balances:
         touched = sorted(effect.balances.items())
-        await conn.execute(
-            _SAVE_BALANCES,
-            {
-                "sku": sku,
-                "updated_at": at,
-                "locations": [loc for loc, _ in touched],
-                "on_hand": [b.on_hand for _, b in touched],
-                "reserved": [b.reserved for _, b in touched],
-            },
-        )
+        params = {
+            "sku": sku,
+            "updated_at": at,
+            "locations": [loc for loc, _ in touched],
+            "on_hand": [b.on_hand for _, b in touched],
+            "reserved": [b.reserved for _, b in touched],
+        }
+        writes.append(StateWrite(queries.SAVE_BALANCES, params))
     r = effect.reservation
     if r is None:
-        return
+        return writes
     if r.released:
-        await conn.execute(_RELEASE_RESERVATION, {"sku": sku, "reservation_id": r.reservation_id, "at": at})
-    else:
-        await conn.execute(
-            _OPEN_RESERVATION,
-            {"sku": sku, "reservation_id": r.reservation_id, "location": r.location, "quantity": r.quantity, "at": at},
+        writes.append(
+            StateWrite(queries.RELEASE_RESERVATION, {"sku": sku, "reservation_id": r.reservation_id, "at": at})
         )
+    else:
+        params = {
+            "sku": sku,
+            "reservation_id": r.reservation_id,
+            "location": r.location,
+            "quantity": r.quantity,
+            "at": at,
+        }
+        writes.append(StateWrite(queries.OPEN_RESERVATION, params))
+    return writes
 
 
 async def get_inventory_view(conn: AsyncConnection, sku: str, location: str | None) -> InventoryView | None:

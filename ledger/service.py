@@ -299,10 +299,15 @@ class Ledger:
             )
         now = self.now()
         rejection: domain.Rejection | None = None
+        writes: list[repository.StateWrite] = []
         if ev.skip_reason:
             outcome = Outcome.SKIPPED
         else:
-            rejection = await self._change_state(conn, ev, state, now)
+            decided = self._decide(ev, state, now)
+            if isinstance(decided, domain.Rejection):
+                rejection = decided
+            else:
+                writes = decided
             outcome = Outcome.APPLIED if rejection is None else Outcome.REJECTED
         reason = rejection.reason if rejection else ""
         detail = rejection.detail if rejection else ev.skip_reason
@@ -325,31 +330,29 @@ class Ledger:
                 processed_at=now,
                 payload_hash=ev.payload_hash,
             ),
+            writes,
         )
         return ApplyResult(outcome, None, reason, detail, ev.sequence, now)
 
-    async def _change_state(
+    def _decide(
         self,
-        conn: AsyncConnection,
         ev: ParsedEvent,
         current: domain.Shipment | domain.InventoryState | None,
         now: dt.datetime,
-    ) -> domain.Rejection | None:
-        """Applies the domain rule to the state read under the lock and writes the new state;
-        the rejection if the rule refuses."""
+    ) -> domain.Rejection | list[repository.StateWrite]:
+        """Applies the domain rule to the state read under the lock: the rejection if the rule
+        refuses, else the writes of the new state."""
         if ev.shipment is not None:
             assert current is None or isinstance(current, domain.Shipment)
             shipment = domain.apply_shipment(ev.entity_id, current, ev.shipment, now)
             if isinstance(shipment, domain.Rejection):
                 return shipment
-            await repository.save_shipment(conn, shipment)
-            return None
+            return [repository.shipment_write(shipment)]
         assert ev.inventory is not None and isinstance(current, domain.InventoryState)
         effect = domain.decide_inventory(current, ev.inventory)
         if isinstance(effect, domain.Rejection):
             return effect
-        await repository.save_inventory_effect(conn, ev.entity_id, effect, now)
-        return None
+        return repository.inventory_writes(ev.entity_id, effect, now)
 
     # --- queries ------------------------------------------------------------------------
 

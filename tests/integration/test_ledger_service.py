@@ -4,6 +4,7 @@ random inventory sequences against a reference model, and concurrent deliveries.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common import logs
 from common.db import make_engine
-from ledger import errors
+from ledger import domain, errors, repository
 from ledger.domain import Outcome
 from ledger.metrics import LedgerMetrics
 from ledger.models import entity_history, entity_versions
@@ -305,6 +306,36 @@ async def test_transient_failures_are_retried_then_reported_retryable(ledger: Le
 
     with pytest.raises(DBAPIError):  # not transient: no retry, surfaces as INTERNAL
         await ledger._transaction(broken)
+
+
+async def test_a_failed_compare_and_set_writes_no_state(ledger: Ledger, engine: AsyncEngine) -> None:
+    """The state writes share the compare-and-set's statement: when the version does not match
+    (a writer without the lock), nothing of the change stays, not even the balances."""
+    await ledger.apply_event(received("SKU-CAS", 1, quantity=10))
+    record = repository.HistoryRecord(
+        entity_type=ITEM,
+        entity_id="SKU-CAS",
+        sequence=2,
+        kind="inventory_received",
+        outcome=Outcome.APPLIED,
+        reason="",
+        reason_detail="",
+        correlation_id="corr",
+        transaction_id="tx",
+        source="test",
+        occurred_at=None,
+        processed_at=dt.datetime.now(dt.UTC),
+        payload_hash=b"h",
+    )
+    effect = domain.InventoryEffect(balances={"A": domain.Balance(99, 0)}, reservation=None)
+    with pytest.raises(errors.Retryable):
+        async with engine.begin() as conn:
+            stale = 0  # the version is 1: a compare-and-set from 0 cannot match
+            writes = repository.inventory_writes("SKU-CAS", effect, record.processed_at)
+            await repository.record_event(conn, stale, record, writes)
+    item = await ledger.get_inventory_item("SKU-CAS")
+    assert [(location, balance.on_hand) for location, balance in item.balances] == [("A", 10)]
+    assert await history_count(engine, "SKU-CAS") == 1
 
 
 async def test_the_rpc_log_context_carries_the_event(ledger: Ledger) -> None:
