@@ -30,7 +30,7 @@ class Settings:
     # Parked events one entity may hold; beyond: RESOURCE_EXHAUSTED for that entity.
     parked_limit: int = 1000
     lock_strategy: str = "advisory"
-    forwarder_concurrency: int = 32
+    forwarder_concurrency: int = 128
     # The safety-net poll; NOTIFY and in-process wake-ups make forwarding prompt.
     forwarder_poll_interval: float = 1.0
     # How long a replica's claim on an entity's forwarding lasts without renewal.
@@ -66,7 +66,7 @@ class Settings:
             gap_alert_after=env.seconds("GAP_ALERT_AFTER", 60.0),
             parked_limit=env.int("PARKED_LIMIT", 1000, minimum=1),
             lock_strategy=env.choice("LOCK_STRATEGY", "advisory", LOCK_STRATEGIES),
-            forwarder_concurrency=env.int("FORWARDER_CONCURRENCY", 32, minimum=1, maximum=1024),
+            forwarder_concurrency=env.int("FORWARDER_CONCURRENCY", 128, minimum=1, maximum=1024),
             forwarder_poll_interval=env.seconds("FORWARDER_POLL_INTERVAL", 1.0, minimum=0.01),
             forwarder_lease=env.seconds("FORWARDER_LEASE", 30.0, minimum=1.0),
             forwarder_retry_budget=env.seconds("FORWARDER_RETRY_BUDGET", 20.0, minimum=0.1),
