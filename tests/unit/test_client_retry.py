@@ -349,6 +349,7 @@ def test_service_config_is_shipped_and_matches_the_default_policy() -> None:
     method = config["methodConfig"][0]
     assert {n["service"] for n in method["name"]} == {
         "logistics.sequencer.v1.SequencerService",
+        "logistics.sequencer.v1.SequencerAdminService",
         "logistics.ledger.v1.LedgerService",
     }
     assert method["retryPolicy"] == {
