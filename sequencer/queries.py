@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-# Serialises all work on one idempotency key (scoped by caller) for the rest of the transaction;
-# transaction-scoped so a dropped connection can never leave it held. The same round trip bounds
-# every lock wait of the transaction by the caller's deadline (:lock_timeout, '0' = none): the
-# volatile subquery is evaluated before the lock is requested.
-LOCK_KEY = text(
-    "SELECT t.bound, pg_advisory_xact_lock(hashtextextended('idem:' || :caller || ':' || :key, 0)) "
-    "FROM (SELECT set_config('lock_timeout', :lock_timeout, true) AS bound) t"
-)
-
 # The steps below are server-side functions (migration 5c1f0e2a9b7d): each is one round trip
 # for what took several, under the same locks. Casts pin the argument types for resolution.
+
+# Serialises all work on one idempotency key (scoped by caller) for the rest of the transaction
+# (transaction-scoped: a dropped connection never leaves it held), with the caller's deadline as
+# the lock_timeout of every lock wait that follows; returns the key's live record, read after
+# the lock.
+LOCK_KEY = text("SELECT * FROM sequencer.lock_key(:caller, :key, :lock_timeout, :now)")
 
 # Serialises all work on one entity for the rest of the transaction; returns (watermark,
 # parked_count), creating the row on first sight. Advisory lock, or the row's lock for

@@ -31,13 +31,16 @@ def _lock_timeout(timeout: float | None) -> str:
     return "0" if timeout is None else f"{max(1, int(timeout * 1000))}ms"
 
 
-async def lock_key(conn: AsyncConnection, caller: str, key: str, timeout: float | None = None) -> None:
-    """Takes the key's lock; `timeout` (the caller's remaining deadline) bounds this and every
-    later lock wait of the transaction."""
-    await conn.execute(queries.LOCK_KEY, {"caller": caller, "key": key, "lock_timeout": _lock_timeout(timeout)})
+async def lock_key(
+    conn: AsyncConnection, caller: str, key: str, now: dt.datetime, timeout: float | None = None
+) -> Row[Any] | None:
+    """Takes the key's lock and returns its live (unexpired) record, if any; `timeout` (the
+    caller's remaining deadline) bounds this and every later lock wait of the transaction."""
+    params = {"caller": caller, "key": key, "lock_timeout": _lock_timeout(timeout), "now": now}
+    return (await conn.execute(queries.LOCK_KEY, params)).first()
 
 
-# Built once: the lookup runs on every request (twice on a first execution).
+# Built once: the admin lookup of a key's record.
 _LIVE_KEY_RECORD = select(idempotency_keys).where(
     idempotency_keys.c.caller_id == bindparam("caller"),
     idempotency_keys.c.idempotency_key == bindparam("key"),

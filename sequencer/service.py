@@ -381,8 +381,7 @@ class Sequencer:
 
         async def work(conn: AsyncConnection, effects: Effects) -> tuple[Submission, StoredAnswer]:
             pending = pending_record()
-            await repo.lock_key(conn, caller, key, timeout)
-            row = await repo.get_key_record(conn, caller, key, pending.created_at)
+            row = await repo.lock_key(conn, caller, key, pending.created_at, timeout)
             if row is not None:  # a concurrent first execution committed meanwhile
                 answer = StoredAnswer.from_row(row)
                 return replay(answer), answer

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -177,7 +178,7 @@ async def test_waiter_whose_deadline_passes_gets_deadline_exceeded(app: App, stu
     from sequencer import repository as repo
 
     async with app.engine.begin() as conn:
-        await repo.lock_key(conn, "default", "held-key")
+        await repo.lock_key(conn, "default", "held-key", dt.datetime.now(dt.UTC))
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.SubmitEvent(
                 submit_request(shipment_event("SHP-13", 1, "shipment_created"), request_id="held-key"),

@@ -18,6 +18,20 @@ branch_labels = None
 depends_on = None
 
 FUNCTIONS = [
+    # Serialises all work on one idempotency key (scoped by caller) for the rest of the
+    # transaction, and returns the key's live record, if any, read after the lock (so a
+    # concurrent first execution that committed while this one waited is seen). The caller's
+    # deadline bounds this and every later lock wait of the transaction ('0': none).
+    """
+CREATE FUNCTION sequencer.lock_key(p_caller text, p_key text, p_lock_timeout text, p_now timestamptz)
+RETURNS SETOF sequencer.idempotency_keys
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('lock_timeout', p_lock_timeout, true);
+    PERFORM pg_advisory_xact_lock(hashtextextended('idem:' || p_caller || ':' || p_key, 0));
+    RETURN QUERY SELECT * FROM sequencer.idempotency_keys k
+        WHERE k.caller_id = p_caller AND k.idempotency_key = p_key AND k.expires_at > p_now;
+END $$""",
     # Serialises all work on one entity for the rest of the transaction and returns its
     # watermark row, creating it on first sight (the primary key settles concurrent first
     # events). The advisory lock is the default; the row's own lock works on distributed
@@ -167,11 +181,8 @@ DECLARE
     v_watermark bigint;
     v_parked integer;
 BEGIN
-    PERFORM set_config('lock_timeout', p_lock_timeout, true);
-    PERFORM pg_advisory_xact_lock(hashtextextended('idem:' || p_caller || ':' || p_key, 0));
     RETURN QUERY SELECT 'replay', k.method, k.fingerprint, k.request, k.response, k.created_at,
-        k.expires_at FROM sequencer.idempotency_keys k
-        WHERE k.caller_id = p_caller AND k.idempotency_key = p_key AND k.expires_at > p_now;
+        k.expires_at FROM sequencer.lock_key(p_caller, p_key, p_lock_timeout, p_now) k;
     IF FOUND THEN
         RETURN;
     END IF;
@@ -253,6 +264,7 @@ SIGNATURES = [
     "sequencer.sync_gap(smallint, text, bigint, timestamptz)",
     "sequencer.held_range(smallint, text, bigint)",
     "sequencer.lock_entity(smallint, text, boolean, timestamptz)",
+    "sequencer.lock_key(text, text, text, timestamptz)",
 ]
 
 
