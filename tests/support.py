@@ -57,7 +57,7 @@ def submit_request(event: events_pb2.Event, **kwargs: Any) -> sequencer_pb2.Subm
 
 def error_info(exc: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo:
     """The google.rpc.ErrorInfo detail of a failed call (fails the test when absent)."""
-    trailing = exc.trailing_metadata() or ()  # type: ignore[union-attr]
+    trailing: Any = exc.trailing_metadata() or ()
     raw = next(v for k, v in trailing if k == "grpc-status-details-bin")
     status = status_pb2.Status.FromString(raw)
     for detail in status.details:
@@ -82,6 +82,10 @@ class System:
     def __init__(self) -> None:
         self.ledger_app: Any = None
         self.sequencer_app: Any = None
+        # Stubs on grpc.aio channels (the generated types describe sync calls).
+        self.ledger: Any = None
+        self.sequencer: Any = None
+        self.admin: Any = None
         self.channels: list[grpc.aio.Channel] = []
 
     @classmethod
@@ -141,7 +145,8 @@ class System:
         reply = await self.sequencer.GetEventStatus(
             sequencer_pb2.GetEventStatusRequest(transaction_id=transaction_id), timeout=5
         )
-        return reply.status
+        status: sequencer_pb2.EventStatus = reply.status
+        return status
 
     async def wait_terminal(self, transaction_id: str, timeout: float = 30.0) -> sequencer_pb2.EventStatus:
         """Polls the public status until terminal (how a caller without streams would)."""

@@ -84,7 +84,9 @@ def audit(database_url: str, streams: dict[str, list[events_pb2.Event]], timeout
                 break
             assert time.monotonic() < deadline, f"{open_events[0]} events still open, {total[0]}/{expected_total} held"
             time.sleep(0.2)
-        states = dict(conn.execute("SELECT state, count(*) FROM sequencer.events GROUP BY state").fetchall())
+        states: dict[int, int] = dict(
+            conn.execute("SELECT state, count(*) FROM sequencer.events GROUP BY state").fetchall()
+        )
         assert states == {events_pb2.EVENT_STATE_APPLIED: expected_total}
         for sku, events in streams.items():
             history = [

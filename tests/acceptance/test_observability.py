@@ -102,9 +102,7 @@ def test_metrics_move_and_correlation_is_followed(services: tuple[ServiceProcess
     assert any(str(e.get("rpc", "")).endswith("/ApplyEvent") for e in ledger.logs if mine(e))
     with grpc.insecure_channel(ledger.address) as channel:
         history = ledger_pb2_grpc.LedgerServiceStub(channel).ListEntityHistory(
-            ledger_pb2.ListEntityHistoryRequest(
-                entity=events_pb2.EntityRef(entity_type=SHIPMENT, entity_id="SHP-M1")  # type: ignore[arg-type]
-            ),
+            ledger_pb2.ListEntityHistoryRequest(entity=events_pb2.EntityRef(entity_type=SHIPMENT, entity_id="SHP-M1")),
             timeout=5,
         )
     assert [(e.correlation_id, e.transaction_id) for e in history.entries] == [("follow-me", first.transaction_id)]

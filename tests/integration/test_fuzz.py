@@ -185,12 +185,12 @@ class Target:
         self.calls += 1
         try:
             if method.server_streaming:
-                stream = channel.unary_stream(path)(raw, metadata=md, timeout=0.5)
+                stream: Any = channel.unary_stream(path)(raw, metadata=md, timeout=0.5)  # type: ignore[arg-type]
                 await stream.read()
                 stream.cancel()
                 code = grpc.StatusCode.OK
             else:
-                await channel.unary_unary(path)(raw, metadata=md, timeout=5)
+                await channel.unary_unary(path)(raw, metadata=md, timeout=5)  # type: ignore[arg-type]
                 code = grpc.StatusCode.OK
         except grpc.aio.AioRpcError as exc:
             code = exc.code()

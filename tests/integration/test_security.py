@@ -212,7 +212,9 @@ async def test_callers_never_see_each_others_records(secured: Secured) -> None:
         sequencer_pb2.GetEventStatusRequest(idempotency_key="SEC-3-1"),
     ):
         await expect(grpc.StatusCode.NOT_FOUND, "EVENT_NOT_FOUND", erp.GetEventStatus(request, timeout=5))
-    watch = erp.WatchEventStatus(sequencer_pb2.WatchEventStatusRequest(transaction_id=reply.transaction_id), timeout=5)
+    watch: Any = erp.WatchEventStatus(
+        sequencer_pb2.WatchEventStatusRequest(transaction_id=reply.transaction_id), timeout=5
+    )
     await expect(grpc.StatusCode.NOT_FOUND, "EVENT_NOT_FOUND", watch.read())
     await expect(
         grpc.StatusCode.NOT_FOUND,

@@ -38,7 +38,7 @@ async def stub(app: App) -> AsyncIterator[sequencer_pb2_grpc.SequencerServiceStu
 
 async def count(app: App, table: Any) -> int:
     async with app.engine.connect() as conn:
-        return int(await conn.scalar(select(func.count()).select_from(table)))
+        return int(await conn.scalar(select(func.count()).select_from(table)) or 0)
 
 
 async def test_first_request_is_queued_and_stored(app: App, stub: Any) -> None:

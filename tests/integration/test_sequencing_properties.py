@@ -34,7 +34,7 @@ TERMINAL = {APPLIED, REJECTED}
 def shipment_oracle(kinds: list[str]) -> tuple[list[int], ShipmentStatus | None]:
     """Outcomes and final status of applying the kinds in MSI order, exactly once."""
     status: ShipmentStatus | None = None
-    outcomes = []
+    outcomes: list[int] = []
     for kind in kinds:
         result = next_status(status, kind)
         if isinstance(result, Rejection):
@@ -48,7 +48,7 @@ def shipment_oracle(kinds: list[str]) -> tuple[list[int], ShipmentStatus | None]
 def inventory_oracle(ops: list[tuple[str, int]]) -> tuple[list[int], dict[str, int]]:
     """A minimal model of receive / move A->B / adjust down, for in-order application."""
     on_hand = {"A": 0, "B": 0}
-    outcomes = []
+    outcomes: list[int] = []
     for op, quantity in ops:
         if op == "received":
             on_hand["A"] += quantity
@@ -148,10 +148,10 @@ async def test_any_interleaving_ends_in_the_in_order_state(system: System, plan:
             )
         ).entity
         assert entity.watermark == len(outcomes) and entity.parked_count == 0
-    for shipment_id, status in final_status.items():
-        if status is None:
+    for shipment_id, final in final_status.items():
+        if final is None:
             continue
         shipment = await system.shipment(shipment_id)
-        assert shipment.status == int(status) and shipment.version == len(expected[(SHIPMENT, shipment_id)])
+        assert shipment.status == int(final) and shipment.version == len(expected[(SHIPMENT, shipment_id)])
     item = (await system.ledger.GetInventoryItem(ledger_pb2.GetInventoryItemRequest(sku=sku), timeout=5)).item
     assert {b.location: b.on_hand for b in item.balances if b.on_hand} == balances

@@ -45,7 +45,8 @@ async def test_watch_sees_parked_queued_applied(system: System) -> None:
     states = await watching
     assert states[0] == PARKED and states[-1] == APPLIED
     assert QUEUED in states or len(states) == 2  # QUEUED may be brief, but never out of order
-    assert states == sorted(states, key=[PARKED, QUEUED, APPLIED].index)
+    order: list[int] = [PARKED, QUEUED, APPLIED]
+    assert states == sorted(states, key=lambda state: order.index(state))
 
 
 async def test_watch_on_replica_a_sees_change_made_by_replica_b(system: System) -> None:
@@ -56,7 +57,7 @@ async def test_watch_on_replica_a_sees_change_made_by_replica_b(system: System) 
 
     replica_b = await build_server(dataclasses.replace(system.sequencer_settings, listen_addr="127.0.0.1:0"))
     try:
-        entity = events_pb2.EntityRef(entity_type=SHIPMENT, entity_id="SHP-W2")  # type: ignore[arg-type]
+        entity = events_pb2.EntityRef(entity_type=SHIPMENT, entity_id="SHP-W2")
         stream = system.sequencer.WatchEventStatus(sequencer_pb2.WatchEventStatusRequest(entity=entity), timeout=30)
         watching = asyncio.create_task(collect(stream, APPLIED))
         await asyncio.sleep(0.5)
@@ -97,7 +98,7 @@ async def test_cancelling_a_hundred_watchers_leaks_nothing(system: System) -> No
         await asyncio.sleep(0.05)
     assert len(notifier.subscribers) == before_subscribers
     assert len(asyncio.all_tasks()) <= before_tasks + 2
-    assert app.engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert app.engine.pool.checkedout() == 0
 
 
 async def test_watchers_per_caller_are_limited(database_url: str, sequencer_settings: Any) -> None:

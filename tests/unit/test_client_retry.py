@@ -61,11 +61,13 @@ def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> concurrent.fut
 
 def take_unary_unary(channel: Any, method: Any) -> tuple[Any, Any, Any]:
     """The next RPC the client sent; fails (instead of hanging) when none arrives."""
-    return in_thread(channel.take_unary_unary, method).result(RESULT_WAIT)
+    taken: tuple[Any, Any, Any] = in_thread(channel.take_unary_unary, method).result(RESULT_WAIT)
+    return taken
 
 
 def take_unary_stream(channel: Any, method: Any) -> tuple[Any, Any, Any]:
-    return in_thread(channel.take_unary_stream, method).result(RESULT_WAIT)
+    taken: tuple[Any, Any, Any] = in_thread(channel.take_unary_stream, method).result(RESULT_WAIT)
+    return taken
 
 
 def rich_error(
