@@ -78,7 +78,7 @@ COMMIT;
 --    lease renewed; nothing is parked, so there is nothing to release.
 SELECT recorded FROM {SEQ}.record_outcome(CAST(2 AS smallint), {ENTITY}, CAST(:seq AS bigint),
     CAST(3 AS smallint), NULL, NULL, CAST(:seq AS bigint), false, now(), 'pgb', 'pgb',
-    now() + interval '30 seconds');
+    now() + interval '30 seconds', now() - interval '60 seconds');
 """
 
 TRANSACTIONS_PER_EVENT = 3

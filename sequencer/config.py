@@ -35,6 +35,9 @@ class Settings:
     forwarder_poll_interval: float = 1.0
     # How long a replica's claim on an entity's forwarding lasts without renewal.
     forwarder_lease: float = 30.0
+    # A lease held this long is handed back when the entity's chain ends, so that busy entities
+    # move between replicas too (a replica added later gets its share).
+    forwarder_lease_max_hold: float = 60.0
     # How long one claim keeps retrying a failing ledger before letting go and backing off.
     forwarder_retry_budget: float = 20.0
     watchers_per_caller: int = 100
@@ -69,6 +72,7 @@ class Settings:
             forwarder_concurrency=env.int("FORWARDER_CONCURRENCY", 128, minimum=1, maximum=1024),
             forwarder_poll_interval=env.seconds("FORWARDER_POLL_INTERVAL", 1.0, minimum=0.01),
             forwarder_lease=env.seconds("FORWARDER_LEASE", 30.0, minimum=1.0),
+            forwarder_lease_max_hold=env.seconds("FORWARDER_LEASE_MAX_HOLD", 60.0, minimum=0.0),
             forwarder_retry_budget=env.seconds("FORWARDER_RETRY_BUDGET", 20.0, minimum=0.1),
             watchers_per_caller=env.int("WATCHERS_PER_CALLER", 100, minimum=1),
             db_pool_size=env.int("DB_POOL_SIZE", 10, minimum=1, maximum=500),

@@ -174,10 +174,13 @@ class Forwarder:
                 while True:
                     while event is not None:
                         event = await self._forward(key, event)
-                    # The chain ended; look again only if new work arrived meanwhile.
+                    # The chain ended; look again only if new work arrived meanwhile, and only
+                    # while the lease is ours (it may have been handed back at the chain's end).
                     if key not in self.dirty:
                         break
                     self.dirty.discard(key)
+                    if not await self._hold_lease(key):
+                        break
                     event = await self.service.next_queued(entity_type, entity_id)
         except GiveUp:
             backoff = min(self.settings.forwarder_lease, 2.0)
@@ -252,8 +255,12 @@ class Forwarder:
             entity_version=reply.version,
             lease_owner=self.owner,
         )
-        self.leases[key] = self.clock.now() + dt.timedelta(seconds=self.settings.forwarder_lease)
         log.info("event forwarded", extra={"outcome": events_pb2.EventState.Name(state)})
+        if not recorded.lease_kept:
+            # Handed back at the chain's end, or lost: whoever claims the entity next goes on.
+            self.leases.pop(key, None)
+            return None
+        self.leases[key] = self.clock.now() + dt.timedelta(seconds=self.settings.forwarder_lease)
         return recorded.next_event
 
     async def _apply(self, request: ledger_pb2.ApplyEventRequest) -> ledger_pb2.ApplyEventResponse:

@@ -41,6 +41,8 @@ entities = Table(
     # Which replica forwards this entity, until when (NULL: nobody).
     Column("lease_owner", Text, nullable=True),
     Column("lease_until", DateTime(timezone=True), nullable=True),
+    # When the current owner claimed it: a lease held this long is handed back at a chain's end.
+    Column("lease_taken_at", DateTime(timezone=True), nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     CheckConstraint("watermark >= 0", name="watermark_non_negative"),
     CheckConstraint("parked_count >= 0", name="parked_count_non_negative"),

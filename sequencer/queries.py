@@ -62,20 +62,23 @@ SUBMIT_IN_ORDER = text(
 )
 
 # Records a ledger outcome: terminal state, parked successor released, watermark advanced, lease
-# renewed, gap kept in step. Returns whether it was recorded and the released event, if any.
+# renewed (or handed back at a chain's end once held since :hand_over_before), gap kept in step.
+# Returns whether it was recorded, the released event if any, and whether the lease is still ours.
 RECORD_OUTCOME = text(
-    "SELECT recorded, previous_watermark, transaction_id, event, correlation_id, skip_reason "
+    "SELECT recorded, previous_watermark, transaction_id, event, correlation_id, skip_reason, lease_kept "
     "FROM sequencer.record_outcome(CAST(:entity_type AS smallint), :entity_id, CAST(:sequence AS bigint), "
     "CAST(:state AS smallint), :reason, :reason_detail, CAST(:entity_version AS bigint), :row_lock, :now, "
-    ":origin, :owner, :lease_until)"
+    ":origin, :owner, :lease_until, :hand_over_before)"
 )
 
 # Claims forwarding of up to :limit entities with queued work whose lease is free, expired or
-# already ours (a replica keeps its leases while it is busy with an entity).
+# already ours (a replica keeps its leases while it is busy with an entity). lease_taken_at
+# keeps the time of the first claim while the owner stays the same.
 # The UPDATE re-checks the lease after waiting on a row another replica just claimed, so two
 # replicas never both win one entity.
 CLAIM_ENTITIES = text(
-    "UPDATE sequencer.entities e SET lease_owner = :owner, lease_until = :until "
+    "UPDATE sequencer.entities e SET lease_owner = :owner, lease_until = :until, "
+    "  lease_taken_at = CASE WHEN e.lease_owner = :owner THEN e.lease_taken_at ELSE :now END "
     "FROM (SELECT DISTINCT q.entity_type, q.entity_id FROM sequencer.events q "
     "      JOIN sequencer.entities x ON x.entity_type = q.entity_type AND x.entity_id = q.entity_id "
     "      WHERE q.state = 2 AND (x.lease_until IS NULL OR x.lease_until < :now OR x.lease_owner = :owner) "
@@ -87,14 +90,15 @@ CLAIM_ENTITIES = text(
 
 # Claims one named entity (the fast path after a local submit queued work for it).
 CLAIM_ENTITY = text(
-    "UPDATE sequencer.entities SET lease_owner = :owner, lease_until = :until "
+    "UPDATE sequencer.entities SET lease_owner = :owner, lease_until = :until, "
+    "  lease_taken_at = CASE WHEN lease_owner = :owner THEN lease_taken_at ELSE :now END "
     "WHERE entity_type = :entity_type AND entity_id = :entity_id "
     "AND (lease_until IS NULL OR lease_until < :now OR lease_owner = :owner) "
     "RETURNING entity_type"
 )
 
 RELEASE_LEASE = text(
-    "UPDATE sequencer.entities SET lease_owner = NULL, lease_until = NULL "
+    "UPDATE sequencer.entities SET lease_owner = NULL, lease_until = NULL, lease_taken_at = NULL "
     "WHERE entity_type = :entity_type AND entity_id = :entity_id AND lease_owner = :owner"
 )
 

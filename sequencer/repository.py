@@ -156,10 +156,12 @@ async def record_outcome(
     origin: str,
     lease_owner: str,
     lease_until: dt.datetime,
+    hand_over_before: dt.datetime,
 ) -> Row[Any]:
     """Records a QUEUED event's outcome under the entity's lock, releases its parked successor,
-    advances the watermark and renews the lease; returns (recorded, previous_watermark, and the
-    released event's transaction_id, event, correlation_id, skip_reason or NULLs)."""
+    advances the watermark and renews the lease (handing it back at a chain's end when taken
+    before `hand_over_before`); returns (recorded, previous_watermark, the released event's
+    transaction_id, event, correlation_id, skip_reason or NULLs, lease_kept)."""
     params = {
         **_entity(entity_type, entity_id),
         "sequence": sequence,
@@ -172,6 +174,7 @@ async def record_outcome(
         "origin": origin,
         "owner": lease_owner,
         "lease_until": lease_until,
+        "hand_over_before": hand_over_before,
     }
     return (await conn.execute(queries.RECORD_OUTCOME, params)).one()
 

@@ -241,10 +241,12 @@ class Acceptance:
 
 @dataclass(frozen=True)
 class Recorded:
-    """The result of recording a ledger outcome: the next queued event, if one was released."""
+    """The result of recording a ledger outcome: the next queued event, if one was released,
+    and whether the forwarder still holds the entity's lease."""
 
     recorded: bool
     next_event: QueuedEvent | None
+    lease_kept: bool
 
 
 class Sequencer:
@@ -623,9 +625,11 @@ class Sequencer:
                 origin=self.instance,
                 lease_owner=lease_owner,
                 lease_until=now + dt.timedelta(seconds=self.settings.forwarder_lease),
+                hand_over_before=now - dt.timedelta(seconds=self.settings.forwarder_lease_max_hold),
             )
+            kept = bool(row.lease_kept)
             if not row.recorded:
-                return Recorded(False, None)
+                return Recorded(False, None, kept)
             if row.previous_watermark != sequence - 1:
                 log.error(
                     "watermark out of step with the queued event",
@@ -633,12 +637,12 @@ class Sequencer:
                 )
             effects.states.append(state)
             if row.transaction_id is None:
-                return Recorded(True, None)
+                return Recorded(True, None, kept)
             effects.states.append(QUEUED)
             released = QueuedEvent(
                 entity_type, entity_id, sequence + 1, row.transaction_id, row.event, row.correlation_id, row.skip_reason
             )
-            return Recorded(True, released)
+            return Recorded(True, released, kept)
 
         result = await self._transaction(work, single_statement=True)
         if result.recorded:

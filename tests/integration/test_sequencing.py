@@ -230,3 +230,53 @@ async def test_parked_behind_an_event_in_flight_awaits_the_watermark_successor(
         assert [(g.entity.entity_id, g.awaiting_sequence) for g in gaps] == [("SHP-9", 3)]
     finally:
         await system.stop()
+
+
+async def lease_of(system: System, entity_id: str) -> tuple[str | None, Any, Any]:
+    from sqlalchemy import select
+
+    from sequencer.models import entities
+
+    async with system.sequencer_app.engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(entities.c.lease_owner, entities.c.lease_until, entities.c.lease_taken_at).where(
+                    entities.c.entity_id == entity_id
+                )
+            )
+        ).one()
+    return row.lease_owner, row.lease_until, row.lease_taken_at
+
+
+@pytest.mark.parametrize("max_hold", [3600.0, 0.0])
+async def test_a_long_held_lease_is_handed_back_when_the_chain_ends(
+    database_url: str, sequencer_settings: Any, max_hold: float
+) -> None:
+    """A replica keeps a busy entity's lease between chains, but once it has held the lease
+    longer than SEQUENCER_FORWARDER_LEASE_MAX_HOLD it hands it back at the chain's end, so any
+    replica may claim the entity next."""
+    import dataclasses
+    import datetime as dt
+
+    from sequencer import repository as repo
+
+    settings = dataclasses.replace(sequencer_settings, forwarder_lease_max_hold=max_hold)
+    system = await System.start(database_url, settings)
+    try:
+        first = await system.submit(shipment_event("SHP-HO", 1, "shipment_created"))
+        assert (await system.wait_terminal(first.transaction_id)).state == APPLIED
+        owner, until, taken_at = await lease_of(system, "SHP-HO")
+        now = dt.datetime.now(dt.UTC)
+        async with system.sequencer_app.engine.begin() as conn:
+            other_claimed = await repo.claim_entity(
+                conn, SHIPMENT, "SHP-HO", "another-replica", now, now + dt.timedelta(seconds=30)
+            )
+        if max_hold > 0:
+            assert owner == system.sequencer_app.forwarder.owner and until > now and taken_at <= now
+            assert not other_claimed
+        else:
+            assert (owner, until, taken_at) == (None, None, None)
+            assert other_claimed
+            assert (await lease_of(system, "SHP-HO"))[0] == "another-replica"
+    finally:
+        await system.stop()

@@ -1,4 +1,5 @@
-"""server-side steps: entity lock, gap upkeep, queued acceptance, in-order submit, outcome
+"""server-side steps: key and entity locks, gap upkeep, acceptance, in-order submit, outcome;
+lease hand-over
 
 Each function is one step of a transaction that used to take several round trips. The rules
 stay the same (SPEC 4 and 5): every function runs under the same locks, in the caller's
@@ -10,6 +11,7 @@ Revision ID: 5c1f0e2a9b7d
 Revises: 187e90d4b5bb
 """
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "5c1f0e2a9b7d"
@@ -204,19 +206,23 @@ END $$""",
     # Records the ledger's outcome of a QUEUED event under the entity's lock: the terminal state
     # and its NOTIFY, the parked direct successor queued (and announced), the watermark advanced
     # with the lease renewed, the gap kept in step. Not recorded when the event was not QUEUED.
+    # At a chain's end (nothing released), a lease held since before p_hand_over_before is
+    # handed back, so busy entities move between replicas too. lease_kept: the caller still
+    # holds the entity's lease.
     """
 CREATE FUNCTION sequencer.record_outcome(
     p_type smallint, p_id text, p_sequence bigint, p_state smallint, p_reason text,
     p_reason_detail text, p_entity_version bigint, p_row_lock boolean, p_now timestamptz,
-    p_origin text, p_lease_owner text, p_lease_until timestamptz)
+    p_origin text, p_lease_owner text, p_lease_until timestamptz, p_hand_over_before timestamptz)
 RETURNS TABLE (recorded boolean, previous_watermark bigint, transaction_id uuid, event bytea,
-    correlation_id text, skip_reason text)
+    correlation_id text, skip_reason text, lease_kept boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_watermark bigint;
     v_parked integer;
     v_done uuid;
     v_next sequencer.events%ROWTYPE;
+    v_kept boolean;
 BEGIN
     SELECT l.watermark, l.parked_count INTO v_watermark, v_parked
     FROM sequencer.lock_entity(p_type, p_id, p_row_lock, p_now) l;
@@ -224,37 +230,47 @@ BEGIN
         entity_version = p_entity_version, processed_at = p_now
     WHERE e.entity_type = p_type AND e.entity_id = p_id AND e.sequence = p_sequence AND e.state = 2
     RETURNING e.transaction_id INTO v_done;
-    IF NOT FOUND THEN
-        RETURN QUERY SELECT false, v_watermark, NULL::uuid, NULL::bytea, NULL::text, NULL::text;
-        RETURN;
-    END IF;
-    PERFORM pg_notify('sequencer_events', json_build_object(
-        'x', v_done, 't', p_type, 'e', p_id, 's', p_state, 'o', p_origin)::text);
-    IF v_parked > 0 THEN
-        UPDATE sequencer.events e SET state = 2, queued_at = p_now
-        WHERE e.entity_type = p_type AND e.entity_id = p_id AND e.sequence = p_sequence + 1 AND e.state = 1
-        RETURNING e.* INTO v_next;
-        IF FOUND THEN
-            PERFORM pg_notify('sequencer_events', json_build_object(
-                'x', v_next.transaction_id, 't', p_type, 'e', p_id, 's', 2, 'o', p_origin)::text);
+    IF FOUND THEN
+        PERFORM pg_notify('sequencer_events', json_build_object(
+            'x', v_done, 't', p_type, 'e', p_id, 's', p_state, 'o', p_origin)::text);
+        IF v_parked > 0 THEN
+            UPDATE sequencer.events e SET state = 2, queued_at = p_now
+            WHERE e.entity_type = p_type AND e.entity_id = p_id AND e.sequence = p_sequence + 1
+                AND e.state = 1
+            RETURNING e.* INTO v_next;
+            IF FOUND THEN
+                PERFORM pg_notify('sequencer_events', json_build_object(
+                    'x', v_next.transaction_id, 't', p_type, 'e', p_id, 's', 2, 'o', p_origin)::text);
+            END IF;
+        END IF;
+        UPDATE sequencer.entities e SET watermark = p_sequence, last_outcome = p_state,
+            last_outcome_reason = p_reason, updated_at = p_now,
+            parked_count = e.parked_count - (CASE WHEN v_next.transaction_id IS NULL THEN 0 ELSE 1 END),
+            lease_until = CASE WHEN e.lease_owner = p_lease_owner THEN p_lease_until ELSE e.lease_until END
+        WHERE e.entity_type = p_type AND e.entity_id = p_id;
+        IF v_parked > 0 THEN
+            PERFORM sequencer.sync_gap(p_type, p_id, p_sequence, p_now);
+        END IF;
+        IF v_next.transaction_id IS NULL THEN
+            UPDATE sequencer.entities e SET lease_owner = NULL, lease_until = NULL, lease_taken_at = NULL
+            WHERE e.entity_type = p_type AND e.entity_id = p_id AND e.lease_owner = p_lease_owner
+                AND (e.lease_taken_at IS NULL OR e.lease_taken_at < p_hand_over_before);
         END IF;
     END IF;
-    UPDATE sequencer.entities e SET watermark = p_sequence, last_outcome = p_state,
-        last_outcome_reason = p_reason, updated_at = p_now,
-        parked_count = e.parked_count - (CASE WHEN v_next.transaction_id IS NULL THEN 0 ELSE 1 END),
-        lease_until = CASE WHEN e.lease_owner = p_lease_owner THEN p_lease_until ELSE e.lease_until END
+    SELECT e.lease_owner IS NOT DISTINCT FROM p_lease_owner INTO v_kept FROM sequencer.entities e
     WHERE e.entity_type = p_type AND e.entity_id = p_id;
-    IF v_parked > 0 THEN
-        PERFORM sequencer.sync_gap(p_type, p_id, p_sequence, p_now);
+    IF v_done IS NULL THEN
+        RETURN QUERY SELECT false, v_watermark, NULL::uuid, NULL::bytea, NULL::text, NULL::text, v_kept;
+        RETURN;
     END IF;
     RETURN QUERY SELECT true, v_watermark, v_next.transaction_id, v_next.event, v_next.correlation_id,
-        v_next.skip_reason;
+        v_next.skip_reason, v_kept;
 END $$""",
 ]
 
 SIGNATURES = [
     "sequencer.record_outcome(smallint, text, bigint, smallint, text, text, bigint, boolean, timestamptz, text, "
-    "text, timestamptz)",
+    "text, timestamptz, timestamptz)",
     "sequencer.submit_in_order(text, text, text, boolean, timestamptz, smallint, text, bigint, uuid, bytea, bytea, "
     "text, text, bytea, bytea, bytea, timestamptz, text)",
     "sequencer.accept_queued(smallint, text, bigint, uuid, bytea, bytea, text, text, text, timestamptz, text, bytea, "
@@ -269,6 +285,9 @@ SIGNATURES = [
 
 
 def upgrade() -> None:
+    op.add_column(
+        "entities", sa.Column("lease_taken_at", sa.DateTime(timezone=True), nullable=True), schema="sequencer"
+    )
     for statement in FUNCTIONS:
         op.execute(statement)
 
@@ -276,3 +295,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     for signature in SIGNATURES:
         op.execute(f"DROP FUNCTION {signature}")
+    op.drop_column("entities", "lease_taken_at", schema="sequencer")
