@@ -5,7 +5,9 @@ from __future__ import annotations
 from sqlalchemy import text
 
 # The steps below are server-side functions (migration 5c1f0e2a9b7d): each is one round trip
-# for what took several, under the same locks. Casts pin the argument types for resolution.
+# for what took several, under the same locks. Casts pin the argument types for resolution. Their
+# bodies live in the migrations; a change is a new migration (CREATE OR REPLACE FUNCTION), and
+# bench/ceilings.py calls the same functions (its smoke test fails when the two drift apart).
 
 # Serialises all work on one idempotency key (scoped by caller) for the rest of the transaction
 # (transaction-scoped: a dropped connection never leaves it held), with the caller's deadline as
