@@ -85,24 +85,28 @@ class EntityHead:
     previous: HistoryRecord | None
 
 
+def _record(m: RowMapping, entity_type: int, entity_id: str, sequence: int) -> HistoryRecord:
+    """A history row (alone, or joined into a head read) as a HistoryRecord."""
+    return HistoryRecord(
+        entity_type=entity_type,
+        entity_id=entity_id,
+        sequence=sequence,
+        kind=m["kind"],
+        outcome=domain.Outcome(m["outcome"]),
+        reason=m["reason"],
+        reason_detail=m["reason_detail"],
+        correlation_id=m["correlation_id"],
+        transaction_id=m["transaction_id"],
+        source=m["source"],
+        occurred_at=m["occurred_at"],
+        processed_at=m["processed_at"],
+        payload_hash=bytes(m["payload_hash"]),
+    )
+
+
 def _head(m: RowMapping, entity_type: int, entity_id: str) -> EntityHead:
-    previous = None
-    if m["processed_sequence"] is not None:
-        previous = HistoryRecord(
-            entity_type=entity_type,
-            entity_id=entity_id,
-            sequence=m["processed_sequence"],
-            kind=m["kind"],
-            outcome=domain.Outcome(m["outcome"]),
-            reason=m["reason"],
-            reason_detail=m["reason_detail"],
-            correlation_id=m["correlation_id"],
-            transaction_id=m["transaction_id"],
-            source=m["source"],
-            occurred_at=m["occurred_at"],
-            processed_at=m["processed_at"],
-            payload_hash=bytes(m["payload_hash"]),
-        )
+    processed = m["processed_sequence"]
+    previous = None if processed is None else _record(m, entity_type, entity_id, processed)
     return EntityHead(int(m["version"]), previous)
 
 
@@ -153,21 +157,7 @@ async def record_event(
 
 def _history_record(row: object) -> HistoryRecord:
     m = row._mapping  # type: ignore[attr-defined]
-    return HistoryRecord(
-        entity_type=m["entity_type"],
-        entity_id=m["entity_id"],
-        sequence=m["sequence"],
-        kind=m["kind"],
-        outcome=domain.Outcome(m["outcome"]),
-        reason=m["reason"],
-        reason_detail=m["reason_detail"],
-        correlation_id=m["correlation_id"],
-        transaction_id=m["transaction_id"],
-        source=m["source"],
-        occurred_at=m["occurred_at"],
-        processed_at=m["processed_at"],
-        payload_hash=bytes(m["payload_hash"]),
-    )
+    return _record(m, m["entity_type"], m["entity_id"], m["sequence"])
 
 
 async def list_history(

@@ -15,15 +15,14 @@ import re
 import shlex
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from google.rpc import error_details_pb2
 
-from tests.processes import ServiceProcess, start_ledger, start_sequencer
+from tests.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES_MD = ROOT / "docs" / "operator-recipes.md"
@@ -120,19 +119,6 @@ def test_every_recipe_is_documented_for_buf_curl_and_grpcurl() -> None:
         assert _option_values(g, "-H") == _option_values(words, "-H"), recipe.name
         bodies = [json.loads(b) for b in _option_values(words, "-d")]
         assert [json.loads(b) for b in _option_values(g, "-d")] == bodies, recipe.name
-
-
-@pytest.fixture
-def services(database_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
-    ledger = start_ledger(database_url)
-    try:
-        sequencer = start_sequencer(database_url, ledger.port)
-        try:
-            yield sequencer, ledger
-        finally:
-            sequencer.terminate()
-    finally:
-        ledger.terminate()
 
 
 class Runner:

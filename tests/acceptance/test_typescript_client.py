@@ -12,32 +12,17 @@ import json
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from tests.processes import ServiceProcess, start_ledger, start_sequencer
+from tests.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "clients" / "typescript" / "example.ts"
 RUN_TIMEOUT = 60.0
-
-
-@pytest.fixture
-def services(database_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
-    ledger = start_ledger(database_url)
-    try:
-        sequencer = start_sequencer(database_url, ledger.port)
-        try:
-            yield sequencer, ledger
-        finally:
-            sequencer.terminate()
-    finally:
-        ledger.terminate()
 
 
 def run_example(sequencer: ServiceProcess, ledger: ServiceProcess, shipment_id: str) -> dict[str, object]:

@@ -12,21 +12,12 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger.domain import Rejection, ShipmentStatus, next_status
+from ledger.domain import SHIPMENT_KINDS, Rejection, ShipmentStatus, next_status
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 from tests.support import INVENTORY, SHIPMENT, System, inventory_event, shipment_event
 
-SHIPMENT_KINDS = [
-    "shipment_created",
-    "shipment_picked",
-    "shipment_packed",
-    "shipment_loaded",
-    "shipment_shipped",
-    "shipment_delivered",
-    "shipment_cancelled",
-]
 APPLIED, REJECTED = events_pb2.EVENT_STATE_APPLIED, events_pb2.EVENT_STATE_REJECTED
 TERMINAL = {APPLIED, REJECTED}
 
