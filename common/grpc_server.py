@@ -12,8 +12,11 @@ import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry
 
+from common import logs
 from common.auth import Authenticator, SecuritySettings
+from common.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,30 @@ async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterabl
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ["", *names]:
         await health_servicer.set(name, status)
+
+
+def new_server(interceptor: grpc.aio.ServerInterceptor, security: SecuritySettings) -> grpc.aio.Server:
+    """A grpc.aio server with the service's interceptor and the configured limits. SO_REUSEPORT
+    is off, so a port already taken is an error instead of a silent second listener."""
+    return grpc.aio.server(interceptors=[interceptor], options=[("grpc.so_reuseport", 0), *security.grpc_options()])
+
+
+async def serve(
+    service: str,
+    settings: Any,
+    build: Callable[..., Awaitable[Any]],
+    names: Iterable[str],
+    **fields: Any,
+) -> None:
+    """A service's main: JSON logs, the metrics endpoint, the server built by `build`, the
+    start-up line (with `fields`), then serving until SIGTERM/SIGINT and a graceful stop."""
+    logs.configure(service, settings.log_level)
+    registry = CollectorRegistry()
+    metrics_port = serve_metrics(registry, settings.metrics_addr)
+    app = await build(settings, registry=registry)
+    where = listening(settings.listen_addr, app.port, metrics_port, settings.security, app.authenticator)
+    log.info(f"{service} listening", extra={**where, **fields})
+    await run_until_signal(app.server, app.health, names, settings.shutdown_grace, app.close)
 
 
 async def run_until_signal(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,19 +10,15 @@ from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common import logs
 from common.auth import Authenticator
 from common.db import make_engine, require_migrated
-from common.grpc_server import add_health_and_reflection, bind, bounded, listening, run_until_signal, set_serving
-from common.metrics import serve_metrics
+from common.grpc_server import add_health_and_reflection, bind, bounded, new_server, serve, set_serving
 from ledger.config import Settings
 from ledger.interceptors import build_interceptor
 from ledger.metrics import LedgerMetrics
 from ledger.service import Ledger
 from ledger.servicer import LedgerServicer
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-
-log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SERVICE_NAMES = (ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name,)
@@ -62,10 +57,7 @@ async def build_server(settings: Settings, *, registry: CollectorRegistry | None
         raise
     metrics = LedgerMetrics(registry)
     service = Ledger(engine, metrics, lock_strategy=settings.lock_strategy)
-    server = grpc.aio.server(
-        interceptors=[build_interceptor(metrics.rpc, authenticator)],
-        options=[("grpc.so_reuseport", 0), *settings.security.grpc_options()],
-    )
+    server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(service), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.listen_addr, settings.security)
@@ -77,10 +69,4 @@ async def build_server(settings: Settings, *, registry: CollectorRegistry | None
 
 async def main() -> None:
     settings = Settings.from_env()
-    logs.configure("ledger", settings.log_level)
-    registry = CollectorRegistry()
-    metrics_port = serve_metrics(registry, settings.metrics_addr)
-    app = await build_server(settings, registry=registry)
-    fields = listening(settings.listen_addr, app.port, metrics_port, settings.security, app.authenticator)
-    log.info("ledger listening", extra={**fields, "lock_strategy": settings.lock_strategy})
-    await run_until_signal(app.server, app.health, SERVICE_NAMES, settings.shutdown_grace, app.close)
+    await serve("ledger", settings, build_server, SERVICE_NAMES, lock_strategy=settings.lock_strategy)

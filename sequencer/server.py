@@ -4,7 +4,6 @@ and the background work (forwarder, key sweeper, gap monitor)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,19 +12,9 @@ from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common import logs
 from common.auth import Authenticator
 from common.db import make_engine, require_migrated
-from common.grpc_server import (
-    add_health_and_reflection,
-    bind,
-    bounded,
-    channel,
-    listening,
-    run_until_signal,
-    set_serving,
-)
-from common.metrics import serve_metrics
+from common.grpc_server import add_health_and_reflection, bind, bounded, channel, new_server, serve, set_serving
 from logistics.ledger.v1 import ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.clock import Clock, SystemClock
@@ -38,8 +27,6 @@ from sequencer.service import Sequencer
 from sequencer.servicer import AdminServicer, SequencerServicer
 from sequencer.sweeper import Sweeper
 from sequencer.watch import Watches
-
-log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SERVICE_NAMES = (
@@ -110,10 +97,7 @@ async def build_server(
     if run_forwarder:
         service.on_queued = forwarder.kick
 
-    server = grpc.aio.server(
-        interceptors=[build_interceptor(metrics.rpc, authenticator)],
-        options=[("grpc.so_reuseport", 0), *settings.security.grpc_options()],
-    )
+    server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
     watches = Watches(service, notifier, settings.watchers_per_caller)
     sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(SequencerServicer(service, watches, settings), server)
     sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(service), server)
@@ -132,10 +116,4 @@ async def build_server(
 
 async def main() -> None:
     settings = Settings.from_env()
-    logs.configure("sequencer", settings.log_level)
-    registry = CollectorRegistry()
-    metrics_port = serve_metrics(registry, settings.metrics_addr)
-    app = await build_server(settings, registry=registry)
-    fields = listening(settings.listen_addr, app.port, metrics_port, settings.security, app.authenticator)
-    log.info("sequencer listening", extra={**fields, "ledger": settings.ledger_target})
-    await run_until_signal(app.server, app.health, SERVICE_NAMES, settings.shutdown_grace, app.close)
+    await serve("sequencer", settings, build_server, SERVICE_NAMES, ledger=settings.ledger_target)
