@@ -34,6 +34,7 @@ _LEDGER = "/logistics.ledger.v1.LedgerService/"
 # Which roles may call which RPC: ApplyEvent only the sequencer's identity; reads need `reader`.
 POLICY: dict[str, frozenset[str]] = {
     _LEDGER + "ApplyEvent": frozenset({"sequencer"}),
+    _LEDGER + "ApplyEvents": frozenset({"sequencer"}),
     _LEDGER + "GetShipment": frozenset({"reader", "admin"}),
     _LEDGER + "GetInventoryItem": frozenset({"reader", "admin"}),
     _LEDGER + "ListEntityHistory": frozenset({"reader", "admin"}),

@@ -18,6 +18,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
+# Vendored imports (google.rpc.Status); their Python code comes from googleapis-common-protos.
+THIRD_PARTY = ROOT / "third_party" / "protos"
 PACKAGES = ("events", "sequencer", "ledger")
 
 
@@ -37,6 +39,7 @@ def generate(out_dir: Path) -> None:
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
+        f"-I{THIRD_PARTY}",
         f"-I{well_known}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",

@@ -36,6 +36,7 @@ ANYONE_KNOWN = frozenset({"submitter", "reader", "admin"})
 # Which roles may call which RPC; anything not listed is denied.
 POLICY: dict[str, frozenset[str]] = {
     _SEQ + "SubmitEvent": frozenset({"submitter"}),
+    _SEQ + "SubmitEvents": frozenset({"submitter"}),
     # Reads are scoped to the caller's own records (admins see all), so any known role may ask.
     _SEQ + "GetEventStatus": ANYONE_KNOWN,
     _SEQ + "WatchEventStatus": ANYONE_KNOWN,

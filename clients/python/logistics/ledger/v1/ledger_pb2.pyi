@@ -107,6 +107,48 @@ class ApplyEventRequest(_message.Message):
 Global___ApplyEventRequest: _TypeAlias = ApplyEventRequest  # noqa: Y015
 
 @_typing.final
+class ApplyEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApplyEventRequest]: ...
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___ApplyEventRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyEventsRequest: _TypeAlias = ApplyEventsRequest  # noqa: Y015
+
+@_typing.final
+class ApplyEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___ApplyEventResponse]:
+        """One per request, in request order."""
+
+    def __init__(
+        self,
+        *,
+        responses: _abc.Iterable[Global___ApplyEventResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyEventsResponse: _TypeAlias = ApplyEventsResponse  # noqa: Y015
+
+@_typing.final
 class ApplyEventResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -41,6 +41,11 @@ class LedgerServiceStub:
                 request_serializer=logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventRequest.SerializeToString,
                 response_deserializer=logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventResponse.FromString,
                 _registered_method=True)
+        self.ApplyEvents = channel.unary_unary(
+                '/logistics.ledger.v1.LedgerService/ApplyEvents',
+                request_serializer=logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventsRequest.SerializeToString,
+                response_deserializer=logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventsResponse.FromString,
+                _registered_method=True)
         self.GetShipment = channel.unary_unary(
                 '/logistics.ledger.v1.LedgerService/GetShipment',
                 request_serializer=logistics_dot_ledger_dot_v1_dot_ledger__pb2.GetShipmentRequest.SerializeToString,
@@ -65,6 +70,15 @@ class LedgerServiceServicer:
 
     def ApplyEvent(self, request, context):
         """Applies one event; called by the sequencer. Idempotent per (entity, MSI).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyEvents(self, request, context):
+        """Applies many events in one call and one transaction: direct successors of many entities,
+        and consecutive successors of one entity in MSI order. One response per request, in
+        request order, each with exactly the semantics of ApplyEvent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,6 +110,11 @@ def add_LedgerServiceServicer_to_server(servicer, server):
                     servicer.ApplyEvent,
                     request_deserializer=logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventRequest.FromString,
                     response_serializer=logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventResponse.SerializeToString,
+            ),
+            'ApplyEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyEvents,
+                    request_deserializer=logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventsRequest.FromString,
+                    response_serializer=logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventsResponse.SerializeToString,
             ),
             'GetShipment': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShipment,
@@ -142,6 +161,33 @@ class LedgerService:
             '/logistics.ledger.v1.LedgerService/ApplyEvent',
             logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventRequest.SerializeToString,
             logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logistics.ledger.v1.LedgerService/ApplyEvents',
+            logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventsRequest.SerializeToString,
+            logistics_dot_ledger_dot_v1_dot_ledger__pb2.ApplyEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,6 +37,11 @@ class LedgerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> LedgerServiceAsyncStub: ...
     ApplyEvent: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ApplyEventRequest, _ledger_pb2.ApplyEventResponse]
     """Applies one event; called by the sequencer. Idempotent per (entity, MSI)."""
+    ApplyEvents: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ApplyEventsRequest, _ledger_pb2.ApplyEventsResponse]
+    """Applies many events in one call and one transaction: direct successors of many entities,
+    and consecutive successors of one entity in MSI order. One response per request, in
+    request order, each with exactly the semantics of ApplyEvent.
+    """
     GetShipment: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetShipmentRequest, _ledger_pb2.GetShipmentResponse]
     GetInventoryItem: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.GetInventoryItemRequest, _ledger_pb2.GetInventoryItemResponse]
     ListEntityHistory: _grpc.UnaryUnaryMultiCallable[_ledger_pb2.ListEntityHistoryRequest, _ledger_pb2.ListEntityHistoryResponse]
@@ -51,6 +56,11 @@ class LedgerServiceAsyncStub(LedgerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ApplyEvent: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ApplyEventRequest, _ledger_pb2.ApplyEventResponse]  # type: ignore[assignment]
     """Applies one event; called by the sequencer. Idempotent per (entity, MSI)."""
+    ApplyEvents: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ApplyEventsRequest, _ledger_pb2.ApplyEventsResponse]  # type: ignore[assignment]
+    """Applies many events in one call and one transaction: direct successors of many entities,
+    and consecutive successors of one entity in MSI order. One response per request, in
+    request order, each with exactly the semantics of ApplyEvent.
+    """
     GetShipment: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetShipmentRequest, _ledger_pb2.GetShipmentResponse]  # type: ignore[assignment]
     GetInventoryItem: _aio.UnaryUnaryMultiCallable[_ledger_pb2.GetInventoryItemRequest, _ledger_pb2.GetInventoryItemResponse]  # type: ignore[assignment]
     ListEntityHistory: _aio.UnaryUnaryMultiCallable[_ledger_pb2.ListEntityHistoryRequest, _ledger_pb2.ListEntityHistoryResponse]  # type: ignore[assignment]
@@ -68,6 +78,17 @@ class LedgerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ledger_pb2.ApplyEventResponse, _abc.Awaitable[_ledger_pb2.ApplyEventResponse]]:
         """Applies one event; called by the sequencer. Idempotent per (entity, MSI)."""
+
+    @_abc_1.abstractmethod
+    def ApplyEvents(
+        self,
+        request: _ledger_pb2.ApplyEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ledger_pb2.ApplyEventsResponse, _abc.Awaitable[_ledger_pb2.ApplyEventsResponse]]:
+        """Applies many events in one call and one transaction: direct successors of many entities,
+        and consecutive successors of one entity in MSI order. One response per request, in
+        request order, each with exactly the semantics of ApplyEvent.
+        """
 
     @_abc_1.abstractmethod
     def GetShipment(

@@ -24,60 +24,67 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from logistics.events.v1 import events_pb2 as logistics_dot_events_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&logistics/sequencer/v1/sequencer.proto\x12\x16logistics.sequencer.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a logistics/events/v1/events.proto\"\x89\x01\n\x12SubmitEventRequest\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.logistics.events.v1.Event\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x34\n\x11wait_for_terminal\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x90\x01\n\x13SubmitEventResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.logistics.events.v1.EventState\x12\x19\n\x11\x61waiting_sequence\x18\x03 \x01(\x04\x12\x16\n\x0e\x63orrelation_id\x18\x04 \x01(\t\"\xb4\x03\n\x0b\x45ventStatus\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12.\n\x06\x65ntity\x18\x02 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12.\n\x05state\x18\x04 \x01(\x0e\x32\x1f.logistics.events.v1.EventState\x12\x19\n\x11\x61waiting_sequence\x18\x05 \x01(\x04\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x15\n\rreason_detail\x18\x07 \x01(\t\x12\x16\n\x0e\x65ntity_version\x18\x08 \x01(\x04\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tqueued_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cprocessed_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\r \x01(\t\"H\n\x15GetEventStatusRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"M\n\x16GetEventStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.logistics.sequencer.v1.EventStatus\"o\n\x17WatchEventStatusRequest\x12\x18\n\x0etransaction_id\x18\x01 \x01(\tH\x00\x12\x30\n\x06\x65ntity\x18\x02 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRefH\x00\x42\x08\n\x06target\"O\n\x18WatchEventStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.logistics.sequencer.v1.EventStatus\"\xd3\x01\n\x03Gap\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x19\n\x11\x61waiting_sequence\x18\x02 \x01(\x04\x12\x14\n\x0cparked_count\x18\x03 \x01(\r\x12\x31\n\rfirst_seen_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03\x61ge\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x61lerting\x18\x06 \x01(\x08\"8\n\x0fListGapsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x10ListGapsResponse\x12)\n\x04gaps\x18\x01 \x03(\x0b\x32\x1b.logistics.sequencer.v1.Gap\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x0bParkedEvent\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12)\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1a.logistics.events.v1.Event\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\t\x12-\n\tparked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"p\n\x17ListParkedEventsRequest\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"o\n\x18ListParkedEventsResponse\x12:\n\rparked_events\x18\x01 \x03(\x0b\x32#.logistics.sequencer.v1.ParkedEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb3\x02\n\x06\x45ntity\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x11\n\twatermark\x18\x02 \x01(\x04\x12\x14\n\x0cparked_count\x18\x03 \x01(\r\x12\x19\n\x11\x61waiting_sequence\x18\x04 \x01(\x04\x12\x31\n\x0eoldest_gap_age\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x0clast_outcome\x18\x06 \x01(\x0e\x32\x1f.logistics.events.v1.EventState\x12\x1b\n\x13last_outcome_reason\x18\x07 \x01(\t\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x10GetEntityRequest\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\"C\n\x11GetEntityResponse\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.sequencer.v1.Entity\"{\n\x13SkipSequenceRequest\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"^\n\x14SkipSequenceResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.logistics.sequencer.v1.EventStatus\x12\x11\n\twatermark\x18\x02 \x01(\x04\"\xa1\x02\n\x11IdempotencyRecord\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x11\n\tcaller_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x16\n\x0etransaction_id\x18\x04 \x01(\t\x12\x31\n\rfirst_seen_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bstatus_code\x18\x07 \x01(\x05\x12\x10\n\x08response\x18\x08 \x01(\x0c\x12.\n\x05state\x18\t \x01(\x0e\x32\x1f.logistics.events.v1.EventState\"I\n\x1bGetIdempotencyRecordRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x11\n\tcaller_id\x18\x02 \x01(\t\"Y\n\x1cGetIdempotencyRecordResponse\x12\x39\n\x06record\x18\x01 \x01(\x0b\x32).logistics.sequencer.v1.IdempotencyRecord2\xe4\x02\n\x10SequencerService\x12\x66\n\x0bSubmitEvent\x12*.logistics.sequencer.v1.SubmitEventRequest\x1a+.logistics.sequencer.v1.SubmitEventResponse\x12o\n\x0eGetEventStatus\x12-.logistics.sequencer.v1.GetEventStatusRequest\x1a..logistics.sequencer.v1.GetEventStatusResponse\x12w\n\x10WatchEventStatus\x12/.logistics.sequencer.v1.WatchEventStatusRequest\x1a\x30.logistics.sequencer.v1.WatchEventStatusResponse0\x01\x32\xbe\x04\n\x15SequencerAdminService\x12]\n\x08ListGaps\x12\'.logistics.sequencer.v1.ListGapsRequest\x1a(.logistics.sequencer.v1.ListGapsResponse\x12u\n\x10ListParkedEvents\x12/.logistics.sequencer.v1.ListParkedEventsRequest\x1a\x30.logistics.sequencer.v1.ListParkedEventsResponse\x12`\n\tGetEntity\x12(.logistics.sequencer.v1.GetEntityRequest\x1a).logistics.sequencer.v1.GetEntityResponse\x12i\n\x0cSkipSequence\x12+.logistics.sequencer.v1.SkipSequenceRequest\x1a,.logistics.sequencer.v1.SkipSequenceResponse\x12\x81\x01\n\x14GetIdempotencyRecord\x12\x33.logistics.sequencer.v1.GetIdempotencyRecordRequest\x1a\x34.logistics.sequencer.v1.GetIdempotencyRecordResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&logistics/sequencer/v1/sequencer.proto\x12\x16logistics.sequencer.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a logistics/events/v1/events.proto\"\x89\x01\n\x12SubmitEventRequest\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.logistics.events.v1.Event\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x34\n\x11wait_for_terminal\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x90\x01\n\x13SubmitEventResponse\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.logistics.events.v1.EventState\x12\x19\n\x11\x61waiting_sequence\x18\x03 \x01(\x04\x12\x16\n\x0e\x63orrelation_id\x18\x04 \x01(\t\"S\n\x13SubmitEventsRequest\x12<\n\x08requests\x18\x01 \x03(\x0b\x32*.logistics.sequencer.v1.SubmitEventRequest\"S\n\x14SubmitEventsResponse\x12;\n\x07results\x18\x01 \x03(\x0b\x32*.logistics.sequencer.v1.SubmitEventsResult\"\x97\x01\n\x12SubmitEventsResult\x12?\n\x08response\x18\x01 \x01(\x0b\x32+.logistics.sequencer.v1.SubmitEventResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12\x10\n\x08replayed\x18\x03 \x01(\x08\x42\t\n\x07outcome\"\xb4\x03\n\x0b\x45ventStatus\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12.\n\x06\x65ntity\x18\x02 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12.\n\x05state\x18\x04 \x01(\x0e\x32\x1f.logistics.events.v1.EventState\x12\x19\n\x11\x61waiting_sequence\x18\x05 \x01(\x04\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x15\n\rreason_detail\x18\x07 \x01(\t\x12\x16\n\x0e\x65ntity_version\x18\x08 \x01(\x04\x12\x16\n\x0e\x63orrelation_id\x18\t \x01(\t\x12/\n\x0b\x61\x63\x63\x65pted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tqueued_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cprocessed_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0fidempotency_key\x18\r \x01(\t\"H\n\x15GetEventStatusRequest\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"M\n\x16GetEventStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.logistics.sequencer.v1.EventStatus\"o\n\x17WatchEventStatusRequest\x12\x18\n\x0etransaction_id\x18\x01 \x01(\tH\x00\x12\x30\n\x06\x65ntity\x18\x02 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRefH\x00\x42\x08\n\x06target\"O\n\x18WatchEventStatusResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.logistics.sequencer.v1.EventStatus\"\xd3\x01\n\x03Gap\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x19\n\x11\x61waiting_sequence\x18\x02 \x01(\x04\x12\x14\n\x0cparked_count\x18\x03 \x01(\r\x12\x31\n\rfirst_seen_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03\x61ge\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08\x61lerting\x18\x06 \x01(\x08\"8\n\x0fListGapsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x10ListGapsResponse\x12)\n\x04gaps\x18\x01 \x03(\x0b\x32\x1b.logistics.sequencer.v1.Gap\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x97\x01\n\x0bParkedEvent\x12\x16\n\x0etransaction_id\x18\x01 \x01(\t\x12)\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1a.logistics.events.v1.Event\x12\x16\n\x0e\x63orrelation_id\x18\x03 \x01(\t\x12-\n\tparked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"p\n\x17ListParkedEventsRequest\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"o\n\x18ListParkedEventsResponse\x12:\n\rparked_events\x18\x01 \x03(\x0b\x32#.logistics.sequencer.v1.ParkedEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb3\x02\n\x06\x45ntity\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x11\n\twatermark\x18\x02 \x01(\x04\x12\x14\n\x0cparked_count\x18\x03 \x01(\r\x12\x19\n\x11\x61waiting_sequence\x18\x04 \x01(\x04\x12\x31\n\x0eoldest_gap_age\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x0clast_outcome\x18\x06 \x01(\x0e\x32\x1f.logistics.events.v1.EventState\x12\x1b\n\x13last_outcome_reason\x18\x07 \x01(\t\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"B\n\x10GetEntityRequest\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\"C\n\x11GetEntityResponse\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.sequencer.v1.Entity\"{\n\x13SkipSequenceRequest\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"^\n\x14SkipSequenceResponse\x12\x33\n\x06status\x18\x01 \x01(\x0b\x32#.logistics.sequencer.v1.EventStatus\x12\x11\n\twatermark\x18\x02 \x01(\x04\"\xa1\x02\n\x11IdempotencyRecord\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x11\n\tcaller_id\x18\x02 \x01(\t\x12\x0e\n\x06method\x18\x03 \x01(\t\x12\x16\n\x0etransaction_id\x18\x04 \x01(\t\x12\x31\n\rfirst_seen_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bstatus_code\x18\x07 \x01(\x05\x12\x10\n\x08response\x18\x08 \x01(\x0c\x12.\n\x05state\x18\t \x01(\x0e\x32\x1f.logistics.events.v1.EventState\"I\n\x1bGetIdempotencyRecordRequest\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x11\n\tcaller_id\x18\x02 \x01(\t\"Y\n\x1cGetIdempotencyRecordResponse\x12\x39\n\x06record\x18\x01 \x01(\x0b\x32).logistics.sequencer.v1.IdempotencyRecord2\xcf\x03\n\x10SequencerService\x12\x66\n\x0bSubmitEvent\x12*.logistics.sequencer.v1.SubmitEventRequest\x1a+.logistics.sequencer.v1.SubmitEventResponse\x12i\n\x0cSubmitEvents\x12+.logistics.sequencer.v1.SubmitEventsRequest\x1a,.logistics.sequencer.v1.SubmitEventsResponse\x12o\n\x0eGetEventStatus\x12-.logistics.sequencer.v1.GetEventStatusRequest\x1a..logistics.sequencer.v1.GetEventStatusResponse\x12w\n\x10WatchEventStatus\x12/.logistics.sequencer.v1.WatchEventStatusRequest\x1a\x30.logistics.sequencer.v1.WatchEventStatusResponse0\x01\x32\xbe\x04\n\x15SequencerAdminService\x12]\n\x08ListGaps\x12\'.logistics.sequencer.v1.ListGapsRequest\x1a(.logistics.sequencer.v1.ListGapsResponse\x12u\n\x10ListParkedEvents\x12/.logistics.sequencer.v1.ListParkedEventsRequest\x1a\x30.logistics.sequencer.v1.ListParkedEventsResponse\x12`\n\tGetEntity\x12(.logistics.sequencer.v1.GetEntityRequest\x1a).logistics.sequencer.v1.GetEntityResponse\x12i\n\x0cSkipSequence\x12+.logistics.sequencer.v1.SkipSequenceRequest\x1a,.logistics.sequencer.v1.SkipSequenceResponse\x12\x81\x01\n\x14GetIdempotencyRecord\x12\x33.logistics.sequencer.v1.GetIdempotencyRecordRequest\x1a\x34.logistics.sequencer.v1.GetIdempotencyRecordResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'logistics.sequencer.v1.sequencer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMITEVENTREQUEST']._serialized_start=166
-  _globals['_SUBMITEVENTREQUEST']._serialized_end=303
-  _globals['_SUBMITEVENTRESPONSE']._serialized_start=306
-  _globals['_SUBMITEVENTRESPONSE']._serialized_end=450
-  _globals['_EVENTSTATUS']._serialized_start=453
-  _globals['_EVENTSTATUS']._serialized_end=889
-  _globals['_GETEVENTSTATUSREQUEST']._serialized_start=891
-  _globals['_GETEVENTSTATUSREQUEST']._serialized_end=963
-  _globals['_GETEVENTSTATUSRESPONSE']._serialized_start=965
-  _globals['_GETEVENTSTATUSRESPONSE']._serialized_end=1042
-  _globals['_WATCHEVENTSTATUSREQUEST']._serialized_start=1044
-  _globals['_WATCHEVENTSTATUSREQUEST']._serialized_end=1155
-  _globals['_WATCHEVENTSTATUSRESPONSE']._serialized_start=1157
-  _globals['_WATCHEVENTSTATUSRESPONSE']._serialized_end=1236
-  _globals['_GAP']._serialized_start=1239
-  _globals['_GAP']._serialized_end=1450
-  _globals['_LISTGAPSREQUEST']._serialized_start=1452
-  _globals['_LISTGAPSREQUEST']._serialized_end=1508
-  _globals['_LISTGAPSRESPONSE']._serialized_start=1510
-  _globals['_LISTGAPSRESPONSE']._serialized_end=1596
-  _globals['_PARKEDEVENT']._serialized_start=1599
-  _globals['_PARKEDEVENT']._serialized_end=1750
-  _globals['_LISTPARKEDEVENTSREQUEST']._serialized_start=1752
-  _globals['_LISTPARKEDEVENTSREQUEST']._serialized_end=1864
-  _globals['_LISTPARKEDEVENTSRESPONSE']._serialized_start=1866
-  _globals['_LISTPARKEDEVENTSRESPONSE']._serialized_end=1977
-  _globals['_ENTITY']._serialized_start=1980
-  _globals['_ENTITY']._serialized_end=2287
-  _globals['_GETENTITYREQUEST']._serialized_start=2289
-  _globals['_GETENTITYREQUEST']._serialized_end=2355
-  _globals['_GETENTITYRESPONSE']._serialized_start=2357
-  _globals['_GETENTITYRESPONSE']._serialized_end=2424
-  _globals['_SKIPSEQUENCEREQUEST']._serialized_start=2426
-  _globals['_SKIPSEQUENCEREQUEST']._serialized_end=2549
-  _globals['_SKIPSEQUENCERESPONSE']._serialized_start=2551
-  _globals['_SKIPSEQUENCERESPONSE']._serialized_end=2645
-  _globals['_IDEMPOTENCYRECORD']._serialized_start=2648
-  _globals['_IDEMPOTENCYRECORD']._serialized_end=2937
-  _globals['_GETIDEMPOTENCYRECORDREQUEST']._serialized_start=2939
-  _globals['_GETIDEMPOTENCYRECORDREQUEST']._serialized_end=3012
-  _globals['_GETIDEMPOTENCYRECORDRESPONSE']._serialized_start=3014
-  _globals['_GETIDEMPOTENCYRECORDRESPONSE']._serialized_end=3103
-  _globals['_SEQUENCERSERVICE']._serialized_start=3106
-  _globals['_SEQUENCERSERVICE']._serialized_end=3462
-  _globals['_SEQUENCERADMINSERVICE']._serialized_start=3465
-  _globals['_SEQUENCERADMINSERVICE']._serialized_end=4039
+  _globals['_SUBMITEVENTREQUEST']._serialized_start=191
+  _globals['_SUBMITEVENTREQUEST']._serialized_end=328
+  _globals['_SUBMITEVENTRESPONSE']._serialized_start=331
+  _globals['_SUBMITEVENTRESPONSE']._serialized_end=475
+  _globals['_SUBMITEVENTSREQUEST']._serialized_start=477
+  _globals['_SUBMITEVENTSREQUEST']._serialized_end=560
+  _globals['_SUBMITEVENTSRESPONSE']._serialized_start=562
+  _globals['_SUBMITEVENTSRESPONSE']._serialized_end=645
+  _globals['_SUBMITEVENTSRESULT']._serialized_start=648
+  _globals['_SUBMITEVENTSRESULT']._serialized_end=799
+  _globals['_EVENTSTATUS']._serialized_start=802
+  _globals['_EVENTSTATUS']._serialized_end=1238
+  _globals['_GETEVENTSTATUSREQUEST']._serialized_start=1240
+  _globals['_GETEVENTSTATUSREQUEST']._serialized_end=1312
+  _globals['_GETEVENTSTATUSRESPONSE']._serialized_start=1314
+  _globals['_GETEVENTSTATUSRESPONSE']._serialized_end=1391
+  _globals['_WATCHEVENTSTATUSREQUEST']._serialized_start=1393
+  _globals['_WATCHEVENTSTATUSREQUEST']._serialized_end=1504
+  _globals['_WATCHEVENTSTATUSRESPONSE']._serialized_start=1506
+  _globals['_WATCHEVENTSTATUSRESPONSE']._serialized_end=1585
+  _globals['_GAP']._serialized_start=1588
+  _globals['_GAP']._serialized_end=1799
+  _globals['_LISTGAPSREQUEST']._serialized_start=1801
+  _globals['_LISTGAPSREQUEST']._serialized_end=1857
+  _globals['_LISTGAPSRESPONSE']._serialized_start=1859
+  _globals['_LISTGAPSRESPONSE']._serialized_end=1945
+  _globals['_PARKEDEVENT']._serialized_start=1948
+  _globals['_PARKEDEVENT']._serialized_end=2099
+  _globals['_LISTPARKEDEVENTSREQUEST']._serialized_start=2101
+  _globals['_LISTPARKEDEVENTSREQUEST']._serialized_end=2213
+  _globals['_LISTPARKEDEVENTSRESPONSE']._serialized_start=2215
+  _globals['_LISTPARKEDEVENTSRESPONSE']._serialized_end=2326
+  _globals['_ENTITY']._serialized_start=2329
+  _globals['_ENTITY']._serialized_end=2636
+  _globals['_GETENTITYREQUEST']._serialized_start=2638
+  _globals['_GETENTITYREQUEST']._serialized_end=2704
+  _globals['_GETENTITYRESPONSE']._serialized_start=2706
+  _globals['_GETENTITYRESPONSE']._serialized_end=2773
+  _globals['_SKIPSEQUENCEREQUEST']._serialized_start=2775
+  _globals['_SKIPSEQUENCEREQUEST']._serialized_end=2898
+  _globals['_SKIPSEQUENCERESPONSE']._serialized_start=2900
+  _globals['_SKIPSEQUENCERESPONSE']._serialized_end=2994
+  _globals['_IDEMPOTENCYRECORD']._serialized_start=2997
+  _globals['_IDEMPOTENCYRECORD']._serialized_end=3286
+  _globals['_GETIDEMPOTENCYRECORDREQUEST']._serialized_start=3288
+  _globals['_GETIDEMPOTENCYRECORDREQUEST']._serialized_end=3361
+  _globals['_GETIDEMPOTENCYRECORDRESPONSE']._serialized_start=3363
+  _globals['_GETIDEMPOTENCYRECORDRESPONSE']._serialized_end=3452
+  _globals['_SEQUENCERSERVICE']._serialized_start=3455
+  _globals['_SEQUENCERSERVICE']._serialized_end=3918
+  _globals['_SEQUENCERADMINSERVICE']._serialized_start=3921
+  _globals['_SEQUENCERADMINSERVICE']._serialized_end=4495
 # @@protoc_insertion_point(module_scope)

@@ -41,6 +41,11 @@ class SequencerServiceStub:
                 request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventRequest.SerializeToString,
                 response_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventResponse.FromString,
                 _registered_method=True)
+        self.SubmitEvents = channel.unary_unary(
+                '/logistics.sequencer.v1.SequencerService/SubmitEvents',
+                request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventsRequest.SerializeToString,
+                response_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventsResponse.FromString,
+                _registered_method=True)
         self.GetEventStatus = channel.unary_unary(
                 '/logistics.sequencer.v1.SequencerService/GetEventStatus',
                 request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.GetEventStatusRequest.SerializeToString,
@@ -67,6 +72,16 @@ class SequencerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitEvents(self, request, context):
+        """Accepts up to SEQUENCER_MAX_BATCH (500) independent events in one call. Each item carries
+        its own idempotency key in `request_id` (metadata `idempotency-key` is refused here) and
+        gets its own answer, in request order: the response a SubmitEvent of that item would get,
+        or its error. A retried batch replays every item's stored answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetEventStatus(self, request, context):
         """Reads the status of one accepted event.
         """
@@ -88,6 +103,11 @@ def add_SequencerServiceServicer_to_server(servicer, server):
                     servicer.SubmitEvent,
                     request_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventRequest.FromString,
                     response_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventResponse.SerializeToString,
+            ),
+            'SubmitEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitEvents,
+                    request_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventsRequest.FromString,
+                    response_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventsResponse.SerializeToString,
             ),
             'GetEventStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetEventStatus,
@@ -129,6 +149,33 @@ class SequencerService:
             '/logistics.sequencer.v1.SequencerService/SubmitEvent',
             logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventRequest.SerializeToString,
             logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logistics.sequencer.v1.SequencerService/SubmitEvents',
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventsRequest.SerializeToString,
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SubmitEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

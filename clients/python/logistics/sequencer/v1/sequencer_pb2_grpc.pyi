@@ -40,6 +40,12 @@ class SequencerServiceStub:
     Answers at once with the accepted state (the gRPC analogue of HTTP 202) unless
     `wait_for_terminal` asks for a bounded wait.
     """
+    SubmitEvents: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.SubmitEventsRequest, _sequencer_pb2.SubmitEventsResponse]
+    """Accepts up to SEQUENCER_MAX_BATCH (500) independent events in one call. Each item carries
+    its own idempotency key in `request_id` (metadata `idempotency-key` is refused here) and
+    gets its own answer, in request order: the response a SubmitEvent of that item would get,
+    or its error. A retried batch replays every item's stored answer.
+    """
     GetEventStatus: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.GetEventStatusRequest, _sequencer_pb2.GetEventStatusResponse]
     """Reads the status of one accepted event."""
     WatchEventStatus: _grpc.UnaryStreamMultiCallable[_sequencer_pb2.WatchEventStatusRequest, _sequencer_pb2.WatchEventStatusResponse]
@@ -56,6 +62,12 @@ class SequencerServiceAsyncStub(SequencerServiceStub):
     """Accepts one event. Needs an idempotency key (metadata `idempotency-key`, or `request_id`).
     Answers at once with the accepted state (the gRPC analogue of HTTP 202) unless
     `wait_for_terminal` asks for a bounded wait.
+    """
+    SubmitEvents: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.SubmitEventsRequest, _sequencer_pb2.SubmitEventsResponse]  # type: ignore[assignment]
+    """Accepts up to SEQUENCER_MAX_BATCH (500) independent events in one call. Each item carries
+    its own idempotency key in `request_id` (metadata `idempotency-key` is refused here) and
+    gets its own answer, in request order: the response a SubmitEvent of that item would get,
+    or its error. A retried batch replays every item's stored answer.
     """
     GetEventStatus: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.GetEventStatusRequest, _sequencer_pb2.GetEventStatusResponse]  # type: ignore[assignment]
     """Reads the status of one accepted event."""
@@ -76,6 +88,18 @@ class SequencerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Accepts one event. Needs an idempotency key (metadata `idempotency-key`, or `request_id`).
         Answers at once with the accepted state (the gRPC analogue of HTTP 202) unless
         `wait_for_terminal` asks for a bounded wait.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitEvents(
+        self,
+        request: _sequencer_pb2.SubmitEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sequencer_pb2.SubmitEventsResponse, _abc.Awaitable[_sequencer_pb2.SubmitEventsResponse]]:
+        """Accepts up to SEQUENCER_MAX_BATCH (500) independent events in one call. Each item carries
+        its own idempotency key in `request_id` (metadata `idempotency-key` is refused here) and
+        gets its own answer, in request order: the response a SubmitEvent of that item would get,
+        or its error. A retried batch replays every item's stored answer.
         """
 
     @_abc_1.abstractmethod

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file logistics/ledger/v1/ledger.proto.
  */
 export const file_logistics_ledger_v1_ledger: GenFile = /*@__PURE__*/
-  fileDesc("CiBsb2dpc3RpY3MvbGVkZ2VyL3YxL2xlZGdlci5wcm90bxITbG9naXN0aWNzLmxlZGdlci52MSKDAQoRQXBwbHlFdmVudFJlcXVlc3QSKQoFZXZlbnQYASABKAsyGi5sb2dpc3RpY3MuZXZlbnRzLnYxLkV2ZW50EhYKDmNvcnJlbGF0aW9uX2lkGAIgASgJEhYKDnRyYW5zYWN0aW9uX2lkGAMgASgJEhMKC3NraXBfcmVhc29uGAQgASgJIu8BChJBcHBseUV2ZW50UmVzcG9uc2USMgoHb3V0Y29tZRgBIAEoDjIhLmxvZ2lzdGljcy5sZWRnZXIudjEuQXBwbHlPdXRjb21lEjsKEG9yaWdpbmFsX291dGNvbWUYAiABKA4yIS5sb2dpc3RpY3MubGVkZ2VyLnYxLkFwcGx5T3V0Y29tZRIOCgZyZWFzb24YAyABKAkSFQoNcmVhc29uX2RldGFpbBgEIAEoCRIPCgd2ZXJzaW9uGAUgASgEEjAKDHByb2Nlc3NlZF9hdBgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAixQMKCFNoaXBtZW50EhMKC3NoaXBtZW50X2lkGAEgASgJEjMKBnN0YXR1cxgCIAEoDjIjLmxvZ2lzdGljcy5sZWRnZXIudjEuU2hpcG1lbnRTdGF0dXMSDwoHdmVyc2lvbhgDIAEoBBIQCghvcmRlcl9pZBgEIAEoCRIOCgZvcmlnaW4YBSABKAkSEwoLZGVzdGluYXRpb24YBiABKAkSFAoMd2FyZWhvdXNlX2lkGAcgASgJEhUKDXBhY2thZ2VfY291bnQYCCABKA0SEgoKdmVoaWNsZV9pZBgJIAEoCRIPCgdjYXJyaWVyGAogASgJEhcKD3RyYWNraW5nX251bWJlchgLIAEoCRIwCgxkZWxpdmVyZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3JlY2VpdmVkX2J5GA0gASgJEhUKDWNhbmNlbF9yZWFzb24YDiABKAkSLgoKY3JlYXRlZF9hdBgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKdXBkYXRlZF9hdBgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiKQoSR2V0U2hpcG1lbnRSZXF1ZXN0EhMKC3NoaXBtZW50X2lkGAEgASgJIkYKE0dldFNoaXBtZW50UmVzcG9uc2USLwoIc2hpcG1lbnQYASABKAsyHS5sb2dpc3RpY3MubGVkZ2VyLnYxLlNoaXBtZW50IlkKD0xvY2F0aW9uQmFsYW5jZRIQCghsb2NhdGlvbhgBIAEoCRIPCgdvbl9oYW5kGAIgASgDEhAKCHJlc2VydmVkGAMgASgDEhEKCWF2YWlsYWJsZRgEIAEoAyJJCgtSZXNlcnZhdGlvbhIWCg5yZXNlcnZhdGlvbl9pZBgBIAEoCRIQCghsb2NhdGlvbhgCIAEoCRIQCghxdWFudGl0eRgDIAEoAyLNAQoNSW52ZW50b3J5SXRlbRILCgNza3UYASABKAkSNgoIYmFsYW5jZXMYAiADKAsyJC5sb2dpc3RpY3MubGVkZ2VyLnYxLkxvY2F0aW9uQmFsYW5jZRIPCgd2ZXJzaW9uGAMgASgEEjYKDHJlc2VydmF0aW9ucxgEIAMoCzIgLmxvZ2lzdGljcy5sZWRnZXIudjEuUmVzZXJ2YXRpb24SLgoKdXBkYXRlZF9hdBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiOAoXR2V0SW52ZW50b3J5SXRlbVJlcXVlc3QSCwoDc2t1GAEgASgJEhAKCGxvY2F0aW9uGAIgASgJIkwKGEdldEludmVudG9yeUl0ZW1SZXNwb25zZRIwCgRpdGVtGAEgASgLMiIubG9naXN0aWNzLmxlZGdlci52MS5JbnZlbnRvcnlJdGVtIqwCCgxIaXN0b3J5RW50cnkSEAoIc2VxdWVuY2UYASABKAQSDAoEa2luZBgCIAEoCRIyCgdvdXRjb21lGAMgASgOMiEubG9naXN0aWNzLmxlZGdlci52MS5BcHBseU91dGNvbWUSDgoGcmVhc29uGAQgASgJEhUKDXJlYXNvbl9kZXRhaWwYBSABKAkSFgoOY29ycmVsYXRpb25faWQYBiABKAkSFgoOdHJhbnNhY3Rpb25faWQYByABKAkSDgoGc291cmNlGAggASgJEi8KC29jY3VycmVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxwcm9jZXNzZWRfYXQYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wInEKGExpc3RFbnRpdHlIaXN0b3J5UmVxdWVzdBIuCgZlbnRpdHkYASABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZhIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJoChlMaXN0RW50aXR5SGlzdG9yeVJlc3BvbnNlEjIKB2VudHJpZXMYASADKAsyIS5sb2dpc3RpY3MubGVkZ2VyLnYxLkhpc3RvcnlFbnRyeRIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkqnAEKDEFwcGx5T3V0Y29tZRIdChlBUFBMWV9PVVRDT01FX1VOU1BFQ0lGSUVEEAASGQoVQVBQTFlfT1VUQ09NRV9BUFBMSUVEEAESGgoWQVBQTFlfT1VUQ09NRV9SRUpFQ1RFRBACEhsKF0FQUExZX09VVENPTUVfRFVQTElDQVRFEAMSGQoVQVBQTFlfT1VUQ09NRV9TS0lQUEVEEAQq/QEKDlNoaXBtZW50U3RhdHVzEh8KG1NISVBNRU5UX1NUQVRVU19VTlNQRUNJRklFRBAAEhsKF1NISVBNRU5UX1NUQVRVU19DUkVBVEVEEAESGgoWU0hJUE1FTlRfU1RBVFVTX1BJQ0tFRBACEhoKFlNISVBNRU5UX1NUQVRVU19QQUNLRUQQAxIaChZTSElQTUVOVF9TVEFUVVNfTE9BREVEEAQSGwoXU0hJUE1FTlRfU1RBVFVTX1NISVBQRUQQBRIdChlTSElQTUVOVF9TVEFUVVNfREVMSVZFUkVEEAYSHQoZU0hJUE1FTlRfU1RBVFVTX0NBTkNFTExFRBAHMrUDCg1MZWRnZXJTZXJ2aWNlEl0KCkFwcGx5RXZlbnQSJi5sb2dpc3RpY3MubGVkZ2VyLnYxLkFwcGx5RXZlbnRSZXF1ZXN0GicubG9naXN0aWNzLmxlZGdlci52MS5BcHBseUV2ZW50UmVzcG9uc2USYAoLR2V0U2hpcG1lbnQSJy5sb2dpc3RpY3MubGVkZ2VyLnYxLkdldFNoaXBtZW50UmVxdWVzdBooLmxvZ2lzdGljcy5sZWRnZXIudjEuR2V0U2hpcG1lbnRSZXNwb25zZRJvChBHZXRJbnZlbnRvcnlJdGVtEiwubG9naXN0aWNzLmxlZGdlci52MS5HZXRJbnZlbnRvcnlJdGVtUmVxdWVzdBotLmxvZ2lzdGljcy5sZWRnZXIudjEuR2V0SW52ZW50b3J5SXRlbVJlc3BvbnNlEnIKEUxpc3RFbnRpdHlIaXN0b3J5Ei0ubG9naXN0aWNzLmxlZGdlci52MS5MaXN0RW50aXR5SGlzdG9yeVJlcXVlc3QaLi5sb2dpc3RpY3MubGVkZ2VyLnYxLkxpc3RFbnRpdHlIaXN0b3J5UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_logistics_events_v1_events]);
+  fileDesc("CiBsb2dpc3RpY3MvbGVkZ2VyL3YxL2xlZGdlci5wcm90bxITbG9naXN0aWNzLmxlZGdlci52MSKDAQoRQXBwbHlFdmVudFJlcXVlc3QSKQoFZXZlbnQYASABKAsyGi5sb2dpc3RpY3MuZXZlbnRzLnYxLkV2ZW50EhYKDmNvcnJlbGF0aW9uX2lkGAIgASgJEhYKDnRyYW5zYWN0aW9uX2lkGAMgASgJEhMKC3NraXBfcmVhc29uGAQgASgJIk4KEkFwcGx5RXZlbnRzUmVxdWVzdBI4CghyZXF1ZXN0cxgBIAMoCzImLmxvZ2lzdGljcy5sZWRnZXIudjEuQXBwbHlFdmVudFJlcXVlc3QiUQoTQXBwbHlFdmVudHNSZXNwb25zZRI6CglyZXNwb25zZXMYASADKAsyJy5sb2dpc3RpY3MubGVkZ2VyLnYxLkFwcGx5RXZlbnRSZXNwb25zZSLvAQoSQXBwbHlFdmVudFJlc3BvbnNlEjIKB291dGNvbWUYASABKA4yIS5sb2dpc3RpY3MubGVkZ2VyLnYxLkFwcGx5T3V0Y29tZRI7ChBvcmlnaW5hbF9vdXRjb21lGAIgASgOMiEubG9naXN0aWNzLmxlZGdlci52MS5BcHBseU91dGNvbWUSDgoGcmVhc29uGAMgASgJEhUKDXJlYXNvbl9kZXRhaWwYBCABKAkSDwoHdmVyc2lvbhgFIAEoBBIwCgxwcm9jZXNzZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIsUDCghTaGlwbWVudBITCgtzaGlwbWVudF9pZBgBIAEoCRIzCgZzdGF0dXMYAiABKA4yIy5sb2dpc3RpY3MubGVkZ2VyLnYxLlNoaXBtZW50U3RhdHVzEg8KB3ZlcnNpb24YAyABKAQSEAoIb3JkZXJfaWQYBCABKAkSDgoGb3JpZ2luGAUgASgJEhMKC2Rlc3RpbmF0aW9uGAYgASgJEhQKDHdhcmVob3VzZV9pZBgHIAEoCRIVCg1wYWNrYWdlX2NvdW50GAggASgNEhIKCnZlaGljbGVfaWQYCSABKAkSDwoHY2FycmllchgKIAEoCRIXCg90cmFja2luZ19udW1iZXIYCyABKAkSMAoMZGVsaXZlcmVkX2F0GAwgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtyZWNlaXZlZF9ieRgNIAEoCRIVCg1jYW5jZWxfcmVhc29uGA4gASgJEi4KCmNyZWF0ZWRfYXQYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnVwZGF0ZWRfYXQYECABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIikKEkdldFNoaXBtZW50UmVxdWVzdBITCgtzaGlwbWVudF9pZBgBIAEoCSJGChNHZXRTaGlwbWVudFJlc3BvbnNlEi8KCHNoaXBtZW50GAEgASgLMh0ubG9naXN0aWNzLmxlZGdlci52MS5TaGlwbWVudCJZCg9Mb2NhdGlvbkJhbGFuY2USEAoIbG9jYXRpb24YASABKAkSDwoHb25faGFuZBgCIAEoAxIQCghyZXNlcnZlZBgDIAEoAxIRCglhdmFpbGFibGUYBCABKAMiSQoLUmVzZXJ2YXRpb24SFgoOcmVzZXJ2YXRpb25faWQYASABKAkSEAoIbG9jYXRpb24YAiABKAkSEAoIcXVhbnRpdHkYAyABKAMizQEKDUludmVudG9yeUl0ZW0SCwoDc2t1GAEgASgJEjYKCGJhbGFuY2VzGAIgAygLMiQubG9naXN0aWNzLmxlZGdlci52MS5Mb2NhdGlvbkJhbGFuY2USDwoHdmVyc2lvbhgDIAEoBBI2CgxyZXNlcnZhdGlvbnMYBCADKAsyIC5sb2dpc3RpY3MubGVkZ2VyLnYxLlJlc2VydmF0aW9uEi4KCnVwZGF0ZWRfYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjgKF0dldEludmVudG9yeUl0ZW1SZXF1ZXN0EgsKA3NrdRgBIAEoCRIQCghsb2NhdGlvbhgCIAEoCSJMChhHZXRJbnZlbnRvcnlJdGVtUmVzcG9uc2USMAoEaXRlbRgBIAEoCzIiLmxvZ2lzdGljcy5sZWRnZXIudjEuSW52ZW50b3J5SXRlbSKsAgoMSGlzdG9yeUVudHJ5EhAKCHNlcXVlbmNlGAEgASgEEgwKBGtpbmQYAiABKAkSMgoHb3V0Y29tZRgDIAEoDjIhLmxvZ2lzdGljcy5sZWRnZXIudjEuQXBwbHlPdXRjb21lEg4KBnJlYXNvbhgEIAEoCRIVCg1yZWFzb25fZGV0YWlsGAUgASgJEhYKDmNvcnJlbGF0aW9uX2lkGAYgASgJEhYKDnRyYW5zYWN0aW9uX2lkGAcgASgJEg4KBnNvdXJjZRgIIAEoCRIvCgtvY2N1cnJlZF9hdBgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMAoMcHJvY2Vzc2VkX2F0GAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJxChhMaXN0RW50aXR5SGlzdG9yeVJlcXVlc3QSLgoGZW50aXR5GAEgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWYSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkiaAoZTGlzdEVudGl0eUhpc3RvcnlSZXNwb25zZRIyCgdlbnRyaWVzGAEgAygLMiEubG9naXN0aWNzLmxlZGdlci52MS5IaXN0b3J5RW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJKpwBCgxBcHBseU91dGNvbWUSHQoZQVBQTFlfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhkKFUFQUExZX09VVENPTUVfQVBQTElFRBABEhoKFkFQUExZX09VVENPTUVfUkVKRUNURUQQAhIbChdBUFBMWV9PVVRDT01FX0RVUExJQ0FURRADEhkKFUFQUExZX09VVENPTUVfU0tJUFBFRBAEKv0BCg5TaGlwbWVudFN0YXR1cxIfChtTSElQTUVOVF9TVEFUVVNfVU5TUEVDSUZJRUQQABIbChdTSElQTUVOVF9TVEFUVVNfQ1JFQVRFRBABEhoKFlNISVBNRU5UX1NUQVRVU19QSUNLRUQQAhIaChZTSElQTUVOVF9TVEFUVVNfUEFDS0VEEAMSGgoWU0hJUE1FTlRfU1RBVFVTX0xPQURFRBAEEhsKF1NISVBNRU5UX1NUQVRVU19TSElQUEVEEAUSHQoZU0hJUE1FTlRfU1RBVFVTX0RFTElWRVJFRBAGEh0KGVNISVBNRU5UX1NUQVRVU19DQU5DRUxMRUQQBzKXBAoNTGVkZ2VyU2VydmljZRJdCgpBcHBseUV2ZW50EiYubG9naXN0aWNzLmxlZGdlci52MS5BcHBseUV2ZW50UmVxdWVzdBonLmxvZ2lzdGljcy5sZWRnZXIudjEuQXBwbHlFdmVudFJlc3BvbnNlEmAKC0FwcGx5RXZlbnRzEicubG9naXN0aWNzLmxlZGdlci52MS5BcHBseUV2ZW50c1JlcXVlc3QaKC5sb2dpc3RpY3MubGVkZ2VyLnYxLkFwcGx5RXZlbnRzUmVzcG9uc2USYAoLR2V0U2hpcG1lbnQSJy5sb2dpc3RpY3MubGVkZ2VyLnYxLkdldFNoaXBtZW50UmVxdWVzdBooLmxvZ2lzdGljcy5sZWRnZXIudjEuR2V0U2hpcG1lbnRSZXNwb25zZRJvChBHZXRJbnZlbnRvcnlJdGVtEiwubG9naXN0aWNzLmxlZGdlci52MS5HZXRJbnZlbnRvcnlJdGVtUmVxdWVzdBotLmxvZ2lzdGljcy5sZWRnZXIudjEuR2V0SW52ZW50b3J5SXRlbVJlc3BvbnNlEnIKEUxpc3RFbnRpdHlIaXN0b3J5Ei0ubG9naXN0aWNzLmxlZGdlci52MS5MaXN0RW50aXR5SGlzdG9yeVJlcXVlc3QaLi5sb2dpc3RpY3MubGVkZ2VyLnYxLkxpc3RFbnRpdHlIaXN0b3J5UmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_timestamp, file_logistics_events_v1_events]);
 
 /**
  * @generated from message logistics.ledger.v1.ApplyEventRequest
@@ -52,6 +52,42 @@ export type ApplyEventRequest = Message<"logistics.ledger.v1.ApplyEventRequest">
  */
 export const ApplyEventRequestSchema: GenMessage<ApplyEventRequest> = /*@__PURE__*/
   messageDesc(file_logistics_ledger_v1_ledger, 0);
+
+/**
+ * @generated from message logistics.ledger.v1.ApplyEventsRequest
+ */
+export type ApplyEventsRequest = Message<"logistics.ledger.v1.ApplyEventsRequest"> & {
+  /**
+   * @generated from field: repeated logistics.ledger.v1.ApplyEventRequest requests = 1;
+   */
+  requests: ApplyEventRequest[];
+};
+
+/**
+ * Describes the message logistics.ledger.v1.ApplyEventsRequest.
+ * Use `create(ApplyEventsRequestSchema)` to create a new message.
+ */
+export const ApplyEventsRequestSchema: GenMessage<ApplyEventsRequest> = /*@__PURE__*/
+  messageDesc(file_logistics_ledger_v1_ledger, 1);
+
+/**
+ * @generated from message logistics.ledger.v1.ApplyEventsResponse
+ */
+export type ApplyEventsResponse = Message<"logistics.ledger.v1.ApplyEventsResponse"> & {
+  /**
+   * One per request, in request order.
+   *
+   * @generated from field: repeated logistics.ledger.v1.ApplyEventResponse responses = 1;
+   */
+  responses: ApplyEventResponse[];
+};
+
+/**
+ * Describes the message logistics.ledger.v1.ApplyEventsResponse.
+ * Use `create(ApplyEventsResponseSchema)` to create a new message.
+ */
+export const ApplyEventsResponseSchema: GenMessage<ApplyEventsResponse> = /*@__PURE__*/
+  messageDesc(file_logistics_ledger_v1_ledger, 2);
 
 /**
  * @generated from message logistics.ledger.v1.ApplyEventResponse
@@ -99,7 +135,7 @@ export type ApplyEventResponse = Message<"logistics.ledger.v1.ApplyEventResponse
  * Use `create(ApplyEventResponseSchema)` to create a new message.
  */
 export const ApplyEventResponseSchema: GenMessage<ApplyEventResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 1);
+  messageDesc(file_logistics_ledger_v1_ledger, 3);
 
 /**
  * @generated from message logistics.ledger.v1.Shipment
@@ -193,7 +229,7 @@ export type Shipment = Message<"logistics.ledger.v1.Shipment"> & {
  * Use `create(ShipmentSchema)` to create a new message.
  */
 export const ShipmentSchema: GenMessage<Shipment> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 2);
+  messageDesc(file_logistics_ledger_v1_ledger, 4);
 
 /**
  * @generated from message logistics.ledger.v1.GetShipmentRequest
@@ -210,7 +246,7 @@ export type GetShipmentRequest = Message<"logistics.ledger.v1.GetShipmentRequest
  * Use `create(GetShipmentRequestSchema)` to create a new message.
  */
 export const GetShipmentRequestSchema: GenMessage<GetShipmentRequest> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 3);
+  messageDesc(file_logistics_ledger_v1_ledger, 5);
 
 /**
  * @generated from message logistics.ledger.v1.GetShipmentResponse
@@ -227,7 +263,7 @@ export type GetShipmentResponse = Message<"logistics.ledger.v1.GetShipmentRespon
  * Use `create(GetShipmentResponseSchema)` to create a new message.
  */
 export const GetShipmentResponseSchema: GenMessage<GetShipmentResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 4);
+  messageDesc(file_logistics_ledger_v1_ledger, 6);
 
 /**
  * @generated from message logistics.ledger.v1.LocationBalance
@@ -261,7 +297,7 @@ export type LocationBalance = Message<"logistics.ledger.v1.LocationBalance"> & {
  * Use `create(LocationBalanceSchema)` to create a new message.
  */
 export const LocationBalanceSchema: GenMessage<LocationBalance> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 5);
+  messageDesc(file_logistics_ledger_v1_ledger, 7);
 
 /**
  * @generated from message logistics.ledger.v1.Reservation
@@ -288,7 +324,7 @@ export type Reservation = Message<"logistics.ledger.v1.Reservation"> & {
  * Use `create(ReservationSchema)` to create a new message.
  */
 export const ReservationSchema: GenMessage<Reservation> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 6);
+  messageDesc(file_logistics_ledger_v1_ledger, 8);
 
 /**
  * @generated from message logistics.ledger.v1.InventoryItem
@@ -329,7 +365,7 @@ export type InventoryItem = Message<"logistics.ledger.v1.InventoryItem"> & {
  * Use `create(InventoryItemSchema)` to create a new message.
  */
 export const InventoryItemSchema: GenMessage<InventoryItem> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 7);
+  messageDesc(file_logistics_ledger_v1_ledger, 9);
 
 /**
  * @generated from message logistics.ledger.v1.GetInventoryItemRequest
@@ -353,7 +389,7 @@ export type GetInventoryItemRequest = Message<"logistics.ledger.v1.GetInventoryI
  * Use `create(GetInventoryItemRequestSchema)` to create a new message.
  */
 export const GetInventoryItemRequestSchema: GenMessage<GetInventoryItemRequest> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 8);
+  messageDesc(file_logistics_ledger_v1_ledger, 10);
 
 /**
  * @generated from message logistics.ledger.v1.GetInventoryItemResponse
@@ -370,7 +406,7 @@ export type GetInventoryItemResponse = Message<"logistics.ledger.v1.GetInventory
  * Use `create(GetInventoryItemResponseSchema)` to create a new message.
  */
 export const GetInventoryItemResponseSchema: GenMessage<GetInventoryItemResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 9);
+  messageDesc(file_logistics_ledger_v1_ledger, 11);
 
 /**
  * @generated from message logistics.ledger.v1.HistoryEntry
@@ -434,7 +470,7 @@ export type HistoryEntry = Message<"logistics.ledger.v1.HistoryEntry"> & {
  * Use `create(HistoryEntrySchema)` to create a new message.
  */
 export const HistoryEntrySchema: GenMessage<HistoryEntry> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 10);
+  messageDesc(file_logistics_ledger_v1_ledger, 12);
 
 /**
  * @generated from message logistics.ledger.v1.ListEntityHistoryRequest
@@ -461,7 +497,7 @@ export type ListEntityHistoryRequest = Message<"logistics.ledger.v1.ListEntityHi
  * Use `create(ListEntityHistoryRequestSchema)` to create a new message.
  */
 export const ListEntityHistoryRequestSchema: GenMessage<ListEntityHistoryRequest> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 11);
+  messageDesc(file_logistics_ledger_v1_ledger, 13);
 
 /**
  * @generated from message logistics.ledger.v1.ListEntityHistoryResponse
@@ -483,7 +519,7 @@ export type ListEntityHistoryResponse = Message<"logistics.ledger.v1.ListEntityH
  * Use `create(ListEntityHistoryResponseSchema)` to create a new message.
  */
 export const ListEntityHistoryResponseSchema: GenMessage<ListEntityHistoryResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_ledger_v1_ledger, 12);
+  messageDesc(file_logistics_ledger_v1_ledger, 14);
 
 /**
  * @generated from enum logistics.ledger.v1.ApplyOutcome
@@ -592,6 +628,18 @@ export const LedgerService: GenService<{
     methodKind: "unary";
     input: typeof ApplyEventRequestSchema;
     output: typeof ApplyEventResponseSchema;
+  },
+  /**
+   * Applies many events in one call and one transaction: direct successors of many entities,
+   * and consecutive successors of one entity in MSI order. One response per request, in
+   * request order, each with exactly the semantics of ApplyEvent.
+   *
+   * @generated from rpc logistics.ledger.v1.LedgerService.ApplyEvents
+   */
+  applyEvents: {
+    methodKind: "unary";
+    input: typeof ApplyEventsRequestSchema;
+    output: typeof ApplyEventsResponseSchema;
   },
   /**
    * @generated from rpc logistics.ledger.v1.LedgerService.GetShipment

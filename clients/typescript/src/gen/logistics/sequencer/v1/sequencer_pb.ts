@@ -6,6 +6,8 @@ import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegen
 import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Status } from "../../../google/rpc/status_pb.js";
+import { file_google_rpc_status } from "../../../google/rpc/status_pb.js";
 import type { EntityRef, Event, EventState } from "../../events/v1/events_pb.js";
 import { file_logistics_events_v1_events } from "../../events/v1/events_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -14,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file logistics/sequencer/v1/sequencer.proto.
  */
 export const file_logistics_sequencer_v1_sequencer: GenFile = /*@__PURE__*/
-  fileDesc("CiZsb2dpc3RpY3Mvc2VxdWVuY2VyL3YxL3NlcXVlbmNlci5wcm90bxIWbG9naXN0aWNzLnNlcXVlbmNlci52MSKJAQoSU3VibWl0RXZlbnRSZXF1ZXN0EikKBWV2ZW50GAEgASgLMhoubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudBISCgpyZXF1ZXN0X2lkGAIgASgJEjQKEXdhaXRfZm9yX3Rlcm1pbmFsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIpABChNTdWJtaXRFdmVudFJlc3BvbnNlEhYKDnRyYW5zYWN0aW9uX2lkGAEgASgJEi4KBXN0YXRlGAIgASgOMh8ubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudFN0YXRlEhkKEWF3YWl0aW5nX3NlcXVlbmNlGAMgASgEEhYKDmNvcnJlbGF0aW9uX2lkGAQgASgJIrQDCgtFdmVudFN0YXR1cxIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIuCgZlbnRpdHkYAiABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZhIQCghzZXF1ZW5jZRgDIAEoBBIuCgVzdGF0ZRgEIAEoDjIfLmxvZ2lzdGljcy5ldmVudHMudjEuRXZlbnRTdGF0ZRIZChFhd2FpdGluZ19zZXF1ZW5jZRgFIAEoBBIOCgZyZWFzb24YBiABKAkSFQoNcmVhc29uX2RldGFpbBgHIAEoCRIWCg5lbnRpdHlfdmVyc2lvbhgIIAEoBBIWCg5jb3JyZWxhdGlvbl9pZBgJIAEoCRIvCgthY2NlcHRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcXVldWVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxwcm9jZXNzZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD2lkZW1wb3RlbmN5X2tleRgNIAEoCSJIChVHZXRFdmVudFN0YXR1c1JlcXVlc3QSFgoOdHJhbnNhY3Rpb25faWQYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJIk0KFkdldEV2ZW50U3RhdHVzUmVzcG9uc2USMwoGc3RhdHVzGAEgASgLMiMubG9naXN0aWNzLnNlcXVlbmNlci52MS5FdmVudFN0YXR1cyJvChdXYXRjaEV2ZW50U3RhdHVzUmVxdWVzdBIYCg50cmFuc2FjdGlvbl9pZBgBIAEoCUgAEjAKBmVudGl0eRgCIAEoCzIeLmxvZ2lzdGljcy5ldmVudHMudjEuRW50aXR5UmVmSABCCAoGdGFyZ2V0Ik8KGFdhdGNoRXZlbnRTdGF0dXNSZXNwb25zZRIzCgZzdGF0dXMYASABKAsyIy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkV2ZW50U3RhdHVzItMBCgNHYXASLgoGZW50aXR5GAEgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWYSGQoRYXdhaXRpbmdfc2VxdWVuY2UYAiABKAQSFAoMcGFya2VkX2NvdW50GAMgASgNEjEKDWZpcnN0X3NlZW5fYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKA2FnZRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIQCghhbGVydGluZxgGIAEoCCI4Cg9MaXN0R2Fwc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiVgoQTGlzdEdhcHNSZXNwb25zZRIpCgRnYXBzGAEgAygLMhsubG9naXN0aWNzLnNlcXVlbmNlci52MS5HYXASFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIpcBCgtQYXJrZWRFdmVudBIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIpCgVldmVudBgCIAEoCzIaLmxvZ2lzdGljcy5ldmVudHMudjEuRXZlbnQSFgoOY29ycmVsYXRpb25faWQYAyABKAkSLQoJcGFya2VkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJwChdMaXN0UGFya2VkRXZlbnRzUmVxdWVzdBIuCgZlbnRpdHkYASABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZhIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJvChhMaXN0UGFya2VkRXZlbnRzUmVzcG9uc2USOgoNcGFya2VkX2V2ZW50cxgBIAMoCzIjLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuUGFya2VkRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIrMCCgZFbnRpdHkSLgoGZW50aXR5GAEgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWYSEQoJd2F0ZXJtYXJrGAIgASgEEhQKDHBhcmtlZF9jb3VudBgDIAEoDRIZChFhd2FpdGluZ19zZXF1ZW5jZRgEIAEoBBIxCg5vbGRlc3RfZ2FwX2FnZRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI1CgxsYXN0X291dGNvbWUYBiABKA4yHy5sb2dpc3RpY3MuZXZlbnRzLnYxLkV2ZW50U3RhdGUSGwoTbGFzdF9vdXRjb21lX3JlYXNvbhgHIAEoCRIuCgp1cGRhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJCChBHZXRFbnRpdHlSZXF1ZXN0Ei4KBmVudGl0eRgBIAEoCzIeLmxvZ2lzdGljcy5ldmVudHMudjEuRW50aXR5UmVmIkMKEUdldEVudGl0eVJlc3BvbnNlEi4KBmVudGl0eRgBIAEoCzIeLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuRW50aXR5InsKE1NraXBTZXF1ZW5jZVJlcXVlc3QSLgoGZW50aXR5GAEgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWYSEAoIc2VxdWVuY2UYAiABKAQSDgoGcmVhc29uGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkiXgoUU2tpcFNlcXVlbmNlUmVzcG9uc2USMwoGc3RhdHVzGAEgASgLMiMubG9naXN0aWNzLnNlcXVlbmNlci52MS5FdmVudFN0YXR1cxIRCgl3YXRlcm1hcmsYAiABKAQioQIKEUlkZW1wb3RlbmN5UmVjb3JkEhcKD2lkZW1wb3RlbmN5X2tleRgBIAEoCRIRCgljYWxsZXJfaWQYAiABKAkSDgoGbWV0aG9kGAMgASgJEhYKDnRyYW5zYWN0aW9uX2lkGAQgASgJEjEKDWZpcnN0X3NlZW5fYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3N0YXR1c19jb2RlGAcgASgFEhAKCHJlc3BvbnNlGAggASgMEi4KBXN0YXRlGAkgASgOMh8ubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudFN0YXRlIkkKG0dldElkZW1wb3RlbmN5UmVjb3JkUmVxdWVzdBIXCg9pZGVtcG90ZW5jeV9rZXkYASABKAkSEQoJY2FsbGVyX2lkGAIgASgJIlkKHEdldElkZW1wb3RlbmN5UmVjb3JkUmVzcG9uc2USOQoGcmVjb3JkGAEgASgLMikubG9naXN0aWNzLnNlcXVlbmNlci52MS5JZGVtcG90ZW5jeVJlY29yZDLkAgoQU2VxdWVuY2VyU2VydmljZRJmCgtTdWJtaXRFdmVudBIqLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRSZXF1ZXN0GisubG9naXN0aWNzLnNlcXVlbmNlci52MS5TdWJtaXRFdmVudFJlc3BvbnNlEm8KDkdldEV2ZW50U3RhdHVzEi0ubG9naXN0aWNzLnNlcXVlbmNlci52MS5HZXRFdmVudFN0YXR1c1JlcXVlc3QaLi5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkdldEV2ZW50U3RhdHVzUmVzcG9uc2USdwoQV2F0Y2hFdmVudFN0YXR1cxIvLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuV2F0Y2hFdmVudFN0YXR1c1JlcXVlc3QaMC5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLldhdGNoRXZlbnRTdGF0dXNSZXNwb25zZTABMr4EChVTZXF1ZW5jZXJBZG1pblNlcnZpY2USXQoITGlzdEdhcHMSJy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkxpc3RHYXBzUmVxdWVzdBooLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuTGlzdEdhcHNSZXNwb25zZRJ1ChBMaXN0UGFya2VkRXZlbnRzEi8ubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0UGFya2VkRXZlbnRzUmVxdWVzdBowLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuTGlzdFBhcmtlZEV2ZW50c1Jlc3BvbnNlEmAKCUdldEVudGl0eRIoLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuR2V0RW50aXR5UmVxdWVzdBopLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuR2V0RW50aXR5UmVzcG9uc2USaQoMU2tpcFNlcXVlbmNlEisubG9naXN0aWNzLnNlcXVlbmNlci52MS5Ta2lwU2VxdWVuY2VSZXF1ZXN0GiwubG9naXN0aWNzLnNlcXVlbmNlci52MS5Ta2lwU2VxdWVuY2VSZXNwb25zZRKBAQoUR2V0SWRlbXBvdGVuY3lSZWNvcmQSMy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkdldElkZW1wb3RlbmN5UmVjb3JkUmVxdWVzdBo0LmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuR2V0SWRlbXBvdGVuY3lSZWNvcmRSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_logistics_events_v1_events]);
+  fileDesc("CiZsb2dpc3RpY3Mvc2VxdWVuY2VyL3YxL3NlcXVlbmNlci5wcm90bxIWbG9naXN0aWNzLnNlcXVlbmNlci52MSKJAQoSU3VibWl0RXZlbnRSZXF1ZXN0EikKBWV2ZW50GAEgASgLMhoubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudBISCgpyZXF1ZXN0X2lkGAIgASgJEjQKEXdhaXRfZm9yX3Rlcm1pbmFsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIpABChNTdWJtaXRFdmVudFJlc3BvbnNlEhYKDnRyYW5zYWN0aW9uX2lkGAEgASgJEi4KBXN0YXRlGAIgASgOMh8ubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudFN0YXRlEhkKEWF3YWl0aW5nX3NlcXVlbmNlGAMgASgEEhYKDmNvcnJlbGF0aW9uX2lkGAQgASgJIlMKE1N1Ym1pdEV2ZW50c1JlcXVlc3QSPAoIcmVxdWVzdHMYASADKAsyKi5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLlN1Ym1pdEV2ZW50UmVxdWVzdCJTChRTdWJtaXRFdmVudHNSZXNwb25zZRI7CgdyZXN1bHRzGAEgAygLMioubG9naXN0aWNzLnNlcXVlbmNlci52MS5TdWJtaXRFdmVudHNSZXN1bHQilwEKElN1Ym1pdEV2ZW50c1Jlc3VsdBI/CghyZXNwb25zZRgBIAEoCzIrLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRSZXNwb25zZUgAEiMKBWVycm9yGAIgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXNIABIQCghyZXBsYXllZBgDIAEoCEIJCgdvdXRjb21lIrQDCgtFdmVudFN0YXR1cxIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIuCgZlbnRpdHkYAiABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZhIQCghzZXF1ZW5jZRgDIAEoBBIuCgVzdGF0ZRgEIAEoDjIfLmxvZ2lzdGljcy5ldmVudHMudjEuRXZlbnRTdGF0ZRIZChFhd2FpdGluZ19zZXF1ZW5jZRgFIAEoBBIOCgZyZWFzb24YBiABKAkSFQoNcmVhc29uX2RldGFpbBgHIAEoCRIWCg5lbnRpdHlfdmVyc2lvbhgIIAEoBBIWCg5jb3JyZWxhdGlvbl9pZBgJIAEoCRIvCgthY2NlcHRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcXVldWVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxwcm9jZXNzZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD2lkZW1wb3RlbmN5X2tleRgNIAEoCSJIChVHZXRFdmVudFN0YXR1c1JlcXVlc3QSFgoOdHJhbnNhY3Rpb25faWQYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJIk0KFkdldEV2ZW50U3RhdHVzUmVzcG9uc2USMwoGc3RhdHVzGAEgASgLMiMubG9naXN0aWNzLnNlcXVlbmNlci52MS5FdmVudFN0YXR1cyJvChdXYXRjaEV2ZW50U3RhdHVzUmVxdWVzdBIYCg50cmFuc2FjdGlvbl9pZBgBIAEoCUgAEjAKBmVudGl0eRgCIAEoCzIeLmxvZ2lzdGljcy5ldmVudHMudjEuRW50aXR5UmVmSABCCAoGdGFyZ2V0Ik8KGFdhdGNoRXZlbnRTdGF0dXNSZXNwb25zZRIzCgZzdGF0dXMYASABKAsyIy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkV2ZW50U3RhdHVzItMBCgNHYXASLgoGZW50aXR5GAEgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWYSGQoRYXdhaXRpbmdfc2VxdWVuY2UYAiABKAQSFAoMcGFya2VkX2NvdW50GAMgASgNEjEKDWZpcnN0X3NlZW5fYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKA2FnZRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIQCghhbGVydGluZxgGIAEoCCI4Cg9MaXN0R2Fwc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiVgoQTGlzdEdhcHNSZXNwb25zZRIpCgRnYXBzGAEgAygLMhsubG9naXN0aWNzLnNlcXVlbmNlci52MS5HYXASFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIpcBCgtQYXJrZWRFdmVudBIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIpCgVldmVudBgCIAEoCzIaLmxvZ2lzdGljcy5ldmVudHMudjEuRXZlbnQSFgoOY29ycmVsYXRpb25faWQYAyABKAkSLQoJcGFya2VkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJwChdMaXN0UGFya2VkRXZlbnRzUmVxdWVzdBIuCgZlbnRpdHkYASABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZhIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJvChhMaXN0UGFya2VkRXZlbnRzUmVzcG9uc2USOgoNcGFya2VkX2V2ZW50cxgBIAMoCzIjLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuUGFya2VkRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIrMCCgZFbnRpdHkSLgoGZW50aXR5GAEgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWYSEQoJd2F0ZXJtYXJrGAIgASgEEhQKDHBhcmtlZF9jb3VudBgDIAEoDRIZChFhd2FpdGluZ19zZXF1ZW5jZRgEIAEoBBIxCg5vbGRlc3RfZ2FwX2FnZRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI1CgxsYXN0X291dGNvbWUYBiABKA4yHy5sb2dpc3RpY3MuZXZlbnRzLnYxLkV2ZW50U3RhdGUSGwoTbGFzdF9vdXRjb21lX3JlYXNvbhgHIAEoCRIuCgp1cGRhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJCChBHZXRFbnRpdHlSZXF1ZXN0Ei4KBmVudGl0eRgBIAEoCzIeLmxvZ2lzdGljcy5ldmVudHMudjEuRW50aXR5UmVmIkMKEUdldEVudGl0eVJlc3BvbnNlEi4KBmVudGl0eRgBIAEoCzIeLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuRW50aXR5InsKE1NraXBTZXF1ZW5jZVJlcXVlc3QSLgoGZW50aXR5GAEgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWYSEAoIc2VxdWVuY2UYAiABKAQSDgoGcmVhc29uGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkiXgoUU2tpcFNlcXVlbmNlUmVzcG9uc2USMwoGc3RhdHVzGAEgASgLMiMubG9naXN0aWNzLnNlcXVlbmNlci52MS5FdmVudFN0YXR1cxIRCgl3YXRlcm1hcmsYAiABKAQioQIKEUlkZW1wb3RlbmN5UmVjb3JkEhcKD2lkZW1wb3RlbmN5X2tleRgBIAEoCRIRCgljYWxsZXJfaWQYAiABKAkSDgoGbWV0aG9kGAMgASgJEhYKDnRyYW5zYWN0aW9uX2lkGAQgASgJEjEKDWZpcnN0X3NlZW5fYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3N0YXR1c19jb2RlGAcgASgFEhAKCHJlc3BvbnNlGAggASgMEi4KBXN0YXRlGAkgASgOMh8ubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudFN0YXRlIkkKG0dldElkZW1wb3RlbmN5UmVjb3JkUmVxdWVzdBIXCg9pZGVtcG90ZW5jeV9rZXkYASABKAkSEQoJY2FsbGVyX2lkGAIgASgJIlkKHEdldElkZW1wb3RlbmN5UmVjb3JkUmVzcG9uc2USOQoGcmVjb3JkGAEgASgLMikubG9naXN0aWNzLnNlcXVlbmNlci52MS5JZGVtcG90ZW5jeVJlY29yZDLPAwoQU2VxdWVuY2VyU2VydmljZRJmCgtTdWJtaXRFdmVudBIqLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRSZXF1ZXN0GisubG9naXN0aWNzLnNlcXVlbmNlci52MS5TdWJtaXRFdmVudFJlc3BvbnNlEmkKDFN1Ym1pdEV2ZW50cxIrLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRzUmVxdWVzdBosLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRzUmVzcG9uc2USbwoOR2V0RXZlbnRTdGF0dXMSLS5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkdldEV2ZW50U3RhdHVzUmVxdWVzdBouLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuR2V0RXZlbnRTdGF0dXNSZXNwb25zZRJ3ChBXYXRjaEV2ZW50U3RhdHVzEi8ubG9naXN0aWNzLnNlcXVlbmNlci52MS5XYXRjaEV2ZW50U3RhdHVzUmVxdWVzdBowLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuV2F0Y2hFdmVudFN0YXR1c1Jlc3BvbnNlMAEyvgQKFVNlcXVlbmNlckFkbWluU2VydmljZRJdCghMaXN0R2FwcxInLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuTGlzdEdhcHNSZXF1ZXN0GigubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0R2Fwc1Jlc3BvbnNlEnUKEExpc3RQYXJrZWRFdmVudHMSLy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkxpc3RQYXJrZWRFdmVudHNSZXF1ZXN0GjAubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0UGFya2VkRXZlbnRzUmVzcG9uc2USYAoJR2V0RW50aXR5EigubG9naXN0aWNzLnNlcXVlbmNlci52MS5HZXRFbnRpdHlSZXF1ZXN0GikubG9naXN0aWNzLnNlcXVlbmNlci52MS5HZXRFbnRpdHlSZXNwb25zZRJpCgxTa2lwU2VxdWVuY2USKy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLlNraXBTZXF1ZW5jZVJlcXVlc3QaLC5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLlNraXBTZXF1ZW5jZVJlc3BvbnNlEoEBChRHZXRJZGVtcG90ZW5jeVJlY29yZBIzLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuR2V0SWRlbXBvdGVuY3lSZWNvcmRSZXF1ZXN0GjQubG9naXN0aWNzLnNlcXVlbmNlci52MS5HZXRJZGVtcG90ZW5jeVJlY29yZFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_rpc_status, file_logistics_events_v1_events]);
 
 /**
  * @generated from message logistics.sequencer.v1.SubmitEventRequest
@@ -83,6 +85,84 @@ export type SubmitEventResponse = Message<"logistics.sequencer.v1.SubmitEventRes
  */
 export const SubmitEventResponseSchema: GenMessage<SubmitEventResponse> = /*@__PURE__*/
   messageDesc(file_logistics_sequencer_v1_sequencer, 1);
+
+/**
+ * @generated from message logistics.sequencer.v1.SubmitEventsRequest
+ */
+export type SubmitEventsRequest = Message<"logistics.sequencer.v1.SubmitEventsRequest"> & {
+  /**
+   * The items, each with its own key in `request_id`; `wait_for_terminal` is not allowed here.
+   *
+   * @generated from field: repeated logistics.sequencer.v1.SubmitEventRequest requests = 1;
+   */
+  requests: SubmitEventRequest[];
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.SubmitEventsRequest.
+ * Use `create(SubmitEventsRequestSchema)` to create a new message.
+ */
+export const SubmitEventsRequestSchema: GenMessage<SubmitEventsRequest> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 2);
+
+/**
+ * @generated from message logistics.sequencer.v1.SubmitEventsResponse
+ */
+export type SubmitEventsResponse = Message<"logistics.sequencer.v1.SubmitEventsResponse"> & {
+  /**
+   * One result per request, in request order.
+   *
+   * @generated from field: repeated logistics.sequencer.v1.SubmitEventsResult results = 1;
+   */
+  results: SubmitEventsResult[];
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.SubmitEventsResponse.
+ * Use `create(SubmitEventsResponseSchema)` to create a new message.
+ */
+export const SubmitEventsResponseSchema: GenMessage<SubmitEventsResponse> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 3);
+
+/**
+ * @generated from message logistics.sequencer.v1.SubmitEventsResult
+ */
+export type SubmitEventsResult = Message<"logistics.sequencer.v1.SubmitEventsResult"> & {
+  /**
+   * @generated from oneof logistics.sequencer.v1.SubmitEventsResult.outcome
+   */
+  outcome: {
+    /**
+     * What SubmitEvent would have answered for this item.
+     *
+     * @generated from field: logistics.sequencer.v1.SubmitEventResponse response = 1;
+     */
+    value: SubmitEventResponse;
+    case: "response";
+  } | {
+    /**
+     * What SubmitEvent would have failed with: code, message and an ErrorInfo detail.
+     *
+     * @generated from field: google.rpc.Status error = 2;
+     */
+    value: Status;
+    case: "error";
+  } | { case: undefined; value?: undefined };
+
+  /**
+   * True when `response` is the stored answer of an earlier request with this item's key.
+   *
+   * @generated from field: bool replayed = 3;
+   */
+  replayed: boolean;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.SubmitEventsResult.
+ * Use `create(SubmitEventsResultSchema)` to create a new message.
+ */
+export const SubmitEventsResultSchema: GenMessage<SubmitEventsResult> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 4);
 
 /**
  * Everything known about one accepted event.
@@ -171,7 +251,7 @@ export type EventStatus = Message<"logistics.sequencer.v1.EventStatus"> & {
  * Use `create(EventStatusSchema)` to create a new message.
  */
 export const EventStatusSchema: GenMessage<EventStatus> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 2);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 5);
 
 /**
  * @generated from message logistics.sequencer.v1.GetEventStatusRequest
@@ -195,7 +275,7 @@ export type GetEventStatusRequest = Message<"logistics.sequencer.v1.GetEventStat
  * Use `create(GetEventStatusRequestSchema)` to create a new message.
  */
 export const GetEventStatusRequestSchema: GenMessage<GetEventStatusRequest> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 3);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 6);
 
 /**
  * @generated from message logistics.sequencer.v1.GetEventStatusResponse
@@ -212,7 +292,7 @@ export type GetEventStatusResponse = Message<"logistics.sequencer.v1.GetEventSta
  * Use `create(GetEventStatusResponseSchema)` to create a new message.
  */
 export const GetEventStatusResponseSchema: GenMessage<GetEventStatusResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 4);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 7);
 
 /**
  * @generated from message logistics.sequencer.v1.WatchEventStatusRequest
@@ -241,7 +321,7 @@ export type WatchEventStatusRequest = Message<"logistics.sequencer.v1.WatchEvent
  * Use `create(WatchEventStatusRequestSchema)` to create a new message.
  */
 export const WatchEventStatusRequestSchema: GenMessage<WatchEventStatusRequest> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 5);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 8);
 
 /**
  * @generated from message logistics.sequencer.v1.WatchEventStatusResponse
@@ -258,7 +338,7 @@ export type WatchEventStatusResponse = Message<"logistics.sequencer.v1.WatchEven
  * Use `create(WatchEventStatusResponseSchema)` to create a new message.
  */
 export const WatchEventStatusResponseSchema: GenMessage<WatchEventStatusResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 6);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 9);
 
 /**
  * @generated from message logistics.sequencer.v1.Gap
@@ -304,7 +384,7 @@ export type Gap = Message<"logistics.sequencer.v1.Gap"> & {
  * Use `create(GapSchema)` to create a new message.
  */
 export const GapSchema: GenMessage<Gap> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 7);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 10);
 
 /**
  * @generated from message logistics.sequencer.v1.ListGapsRequest
@@ -326,7 +406,7 @@ export type ListGapsRequest = Message<"logistics.sequencer.v1.ListGapsRequest"> 
  * Use `create(ListGapsRequestSchema)` to create a new message.
  */
 export const ListGapsRequestSchema: GenMessage<ListGapsRequest> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 8);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 11);
 
 /**
  * @generated from message logistics.sequencer.v1.ListGapsResponse
@@ -348,7 +428,7 @@ export type ListGapsResponse = Message<"logistics.sequencer.v1.ListGapsResponse"
  * Use `create(ListGapsResponseSchema)` to create a new message.
  */
 export const ListGapsResponseSchema: GenMessage<ListGapsResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 9);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 12);
 
 /**
  * @generated from message logistics.sequencer.v1.ParkedEvent
@@ -380,7 +460,7 @@ export type ParkedEvent = Message<"logistics.sequencer.v1.ParkedEvent"> & {
  * Use `create(ParkedEventSchema)` to create a new message.
  */
 export const ParkedEventSchema: GenMessage<ParkedEvent> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 10);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 13);
 
 /**
  * @generated from message logistics.sequencer.v1.ListParkedEventsRequest
@@ -409,7 +489,7 @@ export type ListParkedEventsRequest = Message<"logistics.sequencer.v1.ListParked
  * Use `create(ListParkedEventsRequestSchema)` to create a new message.
  */
 export const ListParkedEventsRequestSchema: GenMessage<ListParkedEventsRequest> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 11);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 14);
 
 /**
  * @generated from message logistics.sequencer.v1.ListParkedEventsResponse
@@ -431,7 +511,7 @@ export type ListParkedEventsResponse = Message<"logistics.sequencer.v1.ListParke
  * Use `create(ListParkedEventsResponseSchema)` to create a new message.
  */
 export const ListParkedEventsResponseSchema: GenMessage<ListParkedEventsResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 12);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 15);
 
 /**
  * @generated from message logistics.sequencer.v1.Entity
@@ -487,7 +567,7 @@ export type Entity = Message<"logistics.sequencer.v1.Entity"> & {
  * Use `create(EntitySchema)` to create a new message.
  */
 export const EntitySchema: GenMessage<Entity> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 13);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 16);
 
 /**
  * @generated from message logistics.sequencer.v1.GetEntityRequest
@@ -504,7 +584,7 @@ export type GetEntityRequest = Message<"logistics.sequencer.v1.GetEntityRequest"
  * Use `create(GetEntityRequestSchema)` to create a new message.
  */
 export const GetEntityRequestSchema: GenMessage<GetEntityRequest> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 14);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 17);
 
 /**
  * @generated from message logistics.sequencer.v1.GetEntityResponse
@@ -521,7 +601,7 @@ export type GetEntityResponse = Message<"logistics.sequencer.v1.GetEntityRespons
  * Use `create(GetEntityResponseSchema)` to create a new message.
  */
 export const GetEntityResponseSchema: GenMessage<GetEntityResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 15);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 18);
 
 /**
  * @generated from message logistics.sequencer.v1.SkipSequenceRequest
@@ -559,7 +639,7 @@ export type SkipSequenceRequest = Message<"logistics.sequencer.v1.SkipSequenceRe
  * Use `create(SkipSequenceRequestSchema)` to create a new message.
  */
 export const SkipSequenceRequestSchema: GenMessage<SkipSequenceRequest> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 16);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 19);
 
 /**
  * @generated from message logistics.sequencer.v1.SkipSequenceResponse
@@ -583,7 +663,7 @@ export type SkipSequenceResponse = Message<"logistics.sequencer.v1.SkipSequenceR
  * Use `create(SkipSequenceResponseSchema)` to create a new message.
  */
 export const SkipSequenceResponseSchema: GenMessage<SkipSequenceResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 17);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 20);
 
 /**
  * @generated from message logistics.sequencer.v1.IdempotencyRecord
@@ -648,7 +728,7 @@ export type IdempotencyRecord = Message<"logistics.sequencer.v1.IdempotencyRecor
  * Use `create(IdempotencyRecordSchema)` to create a new message.
  */
 export const IdempotencyRecordSchema: GenMessage<IdempotencyRecord> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 18);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 21);
 
 /**
  * @generated from message logistics.sequencer.v1.GetIdempotencyRecordRequest
@@ -672,7 +752,7 @@ export type GetIdempotencyRecordRequest = Message<"logistics.sequencer.v1.GetIde
  * Use `create(GetIdempotencyRecordRequestSchema)` to create a new message.
  */
 export const GetIdempotencyRecordRequestSchema: GenMessage<GetIdempotencyRecordRequest> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 19);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 22);
 
 /**
  * @generated from message logistics.sequencer.v1.GetIdempotencyRecordResponse
@@ -689,7 +769,7 @@ export type GetIdempotencyRecordResponse = Message<"logistics.sequencer.v1.GetId
  * Use `create(GetIdempotencyRecordResponseSchema)` to create a new message.
  */
 export const GetIdempotencyRecordResponseSchema: GenMessage<GetIdempotencyRecordResponse> = /*@__PURE__*/
-  messageDesc(file_logistics_sequencer_v1_sequencer, 20);
+  messageDesc(file_logistics_sequencer_v1_sequencer, 23);
 
 /**
  * Ingress: validates, records and acknowledges events at once; the ledger applies them later,
@@ -709,6 +789,19 @@ export const SequencerService: GenService<{
     methodKind: "unary";
     input: typeof SubmitEventRequestSchema;
     output: typeof SubmitEventResponseSchema;
+  },
+  /**
+   * Accepts up to SEQUENCER_MAX_BATCH (500) independent events in one call. Each item carries
+   * its own idempotency key in `request_id` (metadata `idempotency-key` is refused here) and
+   * gets its own answer, in request order: the response a SubmitEvent of that item would get,
+   * or its error. A retried batch replays every item's stored answer.
+   *
+   * @generated from rpc logistics.sequencer.v1.SequencerService.SubmitEvents
+   */
+  submitEvents: {
+    methodKind: "unary";
+    input: typeof SubmitEventsRequestSchema;
+    output: typeof SubmitEventsResponseSchema;
   },
   /**
    * Reads the status of one accepted event.
