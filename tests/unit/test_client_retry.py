@@ -381,3 +381,200 @@ def test_generated_keys_are_fresh_and_fit_the_server_charset() -> None:
     assert len(keys) == 100
     for key in keys:
         validate_key(key)
+
+
+# submit_many: SubmitEvents with one key per item, item outcomes in input order.
+
+SUBMIT_MANY = SERVICE.methods_by_name["SubmitEvents"]
+
+
+def events(count: int) -> list[events_pb2.Event]:
+    return [event(sequence) for sequence in range(1, count + 1)]
+
+
+def item_error(code: grpc.StatusCode, reason: str, message: str, **metadata: str) -> sequencer_pb2.SubmitEventsResult:
+    """A failed item as the server sends it: google.rpc.Status with an ErrorInfo detail."""
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain="sequencer.logistics", metadata=metadata))
+    return sequencer_pb2.SubmitEventsResult(
+        error=status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    )
+
+
+def item_ok(transaction_id: str, state: int = events_pb2.EVENT_STATE_QUEUED, replayed: bool = False) -> Any:
+    response = sequencer_pb2.SubmitEventResponse(transaction_id=transaction_id, state=state)  # type: ignore[arg-type]
+    return sequencer_pb2.SubmitEventsResult(response=response, replayed=replayed)
+
+
+def answer(rpc: Any, *results: sequencer_pb2.SubmitEventsResult) -> None:
+    rpc.terminate(
+        sequencer_pb2.SubmitEventsResponse(results=results),
+        (("x-correlation-id", "corr-batch"),),
+        grpc.StatusCode.OK,
+        "",
+    )
+
+
+TRANSIENT_ITEM = (grpc.StatusCode.UNAVAILABLE, "TRANSIENT", "serialization failure")
+
+
+def test_submit_many_returns_one_outcome_per_item_in_input_order(channel: Any, client: lc.SyncSequencerClient) -> None:
+    future = in_thread(client.submit_many, events(3), [None, "order-7:v1", None], timeout=30)
+
+    metadata, request, rpc = take_unary_unary(channel, SUBMIT_MANY)
+    answer(
+        rpc,
+        item_ok("tx-1"),
+        item_error(grpc.StatusCode.INVALID_ARGUMENT, "INVALID_EVENT", "no payload", field="event.payload"),
+        item_ok("tx-3", events_pb2.EVENT_STATE_PARKED, replayed=True),
+    )
+    # A retry of the non-transient item would block on a call nobody answers: no result then.
+    first, invalid, parked = future.result(RESULT_WAIT)
+
+    sent = as_dict(metadata)
+    assert "idempotency-key" not in sent  # refused on a batch call: keys travel per item
+    assert sent["x-client-id"] == "erp-1" and sent["x-correlation-id"]
+    assert [r.event for r in request.requests] == events(3)
+    keys = [r.request_id for r in request.requests]
+    assert keys[1] == "order-7:v1" and keys[0] and keys[2] and len(set(keys)) == 3
+    assert not any(r.HasField("wait_for_terminal") for r in request.requests)
+
+    assert isinstance(first, lc.SubmitResult) and isinstance(parked, lc.SubmitResult)
+    assert (first.transaction_id, first.state, first.replayed, first.attempts) == (
+        "tx-1",
+        events_pb2.EVENT_STATE_QUEUED,
+        False,
+        1,
+    )
+    assert first.idempotency_key == keys[0] and first.correlation_id == "corr-batch"
+    assert (parked.transaction_id, parked.state, parked.replayed) == ("tx-3", events_pb2.EVENT_STATE_PARKED, True)
+    assert parked.idempotency_key == keys[2]
+
+    assert type(invalid) is lc.InvalidEventError
+    assert invalid.code == grpc.StatusCode.INVALID_ARGUMENT and invalid.reason == "INVALID_EVENT"
+    assert invalid.field == "event.payload" and invalid.details == "no payload"
+    assert invalid.domain == "sequencer.logistics" and invalid.correlation_id == "corr-batch"
+    assert invalid.idempotency_key == "order-7:v1"
+
+
+@pytest.mark.parametrize(("reason", "code", "expected"), REASON_CASES)
+def test_item_errors_map_to_the_exceptions_submit_raises(
+    channel: Any, client: lc.SyncSequencerClient, reason: str, code: grpc.StatusCode, expected: type[Exception]
+) -> None:
+    future = in_thread(client.submit_many, events(2), timeout=30)
+    _, _, rpc = take_unary_unary(channel, SUBMIT_MANY)
+    answer(rpc, item_ok("tx-1"), item_error(code, reason, "told you so", a="1"))
+
+    ok, error = future.result(RESULT_WAIT)
+    assert isinstance(ok, lc.SubmitResult)
+    assert type(error) is expected
+    assert isinstance(error, lc.LogisticsError)
+    assert error.code == code and error.reason == reason and error.metadata == {"a": "1"}
+
+
+def test_transient_items_are_sent_again_alone_with_their_keys(channel: Any, client: lc.SyncSequencerClient) -> None:
+    future = in_thread(client.submit_many, events(4), timeout=30)
+
+    first_md, first, rpc = take_unary_unary(channel, SUBMIT_MANY)
+    answer(
+        rpc,
+        item_ok("tx-1"),
+        item_error(*TRANSIENT_ITEM),
+        item_error(grpc.StatusCode.FAILED_PRECONDITION, "SEQUENCE_CONFLICT", "msi reused"),
+        item_error(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "lock wait"),
+    )
+    second_md, second, rpc = take_unary_unary(channel, SUBMIT_MANY)
+    answer(rpc, item_ok("tx-2"), item_ok("tx-4", replayed=True))
+    done, retried, conflict, replayed = future.result(RESULT_WAIT)
+
+    # The follow-up carries only the transient items, byte for byte, keys included.
+    assert list(second.requests) == [first.requests[1], first.requests[3]]
+    assert as_dict(first_md)["x-correlation-id"] == as_dict(second_md)["x-correlation-id"]
+    assert isinstance(done, lc.SubmitResult) and done.attempts == 1 and done.transaction_id == "tx-1"
+    assert isinstance(retried, lc.SubmitResult) and retried.attempts == 2
+    assert retried.idempotency_key == first.requests[1].request_id and not retried.replayed
+    assert type(conflict) is lc.SequenceConflictError  # not transient: returned, not retried
+    assert conflict.idempotency_key == first.requests[2].request_id
+    assert isinstance(replayed, lc.SubmitResult) and replayed.replayed and replayed.transaction_id == "tx-4"
+
+
+def test_a_failed_call_is_sent_again_whole_with_the_same_keys(channel: Any, client: lc.SyncSequencerClient) -> None:
+    future = in_thread(client.submit_many, events(2), timeout=30)
+
+    _, first, rpc = take_unary_unary(channel, SUBMIT_MANY)
+    rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "connection reset")
+    _, second, rpc = take_unary_unary(channel, SUBMIT_MANY)
+    answer(rpc, item_ok("tx-1", replayed=True), item_ok("tx-2", replayed=True))
+    results = future.result(RESULT_WAIT)
+
+    assert second == first
+    assert [r.idempotency_key for r in results if isinstance(r, lc.SubmitResult)] == [
+        r.request_id for r in first.requests
+    ]
+    assert all(isinstance(r, lc.SubmitResult) and r.replayed and r.attempts == 2 for r in results)
+
+
+def test_transient_items_keep_their_last_error_when_attempts_run_out(
+    channel: Any, client: lc.SyncSequencerClient
+) -> None:
+    future = in_thread(client.submit_many, events(2), timeout=30)
+
+    _, first, rpc = take_unary_unary(channel, SUBMIT_MANY)
+    answer(rpc, item_ok("tx-1"), item_error(*TRANSIENT_ITEM))
+    keys = []
+    for _ in range(FAST.max_attempts - 1):  # follow-ups fail too: transient item, then the whole call
+        _, request, rpc = take_unary_unary(channel, SUBMIT_MANY)
+        keys.append([r.request_id for r in request.requests])
+        if len(keys) == 1:
+            answer(rpc, item_error(*TRANSIENT_ITEM))
+        else:
+            rpc.terminate(None, (), grpc.StatusCode.UNAVAILABLE, "down")
+    done, failed = future.result(RESULT_WAIT)
+
+    assert keys == [[first.requests[1].request_id]] * (FAST.max_attempts - 1)
+    assert isinstance(done, lc.SubmitResult)
+    assert type(failed) is lc.TransientError and isinstance(failed, lc.RetryableError)
+    assert failed.idempotency_key == first.requests[1].request_id  # re-send it later with this key
+
+
+def test_a_call_level_refusal_raises(channel: Any, client: lc.SyncSequencerClient) -> None:
+    future = in_thread(client.submit_many, events(2), timeout=30)
+    _, _, rpc = take_unary_unary(channel, SUBMIT_MANY)
+    rpc.terminate(None, *rich_error(grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", "who are you"))
+    with pytest.raises(lc.UnauthenticatedError) as caught:
+        future.result(RESULT_WAIT)
+    assert caught.value.idempotency_key == ""  # a failure of the call, not of an item
+
+
+def test_an_answer_with_the_wrong_number_of_results_raises(channel: Any, client: lc.SyncSequencerClient) -> None:
+    future = in_thread(client.submit_many, events(2), timeout=30)
+    _, _, rpc = take_unary_unary(channel, SUBMIT_MANY)
+    answer(rpc, item_ok("tx-1"))
+    with pytest.raises(lc.InternalError, match="1 results for 2 requests"):
+        future.result(RESULT_WAIT)
+
+
+def test_inputs_longer_than_the_batch_limit_are_split_in_order(channel: Any, client: lc.SyncSequencerClient) -> None:
+    count = 2 * lc.MAX_BATCH + 1
+    future = in_thread(client.submit_many, events(count), timeout=30)
+
+    sizes = []
+    for _ in range(3):
+        _, request, rpc = take_unary_unary(channel, SUBMIT_MANY)
+        sizes.append(len(request.requests))
+        # Each answer names its item, so the test sees that outcomes land in input order.
+        answer(rpc, *(item_ok(f"tx-{r.event.sequence}-{r.request_id}") for r in request.requests))
+    results = future.result(RESULT_WAIT)
+
+    assert sizes == [lc.MAX_BATCH, lc.MAX_BATCH, 1]
+    assert len(results) == count
+    for sequence, result in enumerate(results, start=1):
+        assert isinstance(result, lc.SubmitResult)
+        assert result.transaction_id == f"tx-{sequence}-{result.idempotency_key}"
+    assert len({r.idempotency_key for r in results if isinstance(r, lc.SubmitResult)}) == count
+
+
+def test_submit_many_checks_its_arguments_before_any_call(client: lc.SyncSequencerClient) -> None:
+    assert client.submit_many([]) == []  # nothing to send: no call (none is answered here)
+    with pytest.raises(ValueError, match="2 keys for 1 events"):
+        client.submit_many(events(1), ["a", "b"])

@@ -2,7 +2,8 @@
 
 It fills idempotency keys and reuses them on every retry, retries only what is safe
 (UNAVAILABLE, DEADLINE_EXCEEDED) within the caller's overall deadline, sets a deadline on
-every call, and turns `google.rpc.ErrorInfo` reasons into typed exceptions.
+every call, and turns `google.rpc.ErrorInfo` reasons into typed exceptions. `submit_many`
+sends many events per SubmitEvents call, one key per item, and returns one outcome per event.
 
     from logistics.client import SequencerClient          # asyncio
     from logistics.client import SyncSequencerClient      # blocking
@@ -11,8 +12,10 @@ every call, and turns `google.rpc.ErrorInfo` reasons into typed exceptions.
 from __future__ import annotations
 
 from logistics.client._common import (
+    MAX_BATCH,
     TERMINAL_STATES,
     RetryPolicy,
+    SubmitOutcome,
     SubmitResult,
     channel_options,
     new_idempotency_key,
@@ -54,6 +57,7 @@ from logistics.client.errors import (
 from logistics.client.sync import SyncSequencerClient
 
 __all__ = [
+    "MAX_BATCH",
     "TERMINAL_STATES",
     "AccessError",
     "ConflictError",
@@ -84,6 +88,7 @@ __all__ = [
     "SequenceConflictError",
     "SequencerClient",
     "ShipmentNotFoundError",
+    "SubmitOutcome",
     "SubmitResult",
     "SyncSequencerClient",
     "TooManyWatchersError",

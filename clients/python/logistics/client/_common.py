@@ -6,6 +6,7 @@ is decided here once, so the two cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -15,7 +16,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -116,7 +117,12 @@ class RetryPolicy:
         return random.uniform(0.0, ceiling)  # noqa: S311 - jitter, not cryptography
 
     def is_retryable(self, exc: BaseException) -> bool:
-        return status_code(exc) in self.retryable_codes
+        """A failed attempt worth another: a retryable code, or batch items that failed with one."""
+        return isinstance(exc, PendingItems) or self.retries(status_code(exc))
+
+    def retries(self, code: grpc.StatusCode | None) -> bool:
+        """Whether a failure with `code` is retried: one answer for whole calls and batch items."""
+        return code in self.retryable_codes
 
     def tenacity_kwargs(self, deadline: float) -> dict[str, Any]:
         """Arguments for tenacity.Retrying / AsyncRetrying: the one retry loop of both clients."""
@@ -150,6 +156,7 @@ def _log_retry(retry_state: tenacity.RetryCallState) -> None:
         extra={
             "attempt": retry_state.attempt_number,
             "code": code.name if code else None,
+            "pending_items": exc.count if isinstance(exc, PendingItems) else None,
             "sleep_s": round(retry_state.upcoming_sleep, 3),
         },
     )
@@ -324,6 +331,160 @@ def submit_result(
     )
 
 
+# Batches: SubmitEvents.
+
+#: Items per SubmitEvents call: the server's limit (`SEQUENCER_MAX_BATCH`, 500); `submit_many`
+#: splits longer inputs into several calls.
+MAX_BATCH = 500
+#: Overall deadline of one `submit_many` (every call it makes, retries included) by default.
+DEFAULT_BATCH_TIMEOUT = 30.0
+
+#: One item's answer from `submit_many`: its result, or its failure as the typed exception that
+#: `submit` would have raised for it (returned, not raised).
+SubmitOutcome = SubmitResult | errors.LogisticsError
+
+
+class PendingItems(Exception):
+    """Some items of an answered SubmitEvents call failed transiently.
+
+    Raised inside an attempt, so the one retry loop (`RetryPolicy.tenacity_kwargs`) re-sends
+    those items, and only those, with their keys, within the same attempts and deadline as a
+    failed call. When the loop gives up, `submit_many` returns their last errors as results.
+    """
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} items failed transiently")
+        self.count = count
+
+
+class SubmitBatch:
+    """The state of one `submit_many`: keys, the split into calls, and every item's outcome.
+
+    Both clients only send what `calls()` hands them and wait; everything else (which items a
+    follow-up call carries, how an item's answer becomes a result or a typed error, whether an
+    item is retried) is decided here.
+    """
+
+    def __init__(
+        self,
+        events: Iterable[events_pb2.Event],
+        keys: Sequence[str | None] | None,
+        policy: RetryPolicy,
+        *,
+        correlation_id: str | None,
+        timeout: float,
+    ) -> None:
+        events = list(events)
+        given = list(keys) if keys is not None else [None] * len(events)
+        if len(given) != len(events):
+            raise ValueError(f"got {len(given)} keys for {len(events)} events")
+        #: One key per item, kept across every retry (a fresh UUID where none was given).
+        self.keys = [key if key is not None else new_idempotency_key() for key in given]
+        self.requests = [
+            sequencer_pb2.SubmitEventRequest(event=event, request_id=key)
+            for event, key in zip(events, self.keys, strict=True)
+        ]
+        self.policy = policy
+        self.correlation_id = correlation_id or new_correlation_id()
+        self.deadline = deadline_after(timeout)
+        self._outcomes: list[SubmitOutcome | None] = [None] * len(events)
+
+    def calls(self) -> Iterator[BatchCall]:
+        """The calls to make, in input order, each of at most MAX_BATCH items."""
+        for start in range(0, len(self.requests), MAX_BATCH):
+            yield BatchCall(self, range(start, min(start + MAX_BATCH, len(self.requests))))
+
+    def record(self, index: int, outcome: SubmitOutcome) -> None:
+        self._outcomes[index] = outcome
+
+    def outcomes(self) -> list[SubmitOutcome]:
+        """Every item's outcome, in input order (call once every call has been made)."""
+        missing = [i for i, outcome in enumerate(self._outcomes) if outcome is None]
+        if missing:
+            raise AssertionError(f"items {missing[:5]} have no outcome")
+        return [outcome for outcome in self._outcomes if outcome is not None]
+
+
+class BatchCall:
+    """One SubmitEvents call and its follow-ups: the items still waiting for a final answer."""
+
+    def __init__(self, batch: SubmitBatch, indexes: Iterable[int]) -> None:
+        self.batch = batch
+        self.pending = list(indexes)
+        self.answered = False
+
+    @contextlib.contextmanager
+    def settle(self) -> Iterator[None]:
+        """Wraps the retry loop of this call: how it may end without an answer for every item.
+
+        Items still failing transiently when the loop gives up keep their last errors as their
+        outcomes. A call that fails as a whole raises, like `submit` (auth, too many items, the
+        server unreachable until the deadline), unless an earlier attempt answered: then only
+        transiently failed items were left, and they keep the errors they got.
+        """
+        try:
+            yield
+        except PendingItems:
+            pass
+        except errors.LogisticsError as exc:
+            if not self.answered:
+                raise
+            log.info(
+                "follow-up call failed; its items keep their last errors",
+                extra={"code": exc.code.name, "items": len(self.pending)},
+            )
+
+    def request(self) -> sequencer_pb2.SubmitEventsRequest:
+        """The items of the next attempt: all of them first, then those that failed transiently."""
+        return sequencer_pb2.SubmitEventsRequest(requests=[self.batch.requests[i] for i in self.pending])
+
+    def answer(self, response: sequencer_pb2.SubmitEventsResponse, trailing: Mapping[str, str], attempt: int) -> None:
+        """Records each item's outcome; raises PendingItems when some should be sent again."""
+        if len(response.results) != len(self.pending):
+            raise errors.InternalError(
+                f"SubmitEvents answered {len(response.results)} results for {len(self.pending)} requests",
+                code=grpc.StatusCode.INTERNAL,
+                correlation_id=trailing.get(CORRELATION_HEADER, ""),
+            )
+        self.answered = True
+        correlation_id = trailing.get(CORRELATION_HEADER) or self.batch.correlation_id
+        again: list[int] = []
+        for index, item in zip(self.pending, response.results, strict=True):
+            outcome = item_outcome(
+                item, idempotency_key=self.batch.keys[index], correlation_id=correlation_id, attempts=attempt
+            )
+            self.batch.record(index, outcome)
+            if isinstance(outcome, errors.LogisticsError) and self.batch.policy.retries(outcome.code):
+                again.append(index)
+        self.pending = again
+        if again:
+            raise PendingItems(len(again))
+
+
+def item_outcome(
+    item: sequencer_pb2.SubmitEventsResult, *, idempotency_key: str, correlation_id: str, attempts: int
+) -> SubmitOutcome:
+    """A batch item's answer as the result or the typed error `submit` would give for it."""
+    kind = item.WhichOneof("outcome")
+    if kind == "response":
+        return SubmitResult(
+            response=item.response,
+            replayed=item.replayed,
+            correlation_id=item.response.correlation_id or correlation_id,
+            idempotency_key=idempotency_key,
+            expires_at=None,  # a batch answer carries no per-item expiry
+            attempts=attempts,
+        )
+    if kind == "error":
+        return status_error(item.error, correlation_id=correlation_id, idempotency_key=idempotency_key)
+    return errors.LogisticsError(
+        "SubmitEvents answered an item with neither a response nor an error",
+        code=grpc.StatusCode.UNKNOWN,
+        correlation_id=correlation_id,
+        idempotency_key=idempotency_key,
+    )
+
+
 # Errors.
 
 
@@ -361,21 +522,57 @@ def error_info(status: status_pb2.Status | None) -> error_details_pb2.ErrorInfo 
     return None
 
 
-def map_error(exc: grpc.RpcError) -> errors.LogisticsError:
-    """The typed exception for a failed call, chosen by its ErrorInfo reason, else by its code."""
-    code = status_code(exc) or grpc.StatusCode.UNKNOWN
-    details = exc.details() if isinstance(exc, (grpc.aio.AioRpcError, grpc.Call)) else ""
-    trailing = text_metadata(received_trailing(exc))
-    info = error_info(_rich_status(exc))
+def typed_error(
+    code: grpc.StatusCode,
+    message: str,
+    info: error_details_pb2.ErrorInfo | None,
+    *,
+    correlation_id: str = "",
+    idempotency_key: str = "",
+) -> errors.LogisticsError:
+    """The typed exception for a failure, chosen by its ErrorInfo reason, else by its code: the
+    one status-to-exception mapping, for failed calls and failed batch items alike."""
     reason = info.reason if info is not None else ""
     cls = errors.REASONS.get(reason, errors.LogisticsError) if reason else errors.CODES.get(code, errors.LogisticsError)
     return cls(
-        details or code.name,
+        message or code.name,
         code=code,
         reason=reason,
         metadata=dict(info.metadata) if info is not None else {},
         domain=info.domain if info is not None else "",
-        correlation_id=trailing.get(CORRELATION_HEADER, ""),
+        correlation_id=correlation_id,
+        idempotency_key=idempotency_key,
+    )
+
+
+def map_error(exc: grpc.RpcError) -> errors.LogisticsError:
+    """The typed exception for a failed call."""
+    code = status_code(exc) or grpc.StatusCode.UNKNOWN
+    details = exc.details() if isinstance(exc, (grpc.aio.AioRpcError, grpc.Call)) else ""
+    trailing = text_metadata(received_trailing(exc))
+    return typed_error(
+        code, details or "", error_info(_rich_status(exc)), correlation_id=trailing.get(CORRELATION_HEADER, "")
+    )
+
+
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def grpc_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Status code number (UNKNOWN for numbers gRPC lacks)."""
+    return _CODES_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def status_error(
+    status: status_pb2.Status, *, correlation_id: str = "", idempotency_key: str = ""
+) -> errors.LogisticsError:
+    """The typed exception for a google.rpc.Status that arrived as data (a batch item's error)."""
+    return typed_error(
+        grpc_code(status.code),
+        status.message,
+        error_info(status),
+        correlation_id=correlation_id,
+        idempotency_key=idempotency_key,
     )
 
 

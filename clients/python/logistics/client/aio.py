@@ -12,12 +12,14 @@ import tenacity
 
 from logistics.client import _common
 from logistics.client._common import (
+    DEFAULT_BATCH_TIMEOUT,
     DEFAULT_TIMEOUT,
     DEFAULT_WATCH_TIMEOUT,
     TERMINAL_STATES,
     EntityLike,
     Metadata,
     RetryPolicy,
+    SubmitOutcome,
     SubmitResult,
 )
 from logistics.events.v1 import events_pb2
@@ -28,6 +30,7 @@ __all__ = ["LedgerClient", "SequencerClient", "create_channel"]
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
+ResultT = TypeVar("ResultT")
 ItemT = TypeVar("ItemT")
 
 
@@ -107,15 +110,32 @@ class _Client(_common.CallerIdentity):
         metadata: Metadata | None = None,
     ) -> tuple[ResponseT, dict[str, str], int]:
         """One logical call: attempts with identical metadata, each bounded by the time left."""
-        deadline = _common.deadline_after(timeout)
-        metadata = metadata if metadata is not None else self._metadata()
+        return await self._attempts(
+            method,
+            lambda: request,
+            lambda response, trailing, attempt: (response, trailing, attempt),
+            deadline=_common.deadline_after(timeout),
+            metadata=metadata if metadata is not None else self._metadata(),
+        )
+
+    async def _attempts(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: Callable[[], RequestT],
+        answer: Callable[[ResponseT, dict[str, str], int], ResultT],
+        *,
+        deadline: float,
+        metadata: Metadata,
+    ) -> ResultT:
+        """The one retry loop: each attempt sends `request()` and hands the reply to `answer`,
+        which may ask for another attempt (a batch with transiently failed items)."""
         try:
             async for attempt in tenacity.AsyncRetrying(**self.retry.tenacity_kwargs(deadline)):
                 with attempt:
-                    call = method(request, timeout=_common.remaining(deadline), metadata=metadata)
+                    call = method(request(), timeout=_common.remaining(deadline), metadata=metadata)
                     response = await call
                     trailing = _common.text_metadata(await call.trailing_metadata())
-                    return response, trailing, attempt.retry_state.attempt_number
+                    return answer(response, trailing, attempt.retry_state.attempt_number)
         except grpc.aio.AioRpcError as exc:
             raise _common.map_error(exc) from exc
         raise AssertionError("unreachable: tenacity either returns or re-raises")
@@ -169,6 +189,30 @@ class SequencerClient(_Client):
         return _common.submit_result(
             response, trailing, idempotency_key=key, correlation_id=correlation_id, attempts=attempts
         )
+
+    async def submit_many(
+        self,
+        events: Iterable[events_pb2.Event],
+        keys: Sequence[str | None] | None = None,
+        *,
+        correlation_id: str | None = None,
+        timeout: float = DEFAULT_BATCH_TIMEOUT,
+    ) -> list[SubmitOutcome]:
+        """Submits many events with SubmitEvents: one outcome per event, in input order.
+
+        Each item gets its own key (`keys[i]`, else a fresh UUID), kept on every retry. An
+        item's failure is returned as the typed exception `submit` would raise for it; items
+        that failed transiently are sent again (alone) within `timeout`, which bounds the
+        whole call. Raises only when a call fails as a whole (see `_common.BatchCall.settle`).
+        """
+        batch = _common.SubmitBatch(events, keys, self.retry, correlation_id=correlation_id, timeout=timeout)
+        metadata = self._metadata(correlation_id=batch.correlation_id)
+        for call in batch.calls():
+            with call.settle():
+                await self._attempts(
+                    self._sequencer.SubmitEvents, call.request, call.answer, deadline=batch.deadline, metadata=metadata
+                )
+        return batch.outcomes()
 
     async def get_status(
         self,

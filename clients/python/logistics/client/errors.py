@@ -53,7 +53,9 @@ class LogisticsError(Exception):
     """A failed call: gRPC `code`, ErrorInfo `reason` and `metadata`, and the server's message.
 
     `reason` is empty when the status carried no ErrorInfo (for example a connection failure
-    or a deadline that ran out on the client side).
+    or a deadline that ran out on the client side). `idempotency_key` names the item an error of
+    `submit_many` belongs to (empty on errors of a whole call), so a caller can re-send that item
+    with the same key.
     """
 
     #: The ErrorInfo reason a subclass stands for ("" for families and the base).
@@ -68,6 +70,7 @@ class LogisticsError(Exception):
         metadata: Mapping[str, str] | None = None,
         domain: str = "",
         correlation_id: str = "",
+        idempotency_key: str = "",
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -76,6 +79,7 @@ class LogisticsError(Exception):
         self.details = message
         self.domain = domain
         self.correlation_id = correlation_id
+        self.idempotency_key = idempotency_key
 
     @property
     def message(self) -> str:

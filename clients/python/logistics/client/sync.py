@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import tenacity
 
 from logistics.client import _common
-from logistics.client._common import DEFAULT_TIMEOUT, TERMINAL_STATES, Metadata, RetryPolicy, SubmitResult
+from logistics.client._common import (
+    DEFAULT_BATCH_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    TERMINAL_STATES,
+    Metadata,
+    RetryPolicy,
+    SubmitOutcome,
+    SubmitResult,
+)
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 
@@ -23,6 +31,7 @@ __all__ = ["SyncSequencerClient", "create_channel"]
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
+ResultT = TypeVar("ResultT")
 
 
 def create_channel(
@@ -83,14 +92,31 @@ class SyncSequencerClient(_common.CallerIdentity):
         metadata: Metadata | None = None,
     ) -> tuple[ResponseT, dict[str, str], int]:
         """One logical call: attempts with identical metadata, each bounded by the time left."""
-        deadline = _common.deadline_after(timeout)
-        metadata = metadata if metadata is not None else self._metadata()
+        return self._attempts(
+            method,
+            lambda: request,
+            lambda response, trailing, attempt: (response, trailing, attempt),
+            deadline=_common.deadline_after(timeout),
+            metadata=metadata if metadata is not None else self._metadata(),
+        )
+
+    def _attempts(
+        self,
+        method: grpc.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: Callable[[], RequestT],
+        answer: Callable[[ResponseT, dict[str, str], int], ResultT],
+        *,
+        deadline: float,
+        metadata: Metadata,
+    ) -> ResultT:
+        """The one retry loop: each attempt sends `request()` and hands the reply to `answer`,
+        which may ask for another attempt (a batch with transiently failed items)."""
         try:
             for attempt in tenacity.Retrying(**self.retry.tenacity_kwargs(deadline)):
                 with attempt:
-                    response, call = method.with_call(request, timeout=_common.remaining(deadline), metadata=metadata)
+                    response, call = method.with_call(request(), timeout=_common.remaining(deadline), metadata=metadata)
                     trailing = _common.text_metadata(call.trailing_metadata())
-                    return response, trailing, attempt.retry_state.attempt_number
+                    return answer(response, trailing, attempt.retry_state.attempt_number)
         except grpc.RpcError as exc:
             raise _common.map_error(exc) from exc
         raise AssertionError("unreachable: tenacity either returns or re-raises")
@@ -116,6 +142,25 @@ class SyncSequencerClient(_common.CallerIdentity):
         return _common.submit_result(
             response, trailing, idempotency_key=key, correlation_id=correlation_id, attempts=attempts
         )
+
+    def submit_many(
+        self,
+        events: Iterable[events_pb2.Event],
+        keys: Sequence[str | None] | None = None,
+        *,
+        correlation_id: str | None = None,
+        timeout: float = DEFAULT_BATCH_TIMEOUT,
+    ) -> list[SubmitOutcome]:
+        """Submits many events with SubmitEvents: one outcome per event, in input order (as
+        the asyncio client's `submit_many`)."""
+        batch = _common.SubmitBatch(events, keys, self.retry, correlation_id=correlation_id, timeout=timeout)
+        metadata = self._metadata(correlation_id=batch.correlation_id)
+        for call in batch.calls():
+            with call.settle():
+                self._attempts(
+                    self._sequencer.SubmitEvents, call.request, call.answer, deadline=batch.deadline, metadata=metadata
+                )
+        return batch.outcomes()
 
     def get_status(
         self,
