@@ -22,6 +22,8 @@ class Settings:
     # Per-entity serialisation: advisory locks (default) or a row lock on the version row
     # (for Citus, where advisory locks are node-local).
     lock_strategy: str = "advisory"
+    # Most events one ApplyEvents call may carry (the sequencer's forwarder batches below it).
+    max_batch: int = 500
     security: SecuritySettings = field(default_factory=SecuritySettings)
 
     @classmethod
@@ -35,6 +37,7 @@ class Settings:
             shutdown_grace=env.seconds("SHUTDOWN_GRACE", 5.0),
             log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             lock_strategy=env.choice("LOCK_STRATEGY", "advisory", LOCK_STRATEGIES),
+            max_batch=env.int("MAX_BATCH", 500, minimum=1, maximum=10_000),
             security=SecuritySettings.from_env(env),
         )
         env.reject_unknown()

@@ -22,6 +22,7 @@ __all__ = [
     "Retryable",
     "SequenceConflict",
     "ShipmentNotFound",
+    "in_batch",
 ]
 
 
@@ -74,3 +75,14 @@ class EntityNotFound(LedgerError, NotFound):
     """No event of this entity was ever processed, so it has no history."""
 
     reason = "ENTITY_NOT_FOUND"
+
+
+def in_batch(error: LedgerError, index: int) -> LedgerError:
+    """The same refusal about item `index` of an ApplyEvents request: same class (so the same
+    code and reason), with the item named in the message, in `field` and in `index`, so the
+    caller knows which event to look at."""
+    where = f"requests[{index}]"
+    metadata = {**error.metadata, "index": index}
+    if "field" in metadata:
+        metadata["field"] = f"{where}.{metadata['field']}"
+    return type(error)(f"{where}: {error.message}", **metadata)

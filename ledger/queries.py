@@ -2,7 +2,9 @@
 
 One ApplyEvent is, in order: BEGIN, the entity lock, one read of everything the event needs,
 one statement that writes the new state (if the rule accepts), moves the version by
-compare-and-set and appends the history row, COMMIT. The read is a statement of its own after
+compare-and-set and appends the history row, COMMIT. An ApplyEvents batch takes the locks of
+all its entities first (sorted, one statement), then does the read and the write of each event
+in request order. The read is a statement of its own after
 the lock: in READ COMMITTED a statement that waits for a lock keeps the snapshot it took before
 the wait, so a read folded into the lock statement could miss the commit of the transaction it
 waited for.
@@ -11,6 +13,7 @@ waited for.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Final
 
 from sqlalchemy import TextClause, text
@@ -22,6 +25,16 @@ from ledger.models import shipments
 # dropped connection cannot leave it held; the namespace keeps it apart from the sequencer's.
 ADVISORY_LOCK: Final = text(
     "SELECT pg_advisory_xact_lock(hashtextextended('ledger:' || :entity_type || ':' || :entity_id, 0))"
+)
+
+# The same locks for every entity of an ApplyEvents batch, in one round trip and in the order
+# given (sorted by the caller), so two batches over the same entities never wait on each other in
+# a cycle. The key text is ADVISORY_LOCK's, so a batch and a single ApplyEvent exclude each other.
+# ORDER BY the ordinality: PostgreSQL evaluates a volatile select list after the sort.
+ADVISORY_LOCKS: Final = text(
+    "SELECT pg_advisory_xact_lock(hashtextextended('ledger:' || k.entity_type || ':' || k.entity_id, 0)) "
+    "FROM unnest(CAST(:entity_types AS text[]), CAST(:entity_ids AS text[])) WITH ORDINALITY "
+    "AS k(entity_type, entity_id, n) ORDER BY k.n"
 )
 
 # The "row" strategy (Citus: advisory locks are node-local): make sure the version row exists so
@@ -149,3 +162,17 @@ async def lock_entity(conn: AsyncConnection, entity_type: int, entity_id: str, s
         await conn.execute(LOCK_VERSION_ROW, params)
     else:
         raise ValueError(f"unknown lock strategy {strategy!r}")
+
+
+async def lock_entities(conn: AsyncConnection, entities: Sequence[tuple[int, str]], strategy: str) -> None:
+    """Takes the per-entity locks of several entities, in the order given; the caller sorts
+    them, so concurrent batches agree on the order and cannot deadlock."""
+    if len(entities) == 1:
+        await lock_entity(conn, *entities[0], strategy)
+    elif strategy == "advisory":
+        params = {"entity_types": [str(int(t)) for t, _ in entities], "entity_ids": [i for _, i in entities]}
+        await conn.execute(ADVISORY_LOCKS, params)
+    else:
+        # lock_entity's two statements per entity (make sure the row exists, then lock it).
+        for entity_type, entity_id in entities:
+            await lock_entity(conn, entity_type, entity_id, strategy)

@@ -23,6 +23,7 @@ SHIPMENT = 1
 INVENTORY_ITEM = 2
 
 lock_entity = queries.lock_entity
+lock_entities = queries.lock_entities
 
 
 @dataclass(frozen=True)

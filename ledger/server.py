@@ -56,7 +56,7 @@ async def build_server(settings: Settings, *, registry: CollectorRegistry | None
         await engine.dispose()
         raise
     metrics = LedgerMetrics(registry)
-    service = Ledger(engine, metrics, lock_strategy=settings.lock_strategy)
+    service = Ledger(engine, metrics, lock_strategy=settings.lock_strategy, max_batch=settings.max_batch)
     server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(service), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)

@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger import domain
 from ledger.repository import HistoryRecord
-from ledger.service import Ledger
+from ledger.service import ApplyResult, Ledger
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 
@@ -48,6 +48,17 @@ def shipment_to_proto(shipment: domain.Shipment, version: int) -> ledger_pb2.Shi
     )
 
 
+def result_to_proto(result: ApplyResult) -> ledger_pb2.ApplyEventResponse:
+    return ledger_pb2.ApplyEventResponse(
+        outcome=_outcome(result.outcome),
+        original_outcome=_outcome(result.original_outcome),
+        reason=result.reason,
+        reason_detail=result.reason_detail,
+        version=result.version,
+        processed_at=_ts(result.processed_at),
+    )
+
+
 def history_to_proto(record: HistoryRecord) -> ledger_pb2.HistoryEntry:
     return ledger_pb2.HistoryEntry(
         sequence=record.sequence,
@@ -72,15 +83,15 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         request: ledger_pb2.ApplyEventRequest,
         context: grpc.aio.ServicerContext[ledger_pb2.ApplyEventRequest, ledger_pb2.ApplyEventResponse],
     ) -> ledger_pb2.ApplyEventResponse:
-        result = await self.ledger.apply_event(request)
-        return ledger_pb2.ApplyEventResponse(
-            outcome=_outcome(result.outcome),
-            original_outcome=_outcome(result.original_outcome),
-            reason=result.reason,
-            reason_detail=result.reason_detail,
-            version=result.version,
-            processed_at=_ts(result.processed_at),
-        )
+        return result_to_proto(await self.ledger.apply_event(request))
+
+    async def ApplyEvents(
+        self,
+        request: ledger_pb2.ApplyEventsRequest,
+        context: grpc.aio.ServicerContext[ledger_pb2.ApplyEventsRequest, ledger_pb2.ApplyEventsResponse],
+    ) -> ledger_pb2.ApplyEventsResponse:
+        results = await self.ledger.apply_events(request.requests)
+        return ledger_pb2.ApplyEventsResponse(responses=[result_to_proto(r) for r in results])
 
     async def GetShipment(
         self,
