@@ -49,7 +49,8 @@ def correlation_id() -> str:
 
 def status_for(error: DomainError, table: ErrorTable, domain: str) -> status_pb2.Status:
     """Builds google.rpc.Status with an ErrorInfo detail from a domain error via the table."""
-    code = next((c for cls, c in table.items() if isinstance(error, cls)), grpc.StatusCode.INTERNAL)
+    # The most specific class listed wins: the table is looked up along the error's MRO.
+    code = next((table[cls] for cls in type(error).__mro__ if cls in table), grpc.StatusCode.INTERNAL)
     info = error_details_pb2.ErrorInfo(
         reason=error.reason, domain=domain, metadata={k: str(v) for k, v in error.metadata.items()}
     )

@@ -54,3 +54,10 @@ def run_env(metadata: MetaData) -> None:
         do_run(existing)
     else:
         asyncio.run(run())
+
+
+def sql_function(service_dir: Path, name: str) -> str:
+    """The CREATE FUNCTION statement of `name` from the service's sql/ folder. Files there are
+    written as pg_get_functiondef prints them (a test compares the two), and a versioned file
+    never changes once landed: a new version is a new file and a new revision."""
+    return (service_dir / "sql" / f"{name}.sql").read_text()

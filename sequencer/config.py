@@ -30,6 +30,12 @@ class Settings:
     # Parked events one entity may hold; beyond: RESOURCE_EXHAUSTED for that entity.
     parked_limit: int = 1000
     lock_strategy: str = "advisory"
+    # Group commit: connections that each commit one batch of waiting submissions at a time, and
+    # the most submissions one batch takes.
+    ingress_workers: int = 2
+    ingress_batch: int = 256
+    # The most items one SubmitEvents call may carry (SPEC 10).
+    max_batch: int = 500
     forwarder_concurrency: int = 128
     # The safety-net poll; NOTIFY and in-process wake-ups make forwarding prompt.
     forwarder_poll_interval: float = 1.0
@@ -69,6 +75,9 @@ class Settings:
             gap_alert_after=env.seconds("GAP_ALERT_AFTER", 60.0),
             parked_limit=env.int("PARKED_LIMIT", 1000, minimum=1),
             lock_strategy=env.choice("LOCK_STRATEGY", "advisory", LOCK_STRATEGIES),
+            ingress_workers=env.int("INGRESS_WORKERS", 2, minimum=1, maximum=32),
+            ingress_batch=env.int("INGRESS_BATCH", 256, minimum=1, maximum=10_000),
+            max_batch=env.int("MAX_BATCH", 500, minimum=1, maximum=10_000),
             forwarder_concurrency=env.int("FORWARDER_CONCURRENCY", 128, minimum=1, maximum=1024),
             forwarder_poll_interval=env.seconds("FORWARDER_POLL_INTERVAL", 1.0, minimum=0.01),
             forwarder_lease=env.seconds("FORWARDER_LEASE", 30.0, minimum=1.0),

@@ -16,7 +16,6 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
 
 import grpc
 from sqlalchemy import text
@@ -31,8 +30,11 @@ from sequencer import repository as repo
 from sequencer.clock import Clock
 from sequencer.config import Settings
 from sequencer.errors import Retryable
+from sequencer.forwarding import ForwardingStore, QueuedEvent
+from sequencer.hints import Hint
 from sequencer.metrics import SequencerMetrics
-from sequencer.service import QUEUED, QueuedEvent, Sequencer
+from sequencer.notifications import Notifier
+from sequencer.states import QUEUED
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +69,15 @@ class Forwarder:
         self,
         engine: AsyncEngine,
         ledger: ledger_pb2_grpc.LedgerServiceStub,
-        service: Sequencer,
+        store: ForwardingStore,
+        notifier: Notifier,
         settings: Settings,
         clock: Clock,
         metrics: SequencerMetrics,
     ) -> None:
         self.engine = engine
         self.ledger = ledger
-        self.service = service
+        self.store = store
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
@@ -86,22 +89,25 @@ class Forwarder:
         self.dirty: set[EntityKey] = set()
         self.slots = asyncio.Semaphore(settings.forwarder_concurrency)
         self.wake = asyncio.Event()
-        self._unsubscribe = service.notifier.subscribe(self._on_notification)
+        self._unsubscribe = notifier.subscribe(self._on_notification)
 
     # --- scheduling ---------------------------------------------------------------------------
 
-    def _on_notification(self, message: dict[str, Any]) -> None:
+    def _on_notification(self, message: Hint) -> None:
         """Another replica queued work (our own submits kick us directly)."""
-        if message.get("resync"):
+        if message.resync:
             self.wake.set()
             return
-        if message.get("s") != QUEUED or message.get("o") == self.service.instance:
+        if message.origin == self.store.instance:
             return
-        key = (message.get("t"), message.get("e"))
-        if key in self.active:
-            self.dirty.add(key)
-        else:
-            self.wake.set()
+        for change in message.changes:
+            if change.state != QUEUED:
+                continue
+            key = (change.entity_type, change.entity_id)
+            if key in self.active:
+                self.dirty.add(key)
+            else:
+                self.wake.set()
 
     def kick(self, event: QueuedEvent) -> None:
         """New queued work committed by this process: forward it now."""
@@ -170,7 +176,7 @@ class Forwarder:
                     return
                 logs.log_context.set({"entity_type": entity_type, "entity_id": entity_id, "forwarder": self.owner})
                 self.dirty.discard(key)
-                event = first if first is not None else await self.service.next_queued(entity_type, entity_id)
+                event = first if first is not None else await self.store.next_queued(entity_type, entity_id)
                 while True:
                     while event is not None:
                         event = await self._forward(key, event)
@@ -181,7 +187,7 @@ class Forwarder:
                     self.dirty.discard(key)
                     if not await self._hold_lease(key):
                         break
-                    event = await self.service.next_queued(entity_type, entity_id)
+                    event = await self.store.next_queued(entity_type, entity_id)
         except GiveUp:
             backoff = min(self.settings.forwarder_lease, 2.0)
         except (DBAPIError, OSError, Retryable):
@@ -245,7 +251,7 @@ class Forwarder:
             raise GiveUp
         if state == events_pb2.EVENT_STATE_REJECTED:
             log.warning("event rejected by the ledger", extra={"reason": reply.reason, "detail": reply.reason_detail})
-        recorded = await self.service.record_outcome(
+        recorded = await self.store.record_outcome(
             key[0],
             key[1],
             queued.sequence,

@@ -1,14 +1,17 @@
-"""Pure rules of idempotency keys: where the key comes from, what it may look like, and how two
-requests under one key are compared."""
+"""Pure rules of idempotency keys: where the key comes from, what it may look like, how two
+requests under one key are compared, and the replay cache of committed answers."""
 
 from __future__ import annotations
 
+import collections
+import datetime as dt
 import hashlib
 import re
+from dataclasses import dataclass
 
 from google.protobuf.message import Message
 
-from sequencer.errors import IdempotencyKeyInvalid, IdempotencyKeyMissing
+from sequencer.errors import IdempotencyKeyInvalid, IdempotencyKeyMissing, IdempotencyKeyReused
 
 KEY_HEADERS = ("idempotency-key", "x-idempotency-key")
 CALLER_HEADER = "x-client-id"
@@ -82,3 +85,73 @@ def differing_fields(first: Message, second: Message, prefix: str = "") -> list[
 
 def _is_repeated(field: object) -> bool:
     return bool(getattr(field, "is_repeated", False) or getattr(field, "label", 0) == 3)
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    """A committed idempotency record: what a retry of the key is compared with and answered."""
+
+    method: str
+    fingerprint: bytes
+    request: bytes
+    response: bytes
+    created_at: dt.datetime
+    expires_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class Submission:
+    """The answer to an idempotent request: the response and where it came from."""
+
+    response: Message
+    replayed: bool
+    first_seen_at: dt.datetime
+    expires_at: dt.datetime
+
+
+def replay(
+    record: StoredAnswer, key: str, method: str, keyless: Message, request_fp: bytes, response_type: type[Message]
+) -> Message:
+    """The stored response of a retry with the same request; a different request (another RPC,
+    or another payload) is refused naming what differs, and nothing runs."""
+    if record.method != method or record.fingerprint != request_fp:
+        fields = (
+            ["method"]
+            if record.method != method
+            else differing_fields(type(keyless).FromString(record.request), keyless)
+        )
+        raise IdempotencyKeyReused(
+            f"idempotency key {key!r} was first used with a different request; differing fields: " + ", ".join(fields),
+            fields=",".join(fields),
+            first_seen_at=record.created_at.isoformat(),
+        )
+    return response_type.FromString(record.response)
+
+
+class AnswerCache:
+    """Recently committed answers, by (caller, key), least recently used dropped first.
+
+    Safe because a committed record never changes before it expires; expired entries are
+    never answered from here."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: collections.OrderedDict[tuple[str, str], StoredAnswer] = collections.OrderedDict()
+
+    def get(self, caller: str, key: str, now: dt.datetime) -> StoredAnswer | None:
+        answer = self._entries.get((caller, key))
+        if answer is None:
+            return None
+        if answer.expires_at <= now:
+            del self._entries[(caller, key)]
+            return None
+        self._entries.move_to_end((caller, key))
+        return answer
+
+    def put(self, caller: str, key: str, answer: StoredAnswer) -> StoredAnswer:
+        if self.capacity > 0:
+            self._entries[(caller, key)] = answer
+            self._entries.move_to_end((caller, key))
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return answer

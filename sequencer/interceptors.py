@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import grpc
+from google.rpc import status_pb2
 
 from common.auth import Authenticator
-from common.interceptors import ErrorTable, ServiceInterceptor
+from common.errors import DomainError
+from common.interceptors import ErrorTable, ServiceInterceptor, status_for
 from common.metrics import RpcMetrics
 from sequencer import errors
 
@@ -50,3 +52,8 @@ POLICY: dict[str, frozenset[str]] = {
 
 def build_interceptor(metrics: RpcMetrics, authenticator: Authenticator) -> ServiceInterceptor:
     return ServiceInterceptor(ERROR_TABLE, DOMAIN, metrics, authenticator, POLICY)
+
+
+def item_status(error: DomainError) -> status_pb2.Status:
+    """One batch item's refusal, as SubmitEvent would have failed with it."""
+    return status_for(error, ERROR_TABLE, DOMAIN)

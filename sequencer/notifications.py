@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import psycopg
 
 from common.db import libpq_url
+from sequencer import hints
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "sequencer_events"
-Subscriber = Callable[[dict[str, Any]], None]
+Subscriber = Callable[[hints.Hint], None]
 
 
 class Notifier:
@@ -44,7 +42,7 @@ class Notifier:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, message: hints.Hint) -> None:
         for callback in list(self.subscribers):
             try:
                 callback(message)
@@ -56,16 +54,17 @@ class Notifier:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    await conn.execute(f"LISTEN {hints.CHANNEL}")
                     self.connected.set()
                     delay = 0.1
                     # Anything may have changed while we were not listening.
-                    self._dispatch({"resync": True})
+                    self._dispatch(hints.Hint("", resync=True))
                     async for note in conn.notifies():
-                        try:
-                            self._dispatch(json.loads(note.payload))
-                        except ValueError:
+                        hint = hints.decode(note.payload)
+                        if hint is None:
                             log.warning("malformed notification ignored")
+                        else:
+                            self._dispatch(hint)
             except (psycopg.Error, OSError):
                 self.connected.clear()
                 log.warning("notification listener lost its connection; reconnecting", extra={"delay": delay})

@@ -4,6 +4,7 @@ and the background work (forwarder, key sweeper, gap monitor)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,15 @@ from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.clock import Clock, SystemClock
 from sequencer.config import Settings
 from sequencer.forwarder import Forwarder
+from sequencer.forwarding import ForwardingStore
+from sequencer.gaps import GapMonitor
+from sequencer.ingress import Ingress
 from sequencer.interceptors import build_interceptor
 from sequencer.metrics import SequencerMetrics
 from sequencer.notifications import Notifier
-from sequencer.service import Sequencer
+from sequencer.reads import Reads
 from sequencer.servicer import AdminServicer, SequencerServicer
+from sequencer.skips import Skips
 from sequencer.sweeper import Sweeper
 from sequencer.watch import Watches
 
@@ -43,7 +48,10 @@ class App:
     port: int
     engine: AsyncEngine
     health: health.aio.HealthServicer
-    service: Sequencer
+    ingress: Ingress
+    reads: Reads
+    gaps: GapMonitor
+    notifier: Notifier
     forwarder: Forwarder
     metrics: SequencerMetrics
     ledger_channel: grpc.aio.Channel
@@ -59,8 +67,9 @@ class App:
         for task in self.tasks:
             task.cancel()
         await bounded(asyncio.gather(*self.tasks, return_exceptions=True), 5, "background tasks")
+        await bounded(self.ingress.close(), 5, "ingress")
         await bounded(self.forwarder.close(), 5, "forwarder")
-        await bounded(self.service.notifier.close(), 5, "notification listener")
+        await bounded(self.notifier.close(), 5, "notification listener")
         await bounded(self.ledger_channel.close(), 5, "ledger channel")
         await self.engine.dispose()
 
@@ -84,7 +93,12 @@ async def build_server(
         raise
     metrics = SequencerMetrics(registry)
     notifier = Notifier(settings.database_url)
-    service = Sequencer(engine, settings, clock, notifier, metrics)
+    # Names this process in its notifications, so it can ignore its own wake-ups.
+    instance = uuid.uuid4().hex
+    ingress = Ingress(settings.database_url, settings, clock, metrics, instance)
+    skips = Skips(engine, settings, clock, metrics, ingress.answers, instance)
+    reads = Reads(engine, settings, clock)
+    gaps = GapMonitor(engine, settings, clock, metrics)
     ledger_channel = channel(
         settings.ledger_target,
         ca=settings.ledger_tls_ca,
@@ -93,21 +107,39 @@ async def build_server(
         server_name=settings.ledger_tls_server_name,
         token_file=settings.ledger_token_file,
     )
-    forwarder = Forwarder(engine, ledger_pb2_grpc.LedgerServiceStub(ledger_channel), service, settings, clock, metrics)
+    store = ForwardingStore(engine, settings, clock, metrics, instance)
+    ledger = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
+    forwarder = Forwarder(engine, ledger, store, notifier, settings, clock, metrics)
     if run_forwarder:
-        service.on_queued = forwarder.kick
+        ingress.on_queued = skips.on_queued = forwarder.kick
 
     server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
-    watches = Watches(service, notifier, settings.watchers_per_caller)
-    sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(SequencerServicer(service, watches, settings), server)
-    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(service), server)
+    watches = Watches(reads, notifier, settings.watchers_per_caller)
+    sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(
+        SequencerServicer(ingress, reads, watches, settings), server
+    )
+    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(reads, skips), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.listen_addr, settings.security)
     await notifier.start()
+    ingress.start()
     await server.start()
-    app = App(server, port, engine, health_servicer, service, forwarder, metrics, ledger_channel, authenticator)
+    app = App(
+        server,
+        port,
+        engine,
+        health_servicer,
+        ingress,
+        reads,
+        gaps,
+        notifier,
+        forwarder,
+        metrics,
+        ledger_channel,
+        authenticator,
+    )
     app.tasks.append(asyncio.create_task(Sweeper(engine, settings, clock).run(), name="key-sweeper"))
-    app.tasks.append(asyncio.create_task(service.monitor_gaps(), name="gap-monitor"))
+    app.tasks.append(asyncio.create_task(gaps.run(), name="gap-monitor"))
     if run_forwarder:
         app.tasks.append(asyncio.create_task(forwarder.run(), name="forwarder"))
     await set_serving(health_servicer, SERVICE_NAMES, True)

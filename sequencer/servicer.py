@@ -7,12 +7,16 @@ import datetime as dt
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from common.auth import authorize, current_identity
+from common.errors import DomainError
 from common.interceptors import Context, add_trailing_metadata, correlation_id
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.config import Settings
 from sequencer.errors import InvalidArgument
-from sequencer.idempotency import CALLER_HEADER, KEY_HEADERS, resolve_caller, resolve_key, validate_key
-from sequencer.service import Sequencer, Submission
+from sequencer.idempotency import CALLER_HEADER, KEY_HEADERS, Submission, resolve_caller, resolve_key, validate_key
+from sequencer.ingress import Ingress
+from sequencer.interceptors import item_status
+from sequencer.reads import Reads
+from sequencer.skips import Skips
 from sequencer.watch import Watches
 
 # Finer rules than the per-RPC policy: parts of an RPC that only admins may use.
@@ -51,8 +55,9 @@ def _publish(context: Context, result: Submission) -> None:
 
 
 class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
-    def __init__(self, service: Sequencer, watches: Watches, settings: Settings) -> None:
-        self.service = service
+    def __init__(self, ingress: Ingress, reads: Reads, watches: Watches, settings: Settings) -> None:
+        self.service = ingress
+        self.reads = reads
         self.watches = watches
         self.settings = settings
 
@@ -86,14 +91,33 @@ class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
                     return waited
         return response
 
+    async def SubmitEvents(
+        self, request: sequencer_pb2.SubmitEventsRequest, context: Context
+    ) -> sequencer_pb2.SubmitEventsResponse:
+        outcomes = await self.service.submit_batch(
+            caller=_caller(context),
+            metadata_keys=_metadata(context, KEY_HEADERS),
+            requests=list(request.requests),
+            correlation_id=correlation_id(),
+            timeout=context.time_remaining(),
+        )
+        results = []
+        for outcome in outcomes:
+            if isinstance(outcome, DomainError):
+                results.append(sequencer_pb2.SubmitEventsResult(error=item_status(outcome)))
+            else:
+                assert isinstance(outcome.response, sequencer_pb2.SubmitEventResponse)
+                results.append(sequencer_pb2.SubmitEventsResult(response=outcome.response, replayed=outcome.replayed))
+        return sequencer_pb2.SubmitEventsResponse(results=results)
+
     async def GetEventStatus(
         self, request: sequencer_pb2.GetEventStatusRequest, context: Context
     ) -> sequencer_pb2.GetEventStatusResponse:
         if request.transaction_id:
-            status = await self.service.get_status(request.transaction_id, _read_scope(context))
+            status = await self.reads.get_status(request.transaction_id, _read_scope(context))
         elif request.idempotency_key:
             validate_key(request.idempotency_key)
-            status = await self.service.get_status_by_key(_caller(context), request.idempotency_key)
+            status = await self.reads.get_status_by_key(_caller(context), request.idempotency_key)
         else:
             raise InvalidArgument("transaction_id or idempotency_key is required", field="transaction_id")
         return sequencer_pb2.GetEventStatusResponse(status=status)
@@ -117,8 +141,9 @@ class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
 
 
 class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
-    def __init__(self, service: Sequencer) -> None:
-        self.service = service
+    def __init__(self, reads: Reads, skips: Skips) -> None:
+        self.service = reads
+        self.skips = skips
 
     async def ListGaps(
         self, request: sequencer_pb2.ListGapsRequest, context: Context
@@ -143,7 +168,7 @@ class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
         self, request: sequencer_pb2.SkipSequenceRequest, context: Context
     ) -> sequencer_pb2.SkipSequenceResponse:
         key = resolve_key(_metadata(context, KEY_HEADERS), request.request_id)
-        result = await self.service.skip_sequence(
+        result = await self.skips.skip_sequence(
             caller=_caller(context),
             key=key,
             request=request,

@@ -5,17 +5,11 @@ Rules are per payload kind, in one table, so a new kind is one line here.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
+from common.limits import ENTITY_ID_PATTERN, MAX_ENTITY_ID, MAX_PACKAGE_COUNT, MAX_QUANTITY, MAX_SEQUENCE, MAX_TEXT
 from logistics.events.v1 import events_pb2
 from sequencer.errors import InvalidEvent
-
-MAX_ENTITY_ID = 128
-MAX_TEXT = 256
-MAX_QUANTITY = 1_000_000_000
-MAX_SEQUENCE = 2**63 - 1
-ENTITY_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/#@+-]{1,128}")
 
 SHIPMENT = events_pb2.ENTITY_TYPE_SHIPMENT
 INVENTORY = events_pb2.ENTITY_TYPE_INVENTORY_ITEM
@@ -52,8 +46,8 @@ def _shipment_picked(e: events_pb2.Event) -> None:
 
 
 def _shipment_packed(e: events_pb2.Event) -> None:
-    if e.shipment_packed.package_count > 100_000:
-        raise InvalidEvent("event.shipment_packed.package_count is above 100000", field="package_count")
+    if e.shipment_packed.package_count > MAX_PACKAGE_COUNT:
+        raise InvalidEvent(f"event.shipment_packed.package_count is above {MAX_PACKAGE_COUNT}", field="package_count")
 
 
 def _shipment_loaded(e: events_pb2.Event) -> None:

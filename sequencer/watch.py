@@ -11,13 +11,14 @@ import collections
 import contextlib
 import datetime as dt
 from collections.abc import AsyncGenerator, Callable, Iterator
-from typing import Any
 
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 from sequencer.errors import TooManyWatchers
+from sequencer.hints import Change, Hint
 from sequencer.notifications import Notifier
-from sequencer.service import TERMINAL, Sequencer
+from sequencer.reads import Reads
+from sequencer.states import TERMINAL
 from sequencer.validation import validate_entity
 
 POLL_SECONDS = 1.0
@@ -25,18 +26,18 @@ QUEUE_SIZE = 64
 
 
 class Watches:
-    def __init__(self, service: Sequencer, notifier: Notifier, per_caller_limit: int) -> None:
-        self.service = service
+    def __init__(self, reads: Reads, notifier: Notifier, per_caller_limit: int) -> None:
+        self.reads = reads
         self.notifier = notifier
         self.per_caller_limit = per_caller_limit
         self.watchers: collections.Counter[str] = collections.Counter()
 
     @contextlib.contextmanager
-    def _subscription(self, match: Callable[[dict[str, Any]], bool]) -> Iterator[asyncio.Queue[dict[str, Any]]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_SIZE)
+    def _subscription(self, match: Callable[[Change], bool]) -> Iterator[asyncio.Queue[Hint]]:
+        queue: asyncio.Queue[Hint] = asyncio.Queue(QUEUE_SIZE)
 
-        def deliver(message: dict[str, Any]) -> None:
-            if message.get("resync") or match(message):
+        def deliver(message: Hint) -> None:
+            if message.resync or any(match(c) for c in message.changes):
                 with contextlib.suppress(asyncio.QueueFull):
                     queue.put_nowait(message)
 
@@ -61,7 +62,7 @@ class Watches:
                 del self.watchers[caller]
 
     @staticmethod
-    async def _next_hint(queue: asyncio.Queue[dict[str, Any]], timeout: float) -> None:
+    async def _next_hint(queue: asyncio.Queue[Hint], timeout: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(queue.get(), timeout)
         while not queue.empty():
@@ -71,9 +72,9 @@ class Watches:
         """The status once terminal, or the latest status when `timeout` runs out."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        with self._subscription(lambda m: m.get("x") == transaction_id) as queue:
+        with self._subscription(lambda c: c.transaction_id == transaction_id) as queue:
             while True:
-                status = await self.service.get_status(transaction_id)
+                status = await self.reads.get_status(transaction_id)
                 remaining = deadline - loop.time()
                 if status.state in TERMINAL or remaining <= 0:
                     return status
@@ -83,10 +84,10 @@ class Watches:
         self, caller: str, transaction_id: str, scope: str | None
     ) -> AsyncGenerator[sequencer_pb2.EventStatus, None]:
         """The current status at once, then every change, ending after a terminal state."""
-        with self._slot(caller), self._subscription(lambda m: m.get("x") == transaction_id) as queue:
+        with self._slot(caller), self._subscription(lambda c: c.transaction_id == transaction_id) as queue:
             last: sequencer_pb2.EventStatus | None = None
             while True:
-                status = await self.service.get_status(transaction_id, scope)
+                status = await self.reads.get_status(transaction_id, scope)
                 if last is None or status.state != last.state or status.awaiting_sequence != last.awaiting_sequence:
                     yield status
                     last = status
@@ -101,14 +102,14 @@ class Watches:
         validate_entity(entity.entity_type, entity.entity_id, prefix="entity")
         et, eid = entity.entity_type, entity.entity_id
         seen: dict[str, int] = {}
-        since = self.service.clock.now() - dt.timedelta(seconds=1)
-        with self._slot(caller), self._subscription(lambda m: m.get("t") == et and m.get("e") == eid) as queue:
-            for status in await self.service.entity_statuses(et, eid, None):
+        since = self.reads.clock.now() - dt.timedelta(seconds=1)
+        with self._slot(caller), self._subscription(lambda c: c.entity_type == et and c.entity_id == eid) as queue:
+            for status in await self.reads.entity_statuses(et, eid, None):
                 seen[status.transaction_id] = status.state
             while True:
                 await self._next_hint(queue, POLL_SECONDS)
-                checked_at = self.service.clock.now()
-                for status in await self.service.entity_statuses(et, eid, since):
+                checked_at = self.reads.clock.now()
+                for status in await self.reads.entity_statuses(et, eid, since):
                     if seen.get(status.transaction_id) != status.state:
                         seen[status.transaction_id] = status.state
                         yield status

@@ -169,12 +169,13 @@ async def test_gap_is_alerted_once_past_the_threshold(system: System, caplog: py
     import dataclasses
 
     await system.submit(shipment_event("SHP-7", 2, "shipment_picked"))
-    service = system.sequencer_app.service
-    assert await service.check_gaps() == 0
-    service.settings = dataclasses.replace(service.settings, gap_alert_after=0.0)
-    with caplog.at_level(logging.WARNING, logger="sequencer.service"):
-        assert await service.check_gaps() == 1
-        assert await service.check_gaps() == 0  # alerted once, still listed
+    monitor = system.sequencer_app.gaps
+    assert await monitor.check() == 0
+    monitor.settings = dataclasses.replace(monitor.settings, gap_alert_after=0.0)
+    system.sequencer_app.reads.settings = monitor.settings
+    with caplog.at_level(logging.WARNING, logger="sequencer.gaps"):
+        assert await monitor.check() == 1
+        assert await monitor.check() == 0  # alerted once, still listed
     record = next(r for r in caplog.records if r.getMessage() == "gap older than alert threshold")
     assert record.entity_id == "SHP-7" and record.awaiting_sequence == 1  # type: ignore[attr-defined]
     gaps = (await system.admin.ListGaps(sequencer_pb2.ListGapsRequest(), timeout=5)).gaps

@@ -77,7 +77,7 @@ async def test_watch_on_replica_a_sees_change_made_by_replica_b(system: System) 
 async def test_cancelling_a_hundred_watchers_leaks_nothing(system: System) -> None:
     app = system.sequencer_app
     reply = await system.submit(shipment_event("SHP-W3", 2, "shipment_picked"))  # stays parked
-    notifier = app.service.notifier
+    notifier = app.notifier
     before_subscribers = len(notifier.subscribers)
     before_tasks = len(asyncio.all_tasks())
     streams = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sequencer.service import AnswerCache, StoredAnswer
+from sequencer.idempotency import AnswerCache, StoredAnswer
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 

@@ -1,0 +1,526 @@
+"""Ingress: idempotent acceptance of events, many submissions per transaction (group commit).
+
+Every SubmitEvent and every item of SubmitEvents becomes a `Pending` in one queue. A few
+workers, each with its own connection, take whatever is waiting (up to a cap) as one batch:
+while one batch commits the next gathers, so batches grow with load and a lone caller pays no
+wait. A batch takes its locks in one sorted order (keys, then entities), reads what the rules
+need, lets `rules.Entity.decide` answer each item in order, writes everything set-based with
+one NOTIFY, and commits (synchronous_commit stays on) before any item is answered.
+
+Each item gets exactly the answer it would get alone: a stored record replays (byte-identical)
+or is refused as reused, a second item with the same key waits for the first one's batch and
+replays it, and an item's refusal (conflict, parked limit) is its own answer, never its
+batch's. With the row lock strategy (distributed Postgres) a transaction holds one entity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from common import logs
+from common.db import LOCK_NOT_AVAILABLE, QUERY_CANCELED, RETRYABLE_SQLSTATES, is_transient, libpq_url, sqlstate
+from common.errors import DomainError
+from logistics.events.v1 import events_pb2
+from logistics.sequencer.v1 import sequencer_pb2
+from sequencer import mailbox
+from sequencer.clock import Clock
+from sequencer.config import Settings
+from sequencer.errors import (
+    DeadlineReached,
+    IdempotencyKeyInvalid,
+    InvalidArgument,
+    ParkedLimitReached,
+    Retryable,
+    SequenceConflict,
+)
+from sequencer.forwarding import QueuedEvent
+from sequencer.idempotency import AnswerCache, StoredAnswer, Submission, replay, resolve_key
+from sequencer.metrics import SequencerMetrics
+from sequencer.rules import Decision, Entity, Verdict
+from sequencer.states import DUPLICATE, PARKED, QUEUED, SKIPPED, state_name
+from sequencer.validation import validate_event
+
+log = logging.getLogger(__name__)
+
+SUBMIT_METHOD = "/logistics.sequencer.v1.SequencerService/SubmitEvent"
+UNAVAILABLE = "the database is unavailable; retry with the same idempotency key"
+STATES = {Verdict.QUEUED: QUEUED, Verdict.PARKED: PARKED, Verdict.DUPLICATE: DUPLICATE, Verdict.SKIPPED: SKIPPED}
+
+
+@dataclass(eq=False)
+class Pending:
+    """One submission waiting for its batch, with everything computed before it queues."""
+
+    caller: str
+    key: str
+    event: events_pb2.Event
+    event_bytes: bytes
+    payload_hash: bytes
+    request: bytes  # the keyless request, deterministic: stored to name differing fields
+    fingerprint: bytes
+    correlation_id: str
+    deadline: float | None  # loop time
+    answer: asyncio.Future[Submission] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def entity(self) -> mailbox.EntityKey:
+        return (self.event.entity_type, self.event.entity_id)
+
+    def settle(self, result: Submission | BaseException) -> None:
+        if self.answer.done():
+            return
+        if isinstance(result, BaseException):
+            self.answer.set_exception(result)
+        else:
+            self.answer.set_result(result)
+
+
+@dataclass
+class Committed:
+    """What to do once a batch has committed (never before: it might roll back)."""
+
+    answers: list[tuple[Pending, Submission | DomainError]] = field(default_factory=list)
+    remember: list[tuple[Pending, StoredAnswer]] = field(default_factory=list)
+    states: list[int] = field(default_factory=list)
+    queued: list[QueuedEvent] = field(default_factory=list)
+    replays: int = 0
+
+
+class Ingress:
+    def __init__(
+        self,
+        database_url: str,
+        settings: Settings,
+        clock: Clock,
+        metrics: SequencerMetrics,
+        instance: str,
+    ) -> None:
+        self.url = libpq_url(database_url)
+        self.settings = settings
+        self.clock = clock
+        self.metrics = metrics
+        # Names this process in its notifications, so it can ignore its own wake-ups.
+        self.instance = instance
+        self.answers = AnswerCache(settings.answer_cache_size)
+        # Set by the server to the forwarder's kick: new queued work for an entity.
+        self.on_queued: Callable[[QueuedEvent], None] = lambda _event: None
+        self._waiting: collections.deque[Pending] = collections.deque()
+        self._arrived = asyncio.Event()
+        # Keys in a batch right now: a second submission of one waits for that batch's answer.
+        self._in_flight: set[tuple[str, str]] = set()
+        self._workers: list[asyncio.Task[None]] = []
+
+    # --- the callers' side --------------------------------------------------------------------
+
+    def start(self) -> None:
+        for number in range(self.settings.ingress_workers):
+            self._workers.append(asyncio.create_task(self._work(), name=f"ingress-{number}"))
+
+    async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+        while self._waiting:
+            self._waiting.popleft().settle(Retryable("the sequencer is shutting down; retry with the same key"))
+
+    def prepare(
+        self,
+        *,
+        caller: str,
+        key: str,
+        request: sequencer_pb2.SubmitEventRequest,
+        correlation_id: str,
+        timeout: float | None,
+    ) -> Pending:
+        """Validates a submission and computes its bytes and hashes (nothing stored yet)."""
+        validate_event(request.event, present=request.HasField("event"))
+        event = request.event
+        event_bytes = event.SerializeToString(deterministic=True)
+        keyless = sequencer_pb2.SubmitEventRequest(event=event).SerializeToString(deterministic=True)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        return Pending(
+            caller,
+            key,
+            event,
+            event_bytes,
+            hashlib.sha256(event_bytes).digest(),
+            keyless,
+            hashlib.sha256(keyless).digest(),
+            correlation_id,
+            deadline,
+        )
+
+    async def submit(
+        self,
+        *,
+        caller: str,
+        key: str,
+        request: sequencer_pb2.SubmitEventRequest,
+        correlation_id: str,
+        timeout: float | None = None,
+    ) -> Submission:
+        """Accepts an event once per key: QUEUED, PARKED, DUPLICATE or SKIPPED, stored with the
+        answer; a retry replays the stored answer."""
+        event = request.event
+        logs.bind(entity_type=event.entity_type, entity_id=event.entity_id, sequence=event.sequence)
+        pending = self.prepare(caller=caller, key=key, request=request, correlation_id=correlation_id, timeout=timeout)
+        result = await self.accept(pending)
+        response = result.response
+        assert isinstance(response, sequencer_pb2.SubmitEventResponse)
+        logs.bind(transaction_id=response.transaction_id, state=state_name(response.state), replayed=result.replayed)
+        return result
+
+    async def submit_batch(
+        self,
+        *,
+        caller: str,
+        metadata_keys: list[str],
+        requests: list[sequencer_pb2.SubmitEventRequest],
+        correlation_id: str,
+        timeout: float | None,
+    ) -> list[Submission | DomainError]:
+        """SubmitEvents: independent items, each with its own key in request_id and the answer
+        SubmitEvent would give it, in order. Only the call's own shape fails the call."""
+        if metadata_keys:
+            raise IdempotencyKeyInvalid(
+                "a batch takes no idempotency-key metadata: give each item its own key in request_id"
+            )
+        if len(requests) > self.settings.max_batch:
+            raise InvalidArgument(
+                f"a batch holds at most {self.settings.max_batch} requests, got {len(requests)}", field="requests"
+            )
+        items = [self._item(caller, i, r, correlation_id, timeout) for i, r in enumerate(requests)]
+        return await self.submit_many(items)
+
+    def _item(
+        self,
+        caller: str,
+        index: int,
+        request: sequencer_pb2.SubmitEventRequest,
+        correlation_id: str,
+        timeout: float | None,
+    ) -> Pending | DomainError:
+        try:
+            if request.HasField("wait_for_terminal"):
+                raise InvalidArgument(
+                    f"requests[{index}].wait_for_terminal is not supported in a batch; watch or poll instead",
+                    field=f"requests[{index}].wait_for_terminal",
+                )
+            key = resolve_key([], request.request_id)
+            return self.prepare(caller=caller, key=key, request=request, correlation_id=correlation_id, timeout=timeout)
+        except DomainError as exc:
+            return exc
+
+    async def submit_many(self, items: list[Pending | DomainError]) -> list[Submission | DomainError]:
+        """Accepts independent submissions (those already refused stay refused), each with the
+        answer it would get alone, in order."""
+        accepting = [asyncio.ensure_future(self.accept(p)) for p in items if isinstance(p, Pending)]
+        if accepting:
+            await asyncio.wait(accepting)
+        results: list[Submission | DomainError] = []
+        answered = iter(accepting)
+        for item in items:
+            if isinstance(item, DomainError):
+                results.append(item)
+                continue
+            task = next(answered)
+            error = task.exception()
+            if error is None:
+                results.append(task.result())
+            elif isinstance(error, DomainError):
+                results.append(error)
+            else:
+                raise error
+        return results
+
+    async def accept(self, pending: Pending) -> Submission:
+        # A committed record never changes until it expires: a hit in memory needs no lock.
+        cached = self.answers.get(pending.caller, pending.key, self.clock.now())
+        if cached is not None:
+            return self._replayed(pending, cached)
+        self._waiting.append(pending)
+        self._arrived.set()
+        return await asyncio.shield(pending.answer)
+
+    def _replayed(self, pending: Pending, record: StoredAnswer) -> Submission:
+        keyless = sequencer_pb2.SubmitEventRequest(event=pending.event)
+        response = replay(
+            record, pending.key, SUBMIT_METHOD, keyless, pending.fingerprint, sequencer_pb2.SubmitEventResponse
+        )
+        self.metrics.replays.inc()
+        return Submission(response, True, record.created_at, record.expires_at)
+
+    # --- batches ------------------------------------------------------------------------------
+
+    async def _take(self) -> list[Pending]:
+        """The next batch: whatever waits, up to the cap, one item per key (a second item of a
+        key waits for the first's answer); items past their deadline are answered so."""
+        while True:
+            while not self._waiting:
+                self._arrived.clear()
+                await self._arrived.wait()
+            now = asyncio.get_running_loop().time()
+            batch: list[Pending] = []
+            keys: set[tuple[str, str]] = set()
+            later: collections.deque[Pending] = collections.deque()
+            while self._waiting and len(batch) < self.settings.ingress_batch:
+                pending = self._waiting.popleft()
+                key = (pending.caller, pending.key)
+                if pending.answer.done():
+                    continue
+                if pending.deadline is not None and pending.deadline <= now:
+                    pending.settle(DeadlineReached("the deadline passed before the request could be processed"))
+                elif key in keys or key in self._in_flight:
+                    later.append(pending)
+                else:
+                    cached = self.answers.get(pending.caller, pending.key, self.clock.now())
+                    if cached is not None:
+                        self._settle_replay(pending, cached)
+                    else:
+                        batch.append(pending)
+                        keys.add(key)
+            self._waiting.extendleft(reversed(later))
+            if batch:
+                self._in_flight |= keys
+                return batch
+            if self._waiting:
+                # Only items waiting for a batch in flight: let it finish.
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    def _settle_replay(self, pending: Pending, record: StoredAnswer) -> None:
+        try:
+            pending.settle(self._replayed(pending, record))
+        except DomainError as exc:
+            pending.settle(exc)
+
+    async def _work(self) -> None:
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            while True:
+                batch = await self._take()
+                try:
+                    if conn is None or conn.closed or conn.broken:
+                        conn = await psycopg.AsyncConnection.connect(self.url, application_name="sequencer-ingress")
+                    await self._run(conn, batch)
+                except Exception as exc:
+                    if is_transient(exc):
+                        log.warning("ingress batch failed on the database; answered as retryable", exc_info=True)
+                        failure: Exception = Retryable(UNAVAILABLE)
+                    else:
+                        log.exception("ingress batch failed")
+                        failure = exc
+                    for pending in batch:
+                        pending.settle(failure)
+                    if conn is not None and (conn.broken or is_transient(exc)):
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+                        conn = None
+                finally:
+                    for pending in batch:
+                        if not pending.answer.done():
+                            pending.settle(Retryable("the request was interrupted; retry with the same key"))
+                        self._in_flight.discard((pending.caller, pending.key))
+                    # Items that waited for these keys may go now.
+                    self._arrived.set()
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+    async def _run(self, conn: psycopg.AsyncConnection[Any], batch: list[Pending]) -> None:
+        """One transaction for the batch, or one per entity with the row lock strategy."""
+        if self.settings.lock_strategy == "row":
+            groups: dict[mailbox.EntityKey, list[Pending]] = {}
+            for pending in batch:
+                groups.setdefault(pending.entity, []).append(pending)
+            for group in groups.values():
+                await self._commit(conn, group)
+        else:
+            await self._commit(conn, batch)
+
+    async def _commit(self, conn: psycopg.AsyncConnection[Any], items: list[Pending]) -> None:
+        """Runs the items' transaction: serialization failures are retried, a lock wait past an
+        item's deadline answers that item and retries the rest, and a failure that is neither
+        transient nor anyone's answer is narrowed down to the item that caused it."""
+        attempts = 0
+        while items:
+            try:
+                committed = await self._transaction(conn, items)
+            except Exception as exc:
+                state = sqlstate(exc)
+                if state in RETRYABLE_SQLSTATES and attempts < 2:
+                    attempts += 1
+                    continue
+                if state in (LOCK_NOT_AVAILABLE, QUERY_CANCELED):
+                    items = self._expire(items)
+                    continue
+                if is_transient(exc) or len(items) == 1:
+                    raise
+                log.exception("ingress batch failed; retrying its items one by one")
+                for pending in items:
+                    await self._commit_alone(conn, pending)
+                return
+            self._after_commit(committed)
+            return
+
+    async def _commit_alone(self, conn: psycopg.AsyncConnection[Any], pending: Pending) -> None:
+        try:
+            await self._commit(conn, [pending])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.exception("ingress item failed", extra={"entity_id": pending.event.entity_id})
+            pending.settle(exc)
+
+    def _expire(self, items: list[Pending]) -> list[Pending]:
+        """After a lock wait ran out: items past their deadline are answered so, the rest try
+        again (the wait was bounded by the nearest deadline, so at least one goes)."""
+        now = asyncio.get_running_loop().time()
+        remaining = []
+        for pending in items:
+            if pending.deadline is not None and pending.deadline <= now + 0.005:
+                pending.settle(DeadlineReached("gave up waiting for a concurrent request within the deadline"))
+            else:
+                remaining.append(pending)
+        return remaining
+
+    def _lock_timeout(self, items: list[Pending]) -> str:
+        """The nearest deadline of the batch bounds every lock wait ('0': none)."""
+        deadlines = [p.deadline for p in items if p.deadline is not None]
+        if not deadlines:
+            return "0"
+        left = min(deadlines) - asyncio.get_running_loop().time()
+        return f"{max(1, int(left * 1000))}ms"
+
+    async def _transaction(self, conn: psycopg.AsyncConnection[Any], items: list[Pending]) -> Committed:
+        now = self.clock.now()
+        expires_at = now + dt.timedelta(seconds=self.settings.idempotency_retention)
+        # BEGIN goes out with the reads; the writes, then COMMIT: three round trips a batch.
+        async with conn.pipeline(), conn.transaction():
+            snapshot = await mailbox.lock_and_read(
+                conn,
+                keys=[(p.caller, p.key) for p in items],
+                submitted=[(p.event.entity_type, p.event.entity_id, p.event.sequence) for p in items],
+                row_lock=self.settings.lock_strategy == "row",
+                lock_timeout=self._lock_timeout(items),
+                now=now,
+            )
+            writes = mailbox.Writes()
+            committed = Committed()
+            for pending in items:
+                self._answer(pending, snapshot, writes, committed, now, expires_at)
+            await mailbox.write(
+                conn,
+                writes,
+                snapshot.entities,
+                method=SUBMIT_METHOD,
+                now=now,
+                expires_at=expires_at,
+                queued_state=QUEUED,
+                origin=self.instance,
+            )
+        return committed
+
+    def _answer(
+        self,
+        pending: Pending,
+        snapshot: mailbox.Snapshot,
+        writes: mailbox.Writes,
+        committed: Committed,
+        now: dt.datetime,
+        expires_at: dt.datetime,
+    ) -> None:
+        """One item's answer: a replay of its key's record, or the sequencing rules' decision,
+        with the rows that decision writes."""
+        record = snapshot.records.get((pending.caller, pending.key))
+        if record is not None:
+            try:
+                committed.answers.append((pending, self._replayed(pending, record)))
+            except DomainError as exc:
+                committed.answers.append((pending, exc))
+            committed.remember.append((pending, record))
+            return
+        entity = snapshot.entities[pending.entity]
+        decision = entity.decide(pending.event.sequence, pending.payload_hash, self.settings.parked_limit, uuid.uuid4())
+        refusal = self._refusal(pending, entity, decision)
+        if refusal is not None:
+            committed.answers.append((pending, refusal))  # not stored: the key stays usable
+            return
+        state = STATES[decision.verdict]
+        tx = decision.transaction_id
+        response = sequencer_pb2.SubmitEventResponse(
+            transaction_id=str(tx) if tx is not None else "",
+            state=state,
+            awaiting_sequence=decision.awaiting,
+            correlation_id=pending.correlation_id,
+        )
+        response_bytes = response.SerializeToString()
+        if decision.holds:
+            assert tx is not None
+            writes.hold(
+                pending.entity,
+                pending.event.sequence,
+                tx,
+                state,
+                pending.event_bytes,
+                pending.payload_hash,
+                pending.correlation_id,
+                pending.caller,
+                pending.key,
+            )
+            if state == PARKED:
+                writes.parked[pending.entity] = writes.parked.get(pending.entity, 0) + 1
+            else:
+                committed.queued.append(
+                    QueuedEvent(
+                        *pending.entity, pending.event.sequence, tx, pending.event_bytes, pending.correlation_id, None
+                    )
+                )
+        writes.answer(pending.caller, pending.key, pending.fingerprint, pending.request, response_bytes, tx)
+        if state != SKIPPED:
+            committed.states.append(state)
+        stored = StoredAnswer(SUBMIT_METHOD, pending.fingerprint, pending.request, response_bytes, now, expires_at)
+        committed.remember.append((pending, stored))
+        committed.answers.append((pending, Submission(response, False, now, expires_at)))
+
+    def _refusal(self, pending: Pending, entity: Entity, decision: Decision) -> DomainError | None:
+        eid, seq = pending.event.entity_id, pending.event.sequence
+        if decision.verdict is Verdict.CONFLICT:
+            return SequenceConflict(
+                f"MSI {seq} of {eid} is already held with a different payload (transaction "
+                f"{decision.transaction_id}); a producer must never reuse an MSI",
+                entity_id=eid,
+                sequence=seq,
+                transaction_id=str(decision.transaction_id),
+            )
+        if decision.verdict is Verdict.PARKED_LIMIT:
+            return ParkedLimitReached(
+                f"entity {eid} already holds {entity.parked_count} parked events (limit "
+                f"{self.settings.parked_limit}); it waits for MSI {entity.watermark + 1}",
+                entity_id=eid,
+                limit=self.settings.parked_limit,
+            )
+        return None
+
+    def _after_commit(self, committed: Committed) -> None:
+        for pending, record in committed.remember:
+            self.answers.put(pending.caller, pending.key, record)
+        for state in committed.states:
+            self.metrics.events.labels(state_name(state)).inc()
+        for pending, result in committed.answers:
+            pending.settle(result)
+        for event in committed.queued:
+            self.on_queued(event)

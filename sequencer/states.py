@@ -1,0 +1,24 @@
+"""Event states: the one source of their numbers, taken from the contract's enum.
+
+The SQL of this service receives states as parameters from here; the models' CHECK constraint
+and a unit test hold it to the proto enum."""
+
+from __future__ import annotations
+
+from logistics.events.v1 import events_pb2
+
+PARKED = events_pb2.EVENT_STATE_PARKED
+QUEUED = events_pb2.EVENT_STATE_QUEUED
+APPLIED = events_pb2.EVENT_STATE_APPLIED
+REJECTED = events_pb2.EVENT_STATE_REJECTED
+DUPLICATE = events_pb2.EVENT_STATE_DUPLICATE
+SKIPPED = events_pb2.EVENT_STATE_SKIPPED
+
+# States an event row can be in (DUPLICATE is an answer, never a row's state).
+HELD = frozenset({PARKED, QUEUED})
+TERMINAL = frozenset({APPLIED, REJECTED, SKIPPED})
+
+
+def state_name(state: int) -> str:
+    """The enum name (EVENT_STATE_QUEUED), for logs and metric labels."""
+    return events_pb2.EventState.Name(state)  # type: ignore[arg-type]
