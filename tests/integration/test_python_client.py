@@ -341,3 +341,64 @@ async def test_bearer_tokens_and_access_errors(secured_sequencer: int) -> None:
         assert entity.parked_count == 1 and entity.awaiting_sequence == 1
         record = await ops.get_idempotency_record("auth-key", caller_id="wms")
         assert record.caller_id == "wms" and record.transaction_id == result.transaction_id
+
+
+def mixed_batch() -> tuple[list[events_pb2.Event], list[str | None]]:
+    """One of each item outcome: queued, parked, duplicate, invalid, conflict, key reused."""
+    events = [
+        shipment_event("SHP-MANY-Q", 1, "shipment_created"),  # QUEUED
+        shipment_event("SHP-MANY-P", 2, "shipment_picked"),  # PARKED, waits for MSI 1
+        shipment_event("SHP-MANY-D", 1, "shipment_created"),  # DUPLICATE of an earlier submit
+        events_pb2.Event(entity_type=SHIPMENT, entity_id="SHP-MANY-X", sequence=1, source="tests"),  # no payload
+        shipment_event("SHP-MANY-D", 1, "shipment_created", origin="ELSEWHERE"),  # SEQUENCE_CONFLICT
+        shipment_event("SHP-MANY-K", 1, "shipment_created", origin="ELSEWHERE"),  # key first used otherwise
+    ]
+    keys: list[str | None] = [None, "many-parked", None, None, None, "many-reused"]
+    return events, keys
+
+
+async def test_submit_many_answers_each_item_and_a_resent_batch_replays(
+    system: System, sequencer: lc.SequencerClient, ledger: lc.LedgerClient
+) -> None:
+    original = await sequencer.submit(shipment_event("SHP-MANY-D", 1, "shipment_created"))
+    await sequencer.submit(shipment_event("SHP-MANY-K", 1, "shipment_created"), idempotency_key="many-reused")
+    events, keys = mixed_batch()
+
+    first = await sequencer.submit_many(events, keys, timeout=WAIT)
+    queued, parked, duplicate, invalid, conflict, reused = first
+    assert isinstance(queued, lc.SubmitResult) and queued.state == QUEUED and not queued.replayed
+    assert isinstance(parked, lc.SubmitResult) and parked.state == PARKED and parked.response.awaiting_sequence == 1
+    assert parked.idempotency_key == "many-parked" and not parked.replayed
+    assert isinstance(duplicate, lc.SubmitResult) and duplicate.state == DUPLICATE
+    assert duplicate.transaction_id == original.transaction_id
+    assert type(invalid) is lc.InvalidEventError and invalid.field
+    assert type(conflict) is lc.SequenceConflictError and conflict.metadata["entity_id"] == "SHP-MANY-D"
+    assert type(reused) is lc.IdempotencyKeyReusedError and reused.idempotency_key == "many-reused"
+    assert reused.fields == ["event.shipment_created.origin"]
+    generated = [r.idempotency_key for r in first]
+    assert generated[1] == "many-parked" and len(set(generated)) == len(generated)
+
+    # The same batch again, same keys: every accepted item is its stored answer, marked replayed,
+    # and every refused item is refused the same way; the blocking client says the same.
+    again = await sequencer.submit_many(events, generated, timeout=WAIT)
+    blocking = lc.SyncSequencerClient(target(system.sequencer_app.port), client_id="it-client")
+    try:
+        from_sync = await asyncio.to_thread(blocking.submit_many, events, generated, timeout=WAIT)
+    finally:
+        blocking.close()
+    for resent in (again, from_sync):
+        assert len(resent) == len(first)
+        for before, after in zip(first, resent, strict=True):
+            assert after.idempotency_key == before.idempotency_key
+            if isinstance(before, lc.SubmitResult):
+                assert isinstance(after, lc.SubmitResult) and after.replayed is True
+                assert after.response.SerializeToString() == before.response.SerializeToString()
+            else:
+                assert type(after) is type(before) and isinstance(after, lc.LogisticsError)
+                assert (after.code, after.reason) == (before.code, before.reason)
+
+    # Executed once: one history row for the queued entity, one parked event for the other.
+    final = await sequencer.wait(queued.transaction_id, timeout=WAIT)
+    assert final.state == APPLIED and final.entity_version == 1
+    assert [h.transaction_id async for h in ledger.history(ref("SHP-MANY-Q"))] == [queued.transaction_id]
+    assert [p.transaction_id async for p in sequencer.list_parked_events(ref("SHP-MANY-P"))] == [parked.transaction_id]
