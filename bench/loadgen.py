@@ -1,9 +1,10 @@
 """The load generator: a separate process (`python -m bench.loadgen SPEC OUT`) driving the
 sequencer, or the echo server, over real gRPC with a fixed number of concurrent callers.
 
-Every call has a deadline and an idempotency key; transient failures are retried with the SAME
-key, as a careful client would, so a retry can never double-apply. It writes raw per-request
-records; the parent process turns them into rates, percentiles and the audit.
+Every call has a deadline and an idempotency key (per item for SubmitEvents); transient failures
+are retried with the SAME key, as a careful client would, so a retry can never double-apply. It
+writes raw per-event and per-call records; the parent process turns them into rates, percentiles
+and the audit.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ TRANSIENT = frozenset(
 )
 ATTEMPTS = 5
 PARKED = int(events_pb2.EVENT_STATE_PARKED)
+#: Items per SubmitEvents call of the `batch` workload.
+BATCH_ITEMS = 100
+#: Entities per `batch` caller, in calls' worth: an entity's next MSI goes out two calls after
+#: its previous one, so it rarely arrives before its predecessor is applied (and parks).
+BATCH_ROUNDS = 2
 CHANNEL_OPTIONS = [("grpc.max_concurrent_streams", 1000)]
 
 
@@ -74,12 +80,27 @@ class Sent:
 
 
 @dataclass
+class Call:
+    """One logical call (SubmitEvent or SubmitEvents, retries included): the unit of ack latency."""
+
+    sent_at: float
+    latency: float
+    items: int
+    answered: int
+    phase: str
+
+    def record(self) -> list[Any]:
+        return [round(self.sent_at, 6), round(self.latency, 6), self.items, self.answered, self.phase]
+
+
+@dataclass
 class Run:
     spec: dict[str, Any]
     stub: sequencer_pb2_grpc.SequencerServiceStub
     rng: random.Random
     streams: list[Stream] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
     retried: int = 0
     mismatches: list[str] = field(default_factory=list)
 
@@ -124,7 +145,64 @@ class Run:
             break
         sent.latency = time.perf_counter() - started
         self.sent.append(sent)
+        self.calls.append(Call(sent.sent_at, sent.latency, 1, 0 if sent.error else 1, sent.phase))
         return sent
+
+    async def submit_batch(self, batch: list[Sent]) -> None:
+        """SubmitEvents, each item keyed in `request_id`; a failed call is sent again whole,
+        items that failed transiently are sent again alone, with the same keys every time."""
+        metadata = (("x-client-id", CALLER),)
+        sent_at = time.time()
+        started = time.perf_counter()
+        for sent in batch:
+            sent.request.request_id = sent.key
+        pending = batch
+        for attempt in range(ATTEMPTS):
+            last = attempt == ATTEMPTS - 1
+            request = sequencer_pb2.SubmitEventsRequest(requests=[s.request for s in pending])
+            call = cast(
+                "grpc.aio.UnaryUnaryCall[sequencer_pb2.SubmitEventsRequest, sequencer_pb2.SubmitEventsResponse]",
+                self.stub.SubmitEvents(request, metadata=metadata, timeout=DEADLINE),
+            )
+            try:
+                response: sequencer_pb2.SubmitEventsResponse = await call
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in TRANSIENT and not last:
+                    self.retried += 1
+                    await asyncio.sleep(0.05 * 2**attempt)
+                    continue
+                for sent in pending:
+                    sent.error = exc.code().name
+                break
+            if len(response.results) != len(pending):
+                for sent in pending:
+                    sent.error = "WRONG_RESULT_COUNT"
+                break
+            again = []
+            for sent, item in zip(pending, response.results, strict=True):
+                if item.WhichOneof("outcome") == "response":
+                    sent.transaction_id = item.response.transaction_id
+                    sent.state = int(item.response.state)
+                    sent.replayed = item.replayed
+                    sent.response = item.response.SerializeToString(deterministic=True)
+                    sent.error = ""
+                    continue
+                code = _code(item.error.code)
+                sent.error = code.name
+                if code in TRANSIENT and not last:
+                    again.append(sent)
+            if not again:
+                break
+            self.retried += len(again)
+            pending = again
+            await asyncio.sleep(0.05 * 2**attempt)
+        latency = time.perf_counter() - started
+        for sent in batch:
+            sent.sent_at = sent_at
+            sent.latency = latency
+        self.sent.extend(batch)
+        answered = sum(1 for s in batch if not s.error)
+        self.calls.append(Call(sent_at, latency, len(batch), answered, batch[0].phase if batch else "main"))
 
     def check_replay(self, first: Sent, again: Sent) -> None:
         if again.error:
@@ -138,6 +216,13 @@ class Run:
 # --- workloads ------------------------------------------------------------------------------
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _code(number: int) -> grpc.StatusCode:
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
 def _entity_pool(run: Run, count: int, shipment_share: float = 0.2) -> list[int]:
     pool = []
     for i in range(count):
@@ -148,20 +233,34 @@ def _entity_pool(run: Run, count: int, shipment_share: float = 0.2) -> list[int]
     return pool
 
 
+@dataclass
+class _Owned:
+    """A producer's own entities, visited round-robin; a delivered shipment is replaced by a
+    new one (its next generation), so every entity always has a next event."""
+
+    run: Run
+    own: list[int]
+    generation: int = 0
+    position: int = 0
+
+    def next_index(self) -> int:
+        slot = self.position % len(self.own)
+        self.position += 1
+        index = self.own[slot]
+        stream = self.run.streams[index]
+        if stream.finished:
+            self.generation += 1
+            name = stream.entity_id.removeprefix(f"{self.run.prefix}-").rsplit("-", 1)[0]
+            index = self.own[slot] = self.run.new_stream(SHIPMENT, f"{name}-{self.generation}")
+        return index
+
+
 async def _producer(run: Run, own: list[int], deadline: float, style: str) -> None:
     """One logical producer: round-robins over its own entities, each in MSI order."""
-    generation = 0
-    position = 0
+    owned = _Owned(run, own)
     while time.monotonic() < deadline and own:
-        slot = position % len(own)
-        position += 1
-        index = own[slot]
+        index = owned.next_index()
         stream = run.streams[index]
-        if stream.finished:
-            generation += 1
-            name = stream.entity_id.removeprefix(f"{run.prefix}-").rsplit("-", 1)[0]
-            index = own[slot] = run.new_stream(SHIPMENT, f"{name}-{generation}")
-            stream = run.streams[index]
         first, _ = stream.next_spec()
         room = not (stream.entity_type == SHIPMENT and stream.finished)
         if style == "out_of_order" and room and run.rng.random() < 0.25:
@@ -186,6 +285,29 @@ async def streams_workload(run: Run, style: str) -> None:
     deadline = time.monotonic() + float(run.spec["duration"])
     owners = [pool[w::concurrency] for w in range(concurrency)]
     await asyncio.gather(*(_producer(run, own, deadline, style) for own in owners))
+
+
+async def _batch_producer(run: Run, own: list[int], deadline: float) -> None:
+    """One logical producer sending SubmitEvents of BATCH_ITEMS events: its entities'
+    next MSIs, round-robin, so one call spans BATCH_ITEMS entities, each in MSI order."""
+    owned = _Owned(run, own)
+    while time.monotonic() < deadline and own:
+        batch = []
+        for _ in range(BATCH_ITEMS):
+            index = owned.next_index()
+            sequence, _ = run.streams[index].next_spec()
+            batch.append(run.request(index, sequence))
+        await run.submit_batch(batch)
+        if any(sent.error for sent in batch):
+            return  # as in _producer: a later MSI of a failed entity would only park behind the gap
+
+
+async def batch_workload(run: Run) -> None:
+    concurrency = int(run.spec["concurrency"])
+    pool = _entity_pool(run, max(int(run.spec["entities"]), concurrency * BATCH_ITEMS * BATCH_ROUNDS))
+    deadline = time.monotonic() + float(run.spec["duration"])
+    owners = [pool[w::concurrency] for w in range(concurrency)]
+    await asyncio.gather(*(_batch_producer(run, own, deadline) for own in owners))
 
 
 async def hot_set(run: Run) -> None:
@@ -336,6 +458,8 @@ async def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         workload = spec["workload"]
         if workload in ("in_order", "out_of_order", "retries", "warmup"):
             await streams_workload(run, workload)
+        elif workload == "batch":
+            await batch_workload(run)
         elif workload == "hot_set":
             await hot_set(run)
         elif workload == "duplicate_storm":
@@ -349,6 +473,7 @@ async def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         "started_wall": started_wall,
         "elapsed": elapsed,
         "requests": [s.record() for s in run.sent],
+        "calls": [c.record() for c in run.calls],
         "entities": [[s.entity_type, s.entity_id, s.specs] for s in run.streams],
         "retried": run.retried,
         "mismatches": run.mismatches,

@@ -55,13 +55,15 @@ def _fmt(value: Any, suffix: str = "") -> str:
     return f"{value}{suffix}"
 
 
+# Ingress first (calls, acknowledged events, ack latency per call), then what was applied.
 COLUMNS = (
     ("workload", "workload", ""),
     ("events", "events", ""),
+    ("calls/s", "calls_per_s", ""),
     ("submitted/s", "submitted_per_s", ""),
-    ("applied/s", "applied_per_s", ""),
     ("ack p50", "ack_p50_ms", " ms"),
     ("ack p99", "ack_p99_ms", " ms"),
+    ("applied/s", "applied_per_s", ""),
     ("s2a p50", "s2a_p50_ms", " ms"),
     ("s2a p99", "s2a_p99_ms", " ms"),
     ("replays/s", "replays_per_s", ""),

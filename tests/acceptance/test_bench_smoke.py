@@ -1,5 +1,6 @@
 """The benchmark command's harness works end to end: `python -m bench --smoke` starts the
-system, runs every workload, audits each one, measures both ceilings and writes its report.
+system, runs every workload (the `batch` one through SubmitEvents), audits each one, measures
+both ceilings and writes its report.
 
 No speed assertions (SPEC 8: speed is measured by the benchmark, never asserted by tests).
 """
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKLOADS = ("in_order", "hot_set", "out_of_order", "retries", "duplicate_storm")
+WORKLOADS = ("in_order", "batch", "hot_set", "out_of_order", "retries", "duplicate_storm")
 
 
 def test_bench_smoke_runs_every_workload_and_audits_pass(tmp_path: Path) -> None:
@@ -44,10 +45,25 @@ def test_bench_smoke_runs_every_workload_and_audits_pass(tmp_path: Path) -> None
         assert row["audit"] == "PASS", row["details"]["audit"]
         assert row["events"] > 0
         assert row["errors"] == 0
-        for key in ("submitted_per_s", "applied_per_s", "ack_p99_ms", "s2a_p99_ms", "sequencer_peak_rss_mb"):
+        for key in (
+            "calls_per_s",
+            "submitted_per_s",
+            "applied_per_s",
+            "ack_p99_ms",
+            "s2a_p99_ms",
+            "sequencer_peak_rss_mb",
+        ):
             assert row[key] is not None, key
     assert report["workloads"]["retries"]["details"]["replays"] > 0
     assert report["workloads"]["out_of_order"]["details"]["parked_on_arrival"] > 0
+    # batch: SubmitEvents of 100 items per call; ingress is reported against the echo's calls/s.
+    batch = report["workloads"]["batch"]
+    assert batch["details"]["items_per_call"] == 100
+    assert batch["events"] == batch["calls"] * 100
+    for name in ("batch", "in_order"):
+        target = report["workloads"][name]["ingress_target"]
+        assert target["metric"] == "submitted_vs_echo" and target["value"] is not None
+        assert target["min"] == {"batch": 1.5, "in_order": 0.45}[name]
 
     ceilings = report["ceilings"]
     assert ceilings["echo"]["requests_per_s"] > 0
