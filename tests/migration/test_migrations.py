@@ -3,6 +3,7 @@ downgrade/upgrade round trip works on a fresh database."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData, create_engine, inspect
+from sqlalchemy import MetaData, create_engine, inspect, text
 
 from common.db import alembic_config
 from common.migrate import downgrade, upgrade
@@ -19,6 +20,54 @@ from sequencer.models import metadata as sequencer_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES: dict[str, MetaData] = {"sequencer": sequencer_metadata, "ledger": ledger_metadata}
+
+# Landed revisions and the versioned SQL they load never change: a change to the schema or to a
+# function is a new revision (and a new `name_vN.sql`). A new file is added here with its
+# revision, and is frozen from then on.
+LANDED = {
+    "ledger/migrations/versions/13dbbf6c5aa7_initial_schema.py": (
+        "2635d6c62f0927f8b06fcdba43a60aee768ec1350570b605117d6797d1e8f623"
+    ),
+    "sequencer/migrations/versions/187e90d4b5bb_initial_schema.py": (
+        "c081c075c3a6b3dd1a21aca7098dcec1af7ffa881c49790ea11714a44738c6c8"
+    ),
+    "sequencer/migrations/versions/5c1f0e2a9b7d_server_side_steps.py": (
+        "34537da361a8a982bab41061ed71adf2b80d136582d5c93e3c422e8a1ae2547d"
+    ),
+    "sequencer/migrations/versions/8d3a61c0f4b2_batched_ingress.py": (
+        "54fa17cc194c7dff65d021f8ab0006bdbf602994bd6465a5da08b04ab597fb90"
+    ),
+    "sequencer/sql/lock_submissions_v2.sql": "0e731484107801fa51533bc9d9a2dfb26454cf33d9201e30b555098d85a09456",
+}
+
+
+def migration_files() -> list[str]:
+    found = [p for service in SERVICES for p in (ROOT / service).glob("migrations/versions/*.py")]
+    found += [p for service in SERVICES for p in (ROOT / service).glob("sql/*.sql")]
+    return sorted(str(p.relative_to(ROOT)) for p in found)
+
+
+def test_landed_revisions_are_frozen() -> None:
+    assert migration_files() == sorted(LANDED), "freeze each new revision (and SQL file) in LANDED"
+    for path, digest in LANDED.items():
+        assert hashlib.sha256((ROOT / path).read_bytes()).hexdigest() == digest, f"{path} changed after landing"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_database_functions_equal_their_sql_files(database_url: str, service: str) -> None:
+    """Each function in the migrated database is defined exactly as its file in sql/ says."""
+    files = sorted((ROOT / service / "sql").glob("*.sql"))
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            for file in files:
+                definition = conn.scalar(
+                    text("SELECT pg_get_functiondef(to_regproc(:name))"), {"name": f"{service}.{file.stem}"}
+                )
+                assert definition is not None, f"{service}.{file.stem} is not in the migrated database"
+                assert definition.strip() == file.read_text().strip(), f"{file.name} differs from the database"
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize("service", SERVICES)
