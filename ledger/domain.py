@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
+from common.limits import MAX_QUANTITY
 from ledger.errors import InvalidEvent
 
-# Largest quantity or delta one event may carry; the ledger never trusts the sequencer's checks.
-MAX_QUANTITY: Final = 1_000_000_000
+# MAX_QUANTITY (common.limits) bounds a quantity or delta of one event: the ledger never trusts
+# the sequencer's checks, and both check the same numbers.
+
 # Largest balance a location may hold: far from BIGINT overflow, so arithmetic never wraps.
 MAX_BALANCE: Final = 1 << 62
 

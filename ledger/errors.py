@@ -7,9 +7,10 @@ process at all.
 
 from __future__ import annotations
 
-from common.errors import DomainError, InvalidArgument, NotFound, Retryable
+from common.errors import DeadlineReached, DomainError, InvalidArgument, NotFound, Retryable
 
 __all__ = [
+    "DeadlineReached",
     "EntityNotFound",
     "InvalidArgument",
     "InvalidEvent",

@@ -1,6 +1,7 @@
 """The one table from ledger errors to gRPC status codes (ErrorInfo domain below).
 
-Order matters: the first matching class wins, so subclasses come before their bases.
+The table is looked up along an error's MRO (common.interceptors.status_for): the most specific
+class listed wins. tests/unit/test_error_tables.py checks every error class has a code.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ERROR_TABLE: ErrorTable = {
     errors.InventoryItemNotFound: grpc.StatusCode.NOT_FOUND,
     errors.EntityNotFound: grpc.StatusCode.NOT_FOUND,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.DeadlineReached: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Retryable: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -11,10 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from sqlalchemy import RowMapping, and_, func, literal, select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from common.db import RETRYABLE_SQLSTATES, sqlstate
 from common.errors import Retryable
 from ledger import domain, queries
 from ledger.models import entity_history, entity_versions, inventory_balances, inventory_reservations, shipments
@@ -52,15 +50,6 @@ class InventoryView:
     balances: Sequence[tuple[str, domain.Balance]]
     reservations: Sequence[domain.Reservation]
     updated_at: dt.datetime | None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a driver error means "run the same transaction again": serialization failure,
-    deadlock, or a lost connection (SQLSTATE class 08, or one SQLAlchemy invalidated)."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    state = sqlstate(exc) or ""
-    return state in RETRYABLE_SQLSTATES or state.startswith("08") or exc.connection_invalidated
 
 
 def _entity(table_type: int, entity_id: str) -> dict[str, object]:
@@ -152,7 +141,7 @@ async def record_event(
     statement = queries.record_event(tuple(write.sql for write in writes))
     if (await conn.execute(statement, params)).first() is None:
         # Only possible if something wrote the entity without its lock: the state writes roll
-        # back with the transaction; read again and retry.
+        # back with the transaction and the caller re-sends (UNAVAILABLE, reason TRANSIENT).
         raise Retryable("entity version moved concurrently", entity_id=record.entity_id)
 
 

@@ -1,25 +1,25 @@
 """The ledger's use cases. Owns the transactions: one per ApplyEvent or ApplyEvents batch
-(per entity of a batch with the row lock strategy), retried on transient failures, holding the
-entities' locks from the duplicate check to the history row."""
+(per entity of a batch with the row lock strategy), run by the common runner (common.db), holding
+the entities' locks from the duplicate check to the history row. Reads go through
+common.db.reading, so a database outage answers UNAVAILABLE on every RPC."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import datetime as dt
 import hashlib
 import logging
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
-from sqlalchemy.exc import DBAPIError
+from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from common import logs
+from common import db, logs
+from common.errors import InvalidArgument
 from common.interceptors import correlation_id
+from common.limits import ENTITY_ID_PATTERN, MAX_ENTITY_ID, MAX_PACKAGE_COUNT, MAX_SEQUENCE, MAX_TEXT
+from common.pages import decode_token, encode_token, page_size
 from ledger import domain, errors, queries, repository
 from ledger.domain import Outcome
 from ledger.metrics import LedgerMetrics
@@ -33,12 +33,7 @@ T = TypeVar("T")
 
 SHIPMENT = events_pb2.ENTITY_TYPE_SHIPMENT
 INVENTORY_ITEM = events_pb2.ENTITY_TYPE_INVENTORY_ITEM
-MAX_ENTITY_ID = 255
-MAX_SEQUENCE = (1 << 63) - 1
 SKIP_KIND: Final = "skip"
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 500
-_CURSOR_PREFIX = "h1:"
 
 
 @dataclass(frozen=True)
@@ -105,8 +100,8 @@ def _shipment_event(e: events_pb2.Event, kind: str, occurred_at: dt.datetime | N
         case "shipment_picked":
             changes = {"warehouse_id": e.shipment_picked.warehouse_id}
         case "shipment_packed":
-            if e.shipment_packed.package_count > domain.MAX_QUANTITY:
-                raise errors.InvalidEvent(f"package_count must be <= {domain.MAX_QUANTITY}", field="package_count")
+            if e.shipment_packed.package_count > MAX_PACKAGE_COUNT:
+                raise errors.InvalidEvent(f"package_count must be <= {MAX_PACKAGE_COUNT}", field="package_count")
             changes = {"package_count": e.shipment_packed.package_count}
         case "shipment_loaded":
             changes = {"vehicle_id": e.shipment_loaded.vehicle_id}
@@ -145,6 +140,16 @@ def _inventory_command(e: events_pb2.Event, kind: str) -> domain.InventoryComman
     return command
 
 
+def _check_text(message: Message, prefix: str = "") -> None:
+    """Every text field of the event (its source and its payload's) within the common limit."""
+    for field, value in message.ListFields():
+        path = f"{prefix}{field.name}"
+        if field.type == field.TYPE_STRING and len(value) > MAX_TEXT:
+            raise errors.InvalidEvent(f"{path} is longer than {MAX_TEXT} characters", field=path)
+        if field.type == field.TYPE_MESSAGE and not field.is_repeated:
+            _check_text(value, f"{path}.")
+
+
 def parse_event(request: ledger_pb2.ApplyEventRequest) -> ParsedEvent:
     """Checks everything about the request that needs no state; INVALID_EVENT otherwise.
 
@@ -155,10 +160,16 @@ def parse_event(request: ledger_pb2.ApplyEventRequest) -> ParsedEvent:
     e = request.event
     if e.entity_type not in (SHIPMENT, INVENTORY_ITEM):
         raise errors.InvalidEvent("entity_type must be SHIPMENT or INVENTORY_ITEM", field="entity_type")
-    if not e.entity_id.strip() or len(e.entity_id) > MAX_ENTITY_ID:
-        raise errors.InvalidEvent(f"entity_id must be 1..{MAX_ENTITY_ID} characters", field="entity_id")
+    if not ENTITY_ID_PATTERN.fullmatch(e.entity_id):
+        raise errors.InvalidEvent(
+            f"entity_id must be 1-{MAX_ENTITY_ID} characters of letters, digits and . _ : / # @ + -",
+            field="entity_id",
+        )
     if not 1 <= e.sequence <= MAX_SEQUENCE:
         raise errors.InvalidEvent(f"sequence must be in [1, {MAX_SEQUENCE}]", field="sequence")
+    _check_text(e)
+    if len(request.skip_reason) > MAX_TEXT:
+        raise errors.InvalidEvent(f"skip_reason is longer than {MAX_TEXT} characters", field="skip_reason")
     kind: str | None = e.WhichOneof("payload")
     skip_reason = request.skip_reason.strip()
     occurred_at = _timestamp(e, "occurred_at")
@@ -199,21 +210,21 @@ def _utcnow() -> dt.datetime:
 
 
 def encode_page_token(last_sequence: int) -> str:
-    return base64.urlsafe_b64encode(f"{_CURSOR_PREFIX}{last_sequence}".encode()).decode().rstrip("=")
+    return encode_token([last_sequence])
 
 
 def decode_page_token(token: str) -> int:
-    """The last sequence of the previous page; INVALID_PAGE_TOKEN for anything not ours."""
-    if not token:
-        return 0
+    """The last sequence of the previous page (0 for the first); INVALID_PAGE_TOKEN for
+    anything this service did not issue (the common token format, a history sort key)."""
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode("ascii")
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
-        raise errors.InvalidPageToken("page_token is malformed") from exc
-    number = raw.removeprefix(_CURSOR_PREFIX)
-    if not raw.startswith(_CURSOR_PREFIX) or not number.isdigit() or int(number) > MAX_SEQUENCE:
-        raise errors.InvalidPageToken("page_token is malformed")
-    return int(number)
+        values = decode_token(token)
+    except InvalidArgument as exc:
+        raise errors.InvalidPageToken("page_token is malformed", field="page_token") from exc
+    if values is None:
+        return 0
+    if len(values) != 1 or type(values[0]) is not int or not 0 < values[0] <= MAX_SEQUENCE:
+        raise errors.InvalidPageToken("page_token is malformed", field="page_token")
+    return values[0]
 
 
 class Ledger:
@@ -337,20 +348,10 @@ class Ledger:
             )
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """Runs `work` in a transaction, again on serialization failures, deadlocks and lost
-        connections; after the last attempt the caller gets Retryable (UNAVAILABLE)."""
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                async with self.engine.begin() as conn:
-                    return await work(conn)
-            except (DBAPIError, errors.Retryable) as exc:
-                if not (isinstance(exc, errors.Retryable) or repository.is_transient(exc)):
-                    raise
-                if attempt == self.max_attempts:
-                    raise errors.Retryable("the ledger is busy; retry the request") from exc
-                log.info("transaction retried", extra={"attempt": attempt, "error": type(exc).__name__})
-                await asyncio.sleep(random.uniform(0, 0.01 * 2**attempt))  # noqa: S311 - jitter only
-        raise AssertionError("unreachable")
+        """Runs `work` in a transaction through the common runner: serialization failures and
+        deadlocks run it again; when they persist, or the database is away, the caller gets
+        Retryable (UNAVAILABLE, reason TRANSIENT) and re-sends with the same MSI."""
+        return await db.transaction(self.engine, work, retries=self.max_attempts - 1)
 
     async def _apply(self, conn: AsyncConnection, item: _Item) -> ApplyResult:
         """One event, under its entity's lock (taken by the caller)."""
@@ -452,7 +453,7 @@ class Ledger:
     async def get_shipment(self, shipment_id: str) -> tuple[domain.Shipment, int]:
         if not shipment_id:
             raise errors.InvalidRequest("shipment_id is required", field="shipment_id")
-        async with self.engine.connect() as conn:
+        async with db.reading(self.engine) as conn:
             found = await repository.get_shipment_view(conn, shipment_id)
         if found is None:
             raise errors.ShipmentNotFound(f"shipment {shipment_id!r} not found", shipment_id=shipment_id)
@@ -463,21 +464,19 @@ class Ledger:
         events was processed, even if every one was rejected."""
         if not sku:
             raise errors.InvalidRequest("sku is required", field="sku")
-        async with self.engine.connect() as conn:
+        async with db.reading(self.engine) as conn:
             view = await repository.get_inventory_view(conn, sku, location or None)
         if view is None:
             raise errors.InventoryItemNotFound(f"inventory item {sku!r} not found", sku=sku)
         return view
 
-    async def list_history(self, entity_type: int, entity_id: str, page_size: int, page_token: str) -> HistoryPage:
+    async def list_history(self, entity_type: int, entity_id: str, requested_size: int, page_token: str) -> HistoryPage:
         """Oldest first, keyset-paginated by sequence, so pages stay stable while events arrive."""
         if entity_type not in (SHIPMENT, INVENTORY_ITEM) or not entity_id:
             raise errors.InvalidRequest("entity with a known type and an id is required", field="entity")
-        if page_size < 0:
-            raise errors.InvalidRequest("page_size must not be negative", field="page_size")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = page_size(requested_size)
         after = decode_page_token(page_token)
-        async with self.engine.connect() as conn:
+        async with db.reading(self.engine) as conn:
             rows = await repository.list_history(conn, entity_type, entity_id, after, size + 1)
             if not rows and not await repository.has_history(conn, entity_type, entity_id):
                 raise errors.EntityNotFound(f"no history for {entity_id!r}", entity_id=entity_id)

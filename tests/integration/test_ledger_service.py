@@ -231,6 +231,16 @@ def _bad_requests() -> list[tuple[str, ledger_pb2.ApplyEventRequest]]:
         ("unspecified type", request(event(0, "X", 1, inventory_received=ok))),
         ("empty id", request(event(ITEM, "", 1, inventory_received=ok))),
         ("long id", request(event(ITEM, "x" * 256, 1, inventory_received=ok))),
+        # The common limits (common.limits), the sequencer's too: 128 characters of a set.
+        ("id of 129 characters", request(event(ITEM, "x" * 129, 1, inventory_received=ok))),
+        ("id with a space", request(event(ITEM, "SKU 1", 1, inventory_received=ok))),
+        (
+            "long text",
+            request(
+                event(ITEM, "X", 1, inventory_received=events_pb2.InventoryReceived(location="A" * 257, quantity=1))
+            ),
+        ),
+        ("long skip reason", request(event(ITEM, "X", 1), skip_reason="r" * 257)),
         ("sequence 0", request(event(ITEM, "X", 0, inventory_received=ok))),
         ("no payload", request(event(ITEM, "X", 1))),
         ("payload and skip", request(event(ITEM, "X", 1, inventory_received=ok), skip_reason="r")),
@@ -238,6 +248,10 @@ def _bad_requests() -> list[tuple[str, ledger_pb2.ApplyEventRequest]]:
         (
             "huge package count",
             request(event(SHIPMENT, "X", 1, shipment_packed=events_pb2.ShipmentPacked(package_count=2**32 - 1))),
+        ),
+        (
+            "package count above 100,000",
+            request(event(SHIPMENT, "X", 1, shipment_packed=events_pb2.ShipmentPacked(package_count=100_001))),
         ),
         ("item kind on shipment", request(event(SHIPMENT, "X", 1, inventory_received=ok))),
         (
@@ -280,6 +294,19 @@ async def test_invalid_events_change_nothing(
     assert caught.value.reason == "INVALID_EVENT"
     assert await history_count(engine, "X") == 0
     assert await version_rows(engine, "X") == 0
+
+
+async def test_events_at_the_common_limits_are_applied(ledger: Ledger) -> None:
+    """What the sequencer accepts the ledger takes: an id of 128 characters of the whole
+    allowed set, 100,000 packages, a quantity of 10^9."""
+    entity_id = ("Az09._:/#@+-" * 11)[:128]
+    packed = ledger_pb2.ApplyEventRequest(
+        event=event(SHIPMENT, entity_id, 1, shipment_packed=events_pb2.ShipmentPacked(package_count=100_000)),
+        skip_reason="",
+    )
+    assert (await ledger.apply_event(packed)).outcome is Outcome.REJECTED  # no shipment yet: a rule, not a limit
+    big = received(entity_id, 1, location="L" * 256, quantity=10**9)
+    assert (await ledger.apply_event(big)).outcome is Outcome.APPLIED
 
 
 async def test_transient_failures_are_retried_then_reported_retryable(ledger: Ledger) -> None:
