@@ -21,7 +21,16 @@ from grpc_status import rpc_status
 
 from common import logs
 from common.auth import Authenticator, authorize, set_identity
-from common.errors import DomainError, InvalidArgument, MalformedRequest, PermissionDenied, Unauthenticated
+from common.errors import (
+    DeadlineReached,
+    DomainError,
+    InvalidArgument,
+    MalformedRequest,
+    NotFound,
+    PermissionDenied,
+    Retryable,
+    Unauthenticated,
+)
 from common.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
@@ -82,12 +91,16 @@ def correlation_id_from(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
-# Errors every service shares (before its own table).
+# Errors every service shares (before its own table): common.errors' classes, so a service's
+# table only adds its own.
 COMMON_TABLE: ErrorTable = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    DeadlineReached: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Retryable: grpc.StatusCode.UNAVAILABLE,
 }
 
 _MALFORMED = object()
