@@ -33,7 +33,7 @@ SERVICES = [
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"],
 ]
 METHODS = [(s, m) for s in SERVICES for m in s.methods]
-STATE_CHANGING = {"SubmitEvent", "SkipSequence", "ApplyEvent"}
+STATE_CHANGING = {"SubmitEvent", "SubmitEvents", "SkipSequence", "ApplyEvent", "ApplyEvents"}
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE}
 
 # A few valid requests to mutate, so mutations reach deep into the handlers.
@@ -45,10 +45,37 @@ SEEDS: dict[str, list[Message]] = {
             request_id="fz-2",
         ),
     ],
+    "SubmitEvents": [
+        sequencer_pb2.SubmitEventsRequest(
+            requests=[
+                sequencer_pb2.SubmitEventRequest(
+                    event=shipment_event("FZ-3", 1, "shipment_created"), request_id="fz-b1"
+                ),
+                sequencer_pb2.SubmitEventRequest(
+                    event=shipment_event("FZ-3", 2, "shipment_picked"), request_id="fz-b2"
+                ),
+                sequencer_pb2.SubmitEventRequest(
+                    event=inventory_event("FZ-SKU3", 1, "inventory_received", location="A", quantity=4),
+                    request_id="fz-b3",
+                ),
+            ]
+        ),
+    ],
     "ApplyEvent": [
         ledger_pb2.ApplyEventRequest(event=shipment_event("FZ-2", 1, "shipment_created"), correlation_id="c"),
         ledger_pb2.ApplyEventRequest(
             event=inventory_event("FZ-SKU2", 1, "inventory_received", location="A", quantity=5)
+        ),
+    ],
+    "ApplyEvents": [
+        ledger_pb2.ApplyEventsRequest(
+            requests=[
+                ledger_pb2.ApplyEventRequest(event=shipment_event("FZ-4", 1, "shipment_created"), correlation_id="c"),
+                ledger_pb2.ApplyEventRequest(event=shipment_event("FZ-4", 2, "shipment_picked")),
+                ledger_pb2.ApplyEventRequest(
+                    event=inventory_event("FZ-SKU4", 1, "inventory_received", location="A", quantity=5)
+                ),
+            ]
         ),
     ],
     "SkipSequence": [
