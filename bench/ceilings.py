@@ -133,6 +133,7 @@ PARAMETERS = ",\n    ".join(
         f"array_fill(decode('{RESPONSE.hex()}', 'hex'), ARRAY[{BATCH}])::text AS responses",
         f"replace({_text(_PAYLOAD)}, '@', :client_id::text) AS payload",
         f"sha256(decode('{EVENT.hex()}', 'hex')) AS payload_hash",
+        "'{}' AS empty",
         "'{A}' AS locations",
         "'{' || :seq * 5 || '}' AS on_hand",
         "'{0}' AS reserved",
@@ -152,6 +153,14 @@ _BATCH_VALUES = {
         "correlations", "fingerprints", "requests", "responses", "method", "channel", "payload",
     ),
     **{name: f"CAST(:{name} AS {kind})" for name, kind in _TYPED.items()},
+    # Every submission of the batch is answered and stored; in order nothing parks, no gap moves.
+    "answer_callers": ":callers",
+    "answer_keys": ":keys",
+    "answer_txs": ":txs",
+    **{name: ":empty" for name in (
+        "parked_types", "parked_ids", "parked_counts", "gap_types", "gap_ids", "gap_awaiting", "closed_types",
+        "closed_ids",
+    )},
 }  # fmt: skip
 
 
@@ -198,22 +207,12 @@ def _ledger(sql: str, k: int) -> str:
     return pgbench_sql(sql, "ledger", LED, _apply_values(k))
 
 
-# The sequencer's ingress transaction for the batch, as sequencer/ingress.py runs it in pipeline
-# mode: BEGIN, the locks and the two reads (one round trip), the writes and the one NOTIFY (one
-# round trip), COMMIT. In order, nothing is parked and no gap moves, so ADD_PARKED, PUT_GAPS and
-# CLEAR_GAPS are not sent.
+# The sequencer's ingress transaction for the batch, as sequencer/ingress.py runs it: BEGIN, the
+# locks with the reads (one statement), every write with the one NOTIFY (one statement), COMMIT.
 INGRESS = [
-    "\\startpipeline",
     "BEGIN;",
     _sequencer(mailbox.LOCK_SUBMISSIONS) + ";",
-    _sequencer(mailbox.KEY_RECORDS) + ";",
-    _sequencer(mailbox.HELD_EVENTS) + ";",
-    "\\endpipeline",
-    "\\startpipeline",
-    _sequencer(mailbox.INSERT_EVENTS) + ";",
-    _sequencer(mailbox.STORE_ANSWERS) + ";",
-    _sequencer(mailbox.NOTIFY) + ";",
-    "\\endpipeline",
+    _sequencer(mailbox.WRITE_BATCH) + ";",
     "COMMIT;",
 ]
 

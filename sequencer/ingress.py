@@ -408,8 +408,8 @@ class Ingress:
     async def _transaction(self, conn: psycopg.AsyncConnection[Any], items: list[Pending]) -> Committed:
         now = self.clock.now()
         expires_at = now + dt.timedelta(seconds=self.settings.idempotency_retention)
-        # BEGIN goes out with the reads; the writes, then COMMIT: three round trips a batch.
-        async with conn.pipeline(), conn.transaction():
+        # BEGIN, the locks with the reads, the writes, COMMIT: four round trips a batch.
+        async with conn.transaction():
             snapshot = await mailbox.lock_and_read(
                 conn,
                 keys=[(p.caller, p.key) for p in items],

@@ -7,7 +7,7 @@ from google.rpc import status_pb2
 
 from common.auth import Authenticator
 from common.errors import DomainError
-from common.interceptors import ErrorTable, ServiceInterceptor, status_for
+from common.interceptors import COMMON_TABLE, ErrorTable, ServiceInterceptor, status_for
 from common.metrics import RpcMetrics
 from sequencer import errors
 
@@ -56,4 +56,4 @@ def build_interceptor(metrics: RpcMetrics, authenticator: Authenticator) -> Serv
 
 def item_status(error: DomainError) -> status_pb2.Status:
     """One batch item's refusal, as SubmitEvent would have failed with it."""
-    return status_for(error, ERROR_TABLE, DOMAIN)
+    return status_for(error, {**COMMON_TABLE, **ERROR_TABLE}, DOMAIN)

@@ -110,7 +110,19 @@ async def test_any_interleaving_ends_in_the_in_order_state(system: System, plan:
     async def submit(event: events_pb2.Event, key: str) -> sequencer_pb2.SubmitEventResponse:
         return await system.submit(event, key)  # type: ignore[no-any-return]
 
-    replies = await asyncio.gather(*(submit(e, k) for e, k in submissions))
+    async def submit_batch(chunk: list[tuple[events_pb2.Event, str]]) -> list[sequencer_pb2.SubmitEventResponse]:
+        requests = [sequencer_pb2.SubmitEventRequest(event=e, request_id=k) for e, k in chunk]
+        reply = await system.sequencer.SubmitEvents(sequencer_pb2.SubmitEventsRequest(requests=requests), timeout=10)
+        assert all(r.WhichOneof("outcome") == "response" for r in reply.results), reply
+        return [r.response for r in reply.results]
+
+    # Some runs send everything as SubmitEvent, others in SubmitEvents chunks, concurrently.
+    size = data.draw(st.integers(0, len(submissions)), label="batch size (0: single calls)")
+    if size == 0:
+        replies = await asyncio.gather(*(submit(e, k) for e, k in submissions))
+    else:
+        chunks = [submissions[i : i + size] for i in range(0, len(submissions), size)]
+        replies = [r for part in await asyncio.gather(*(submit_batch(c) for c in chunks)) for r in part]
     by_msi: dict[tuple[int, str, int], set[str]] = {}
     for (event, _key), reply in zip(submissions, replies, strict=True):
         assert reply.state in {

@@ -35,9 +35,9 @@ LANDED = {
         "34537da361a8a982bab41061ed71adf2b80d136582d5c93e3c422e8a1ae2547d"
     ),
     "sequencer/migrations/versions/8d3a61c0f4b2_batched_ingress.py": (
-        "54fa17cc194c7dff65d021f8ab0006bdbf602994bd6465a5da08b04ab597fb90"
+        "b948685d16f468112847cefcb843de1c0f151817054aeec729f07a5ce22ab48a"
     ),
-    "sequencer/sql/lock_submissions_v2.sql": "0e731484107801fa51533bc9d9a2dfb26454cf33d9201e30b555098d85a09456",
+    "sequencer/sql/lock_submissions_v2.sql": "3f8198512585c37e0b9775e685c25869f11b3a74f7062887d2e22b3e250f6b49",
 }
 
 

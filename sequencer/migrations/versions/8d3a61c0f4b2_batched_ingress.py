@@ -1,7 +1,8 @@
 """batched ingress: every lock of a batch of submissions in one sorted order
 
 Adds `lock_submissions_v2` (body in sequencer/sql/), which the group commit of SubmitEvent and
-SubmitEvents calls once per batch. The functions of 5c1f0e2a9b7d stay for the skip and outcome
+SubmitEvents calls once per batch: every lock of the batch in one sorted order, then what the
+sequencing rules need, read after the locks. The functions of 5c1f0e2a9b7d stay for the skip and outcome
 steps (and for replicas of the previous release during a rolling upgrade).
 
 Revision ID: 8d3a61c0f4b2
@@ -22,7 +23,7 @@ depends_on = None
 SERVICE = Path(__file__).resolve().parents[2]
 FUNCTIONS = ["lock_submissions_v2"]
 SIGNATURES = [
-    "sequencer.lock_submissions_v2(text[], text[], smallint[], text[], boolean, text, timestamptz)",
+    "sequencer.lock_submissions_v2(text[], text[], smallint[], text[], bigint[], boolean, text, timestamptz)",
 ]
 
 
