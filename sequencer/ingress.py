@@ -115,10 +115,11 @@ class Ingress:
         self.answers = AnswerCache(settings.answer_cache_size)
         # Set by the server to the forwarder's kick: new queued work for an entity.
         self.on_queued: Callable[[QueuedEvent], None] = lambda _event: None
+        # Submissions waiting for a batch, one per key; a second submission of a key waiting or
+        # in a batch follows the first and replays its answer once that batch commits.
         self._waiting: collections.deque[Pending] = collections.deque()
+        self._followers: dict[tuple[str, str], list[Pending]] = {}
         self._arrived = asyncio.Event()
-        # Keys in a batch right now: a second submission of one waits for that batch's answer.
-        self._in_flight: set[tuple[str, str]] = set()
         self._workers: list[asyncio.Task[None]] = []
 
     # --- the callers' side --------------------------------------------------------------------
@@ -132,8 +133,13 @@ class Ingress:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers.clear()
+        stopping = Retryable("the sequencer is shutting down; retry with the same key")
         while self._waiting:
-            self._waiting.popleft().settle(Retryable("the sequencer is shutting down; retry with the same key"))
+            self._waiting.popleft().settle(stopping)
+        for followers in self._followers.values():
+            for pending in followers:
+                pending.settle(stopping)
+        self._followers.clear()
 
     def prepare(
         self,
@@ -250,8 +256,13 @@ class Ingress:
         cached = self.answers.get(pending.caller, pending.key, self.clock.now())
         if cached is not None:
             return self._replayed(pending, cached)
-        self._waiting.append(pending)
-        self._arrived.set()
+        key = (pending.caller, pending.key)
+        if key in self._followers:
+            self._followers[key].append(pending)
+        else:
+            self._followers[key] = []
+            self._waiting.append(pending)
+            self._arrived.set()
         return await asyncio.shield(pending.answer)
 
     def _replayed(self, pending: Pending, record: StoredAnswer) -> Submission:
@@ -265,40 +276,36 @@ class Ingress:
     # --- batches ------------------------------------------------------------------------------
 
     async def _take(self) -> list[Pending]:
-        """The next batch: whatever waits, up to the cap, one item per key (a second item of a
-        key waits for the first's answer); items past their deadline are answered so."""
-        while True:
-            while not self._waiting:
-                self._arrived.clear()
-                await self._arrived.wait()
-            now = asyncio.get_running_loop().time()
-            batch: list[Pending] = []
-            keys: set[tuple[str, str]] = set()
-            later: collections.deque[Pending] = collections.deque()
-            while self._waiting and len(batch) < self.settings.ingress_batch:
-                pending = self._waiting.popleft()
-                key = (pending.caller, pending.key)
-                if pending.answer.done():
-                    continue
-                if pending.deadline is not None and pending.deadline <= now:
-                    pending.settle(DeadlineReached("the deadline passed before the request could be processed"))
-                elif key in keys or key in self._in_flight:
-                    later.append(pending)
-                else:
-                    cached = self.answers.get(pending.caller, pending.key, self.clock.now())
-                    if cached is not None:
-                        self._settle_replay(pending, cached)
-                    else:
-                        batch.append(pending)
-                        keys.add(key)
-            self._waiting.extendleft(reversed(later))
-            if batch:
-                self._in_flight |= keys
-                return batch
-            if self._waiting:
-                # Only items waiting for a batch in flight: let it finish.
-                self._arrived.clear()
-                await self._arrived.wait()
+        """The next batch: whatever waits (one submission per key), up to the cap; items past
+        their deadline are answered so."""
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        now = asyncio.get_running_loop().time()
+        batch: list[Pending] = []
+        while self._waiting and len(batch) < self.settings.ingress_batch:
+            pending = self._waiting.popleft()
+            if pending.deadline is not None and pending.deadline <= now:
+                pending.settle(DeadlineReached("the deadline passed before the request could be processed"))
+            if pending.answer.done():
+                self._next_of_key(pending)
+            else:
+                batch.append(pending)
+        return batch
+
+    def _next_of_key(self, pending: Pending) -> None:
+        """After a submission's batch: its key's followers replay the committed answer; when
+        nothing was stored (a refusal, a failure), the first follower goes on its own."""
+        key = (pending.caller, pending.key)
+        followers = self._followers.pop(key, [])
+        record = self.answers.get(pending.caller, pending.key, self.clock.now())
+        while followers and record is not None:
+            self._settle_replay(followers.pop(0), record)
+        if followers:
+            first, rest = followers[0], followers[1:]
+            self._followers[key] = rest
+            self._waiting.append(first)
+            self._arrived.set()
 
     def _settle_replay(self, pending: Pending, record: StoredAnswer) -> None:
         try:
@@ -313,7 +320,9 @@ class Ingress:
                 batch = await self._take()
                 try:
                     if conn is None or conn.closed or conn.broken:
-                        conn = await psycopg.AsyncConnection.connect(self.url, application_name="sequencer-ingress")
+                        conn = await psycopg.AsyncConnection.connect(
+                            self.url, application_name="sequencer-ingress", connect_timeout=5
+                        )
                     await self._run(conn, batch)
                 except Exception as exc:
                     if is_transient(exc):
@@ -332,9 +341,7 @@ class Ingress:
                     for pending in batch:
                         if not pending.answer.done():
                             pending.settle(Retryable("the request was interrupted; retry with the same key"))
-                        self._in_flight.discard((pending.caller, pending.key))
-                    # Items that waited for these keys may go now.
-                    self._arrived.set()
+                        self._next_of_key(pending)
         finally:
             if conn is not None:
                 with contextlib.suppress(Exception):
