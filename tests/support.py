@@ -55,14 +55,16 @@ def submit_request(event: events_pb2.Event, **kwargs: Any) -> sequencer_pb2.Subm
     return sequencer_pb2.SubmitEventRequest(event=event, **kwargs)
 
 
-def error_info(exc: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo:
-    """The google.rpc.ErrorInfo detail of a failed call (fails the test when absent)."""
+def error_info(exc: grpc.aio.AioRpcError | grpc.RpcError, domain: str | None = None) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo detail of a failed call (fails the test when absent, or when it
+    names another domain than `domain`)."""
     trailing: Any = exc.trailing_metadata() or ()
     raw = next(v for k, v in trailing if k == "grpc-status-details-bin")
     status = status_pb2.Status.FromString(raw)
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
+            assert domain is None or info.domain == domain, info
             return info
     raise AssertionError("no ErrorInfo in the status details")
 

@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -34,6 +33,7 @@ from ledger.server import App, build_server
 from ledger.service import ApplyResult, Ledger
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tests import support
 from tests.support import INVENTORY, SHIPMENT, inventory_event, shipment_event
 
 TIMEOUT = 10.0
@@ -72,12 +72,7 @@ def summary(response: Any) -> tuple[Any, Any, str, int]:
 
 
 def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(exc)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    assert info.domain == DOMAIN
-    return info
+    return support.error_info(exc, DOMAIN)
 
 
 async def refused(call: Any) -> tuple[grpc.StatusCode, error_details_pb2.ErrorInfo, str]:

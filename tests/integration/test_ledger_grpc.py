@@ -13,7 +13,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
-from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
 from common.db import NotMigrated
@@ -26,6 +25,7 @@ from ledger.interceptors import DOMAIN, ERROR_TABLE
 from ledger.server import App, build_server
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from tests import support
 
 TIMEOUT = 10.0
 SHIPMENT = events_pb2.ENTITY_TYPE_SHIPMENT
@@ -71,12 +71,7 @@ def receive(sku: str, seq: int, location: str, quantity: int) -> ledger_pb2.Appl
 
 
 def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(exc)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    assert info.domain == DOMAIN
-    return info
+    return support.error_info(exc, DOMAIN)
 
 
 async def test_apply_and_get_shipment(stub: ledger_pb2_grpc.LedgerServiceAsyncStub) -> None:
