@@ -48,6 +48,7 @@ EXPECTED_RECIPES = [
     "get-entity",
     "get-shipment",
     "entity-history",
+    "submit-events",
 ]
 SEQUENCER_SERVICES = {
     "logistics.sequencer.v1.SequencerService",
@@ -257,3 +258,13 @@ def test_operator_recipes_against_running_services(services: tuple[ServiceProces
         ("2", "APPLY_OUTCOME_SKIPPED"),
         ("3", "APPLY_OUTCOME_APPLIED"),
     ]
+
+    # A batch: each item answered as SubmitEvent would answer it; the same batch again replays.
+    batch = run.json(r["submit-events"].command)["results"]
+    assert batch[0]["response"]["state"] == "EVENT_STATE_QUEUED"
+    # MSI 2 waits behind MSI 1 (PARKED), unless MSI 1 was already applied when it was decided.
+    assert batch[1]["response"]["state"] in ("EVENT_STATE_PARKED", "EVENT_STATE_QUEUED")
+    assert not any(item.get("replayed") for item in batch)
+    again = run.json(r["submit-events"].command)["results"]
+    assert [item["response"] for item in again] == [item["response"] for item in batch]
+    assert all(item["replayed"] for item in again)
