@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-# The steps below are server-side functions (migration 5c1f0e2a9b7d): each is one round trip
-# for what took several, under the same locks. Casts pin the argument types for resolution. Their
-# bodies live in the migrations; a change is a new migration (CREATE OR REPLACE FUNCTION), and
-# bench/ceilings.py calls the same functions (its smoke test fails when the two drift apart).
+# The skip and outcome steps below are server-side functions (migration 5c1f0e2a9b7d): each is
+# one round trip for what took several, under the same locks. Casts pin the argument types for
+# resolution. A change to a function is a new version in sql/ and a new revision; the ingress
+# batch's statements are in mailbox.py. bench/ceilings.py copies these statements (its smoke test
+# fails when the two drift apart).
 
 # Serialises all work on one idempotency key (scoped by caller) for the rest of the transaction
 # (transaction-scoped: a dropped connection never leaves it held), with the caller's deadline as
@@ -29,38 +30,12 @@ HELD_RANGE = text(
     "CAST(:entity_type AS smallint), :entity_id, CAST(:watermark AS bigint))"
 )
 
-# Makes the gap row say what is missing now; returns the missing MSI, or NULL for no gap.
-SYNC_GAP = text(
-    "SELECT sequencer.sync_gap(CAST(:entity_type AS smallint), :entity_id, CAST(:watermark AS bigint), :now) "
-    "AS awaiting"
-)
-
-_ACCEPT_ARGS = (
-    "CAST(:entity_type AS smallint), :entity_id, CAST(:sequence AS bigint), :transaction_id, :event, "
-    ":payload_hash, :correlation_id"
-)
-_ANSWER_ARGS = ":method, :fingerprint, :request, :response, :expires_at, :payload"
-
 # Holds a parked event or a skip marker (row, NOTIFY, parked count, gap); returns (held, the MSI
 # then missing or NULL); not held, nothing written, when the MSI is already held.
 HOLD_EVENT = text(
     "SELECT held, awaiting FROM sequencer.hold_event(CAST(:entity_type AS smallint), :entity_id, "
     "CAST(:sequence AS bigint), :transaction_id, CAST(:state AS smallint), :event, :payload_hash, :correlation_id, "
     ":caller_id, :idempotency_key, :skip_reason, CAST(:watermark AS bigint), :now, :payload)"
-)
-
-# The event as QUEUED with its known answer: event row, key record and NOTIFY in one step; false
-# (nothing written) when the MSI is already held.
-ACCEPT_QUEUED = text(
-    f"SELECT sequencer.accept_queued({_ACCEPT_ARGS}, :caller_id, :idempotency_key, :now, {_ANSWER_ARGS}) AS accepted"
-)
-
-# The in-order submission as one statement: 'replay' with the key's live record, 'queued', or
-# 'other' (nothing written: take the general path).
-SUBMIT_IN_ORDER = text(
-    "SELECT outcome, method, fingerprint, request, response, created_at, expires_at "
-    "FROM sequencer.submit_in_order(:caller_id, :idempotency_key, :lock_timeout, :row_lock, :now, "
-    f"{_ACCEPT_ARGS}, {_ANSWER_ARGS})"
 )
 
 # Records a ledger outcome: terminal state, parked successor released, watermark advanced, lease

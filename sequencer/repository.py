@@ -93,19 +93,6 @@ async def get_event(conn: AsyncConnection, entity_type: int, entity_id: str, seq
     return result.first()
 
 
-async def accept_queued(conn: AsyncConnection, **values: Any) -> bool:
-    """Inserts the event as QUEUED, its idempotency record and the wake-up in one round trip;
-    False when the MSI is already held (then nothing was written)."""
-    return bool((await conn.execute(queries.ACCEPT_QUEUED, values)).scalar_one())
-
-
-async def submit_in_order(conn: AsyncConnection, *, strategy: str, timeout: float | None, **values: Any) -> Row[Any]:
-    """The in-order submission in one statement: ('replay', record...), ('queued', ...) or
-    ('other', ...) when the general path must decide (nothing was written)."""
-    params = {**values, "row_lock": strategy == "row", "lock_timeout": _lock_timeout(timeout)}
-    return (await conn.execute(queries.SUBMIT_IN_ORDER, params)).one()
-
-
 async def hold_event(conn: AsyncConnection, **values: Any) -> tuple[bool, int | None]:
     """Holds a parked event or a skip marker (row, wake-up, parked count, gap) in one round
     trip; returns (held, the MSI the entity then misses); not held when the MSI already is."""
@@ -118,16 +105,6 @@ async def held_range(conn: AsyncConnection, entity_type: int, entity_id: str, wa
     """(lowest missing MSI above the watermark, highest held MSI or None)."""
     row = (await conn.execute(queries.HELD_RANGE, {**_entity(entity_type, entity_id), "watermark": watermark})).one()
     return int(row.lowest_missing), None if row.highest_held is None else int(row.highest_held)
-
-
-async def sync_gap(
-    conn: AsyncConnection, entity_type: int, entity_id: str, watermark: int, now: dt.datetime
-) -> int | None:
-    """Makes the gap row say what is missing above the watermark now: none, the same gap (kept)
-    or a new one; returns the missing MSI when something held waits behind it."""
-    params = {**_entity(entity_type, entity_id), "watermark": watermark, "now": now}
-    awaiting = (await conn.execute(queries.SYNC_GAP, params)).scalar_one()
-    return None if awaiting is None else int(awaiting)
 
 
 async def queued_event(conn: AsyncConnection, entity_type: int, entity_id: str) -> Row[Any] | None:
