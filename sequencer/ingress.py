@@ -82,6 +82,8 @@ class Pending:
             return
         if isinstance(result, BaseException):
             self.answer.set_exception(result)
+            # A caller that gave up never reads it: mark it read, so asyncio does not log it.
+            self.answer.exception()
         else:
             self.answer.set_result(result)
 
@@ -94,7 +96,6 @@ class Committed:
     remember: list[tuple[Pending, StoredAnswer]] = field(default_factory=list)
     states: list[int] = field(default_factory=list)
     queued: list[QueuedEvent] = field(default_factory=list)
-    replays: int = 0
 
 
 class Ingress:
