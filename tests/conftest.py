@@ -79,18 +79,9 @@ def empty_database_url(pg_admin_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def sequencer_settings(database_url: str) -> Any:
-    from sequencer.config import Settings
+    from tests.support import sequencer_test_settings
 
-    # Port 0 everywhere; the ledger target is replaced by tests that start a ledger.
-    return Settings(
-        database_url=database_url,
-        listen_addr="127.0.0.1:0",
-        metrics_addr="127.0.0.1:0",
-        ledger_target="127.0.0.1:1",
-        forwarder_poll_interval=0.2,
-        forwarder_retry_budget=1.0,
-        ledger_timeout=2.0,
-    )
+    return sequencer_test_settings(database_url)
 
 
 @pytest.fixture(params=["advisory", "row"])

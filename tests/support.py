@@ -74,6 +74,22 @@ async def trailing(call: Any) -> dict[str, str]:
     return {k: v for k, v in (await call.trailing_metadata() or ()) if isinstance(v, str)}
 
 
+def sequencer_test_settings(database_url: str) -> Any:
+    """The sequencer's settings for tests: port 0 everywhere, a quick poll and retry budget; the
+    ledger target is replaced by tests that start a ledger."""
+    from sequencer.config import Settings
+
+    return Settings(
+        database_url=database_url,
+        listen_addr="127.0.0.1:0",
+        metrics_addr="127.0.0.1:0",
+        ledger_target="127.0.0.1:1",
+        forwarder_poll_interval=0.2,
+        forwarder_retry_budget=1.0,
+        ledger_timeout=2.0,
+    )
+
+
 def with_overrides(settings: Any, **overrides: Any) -> Any:
     return dataclasses.replace(settings, **overrides)
 

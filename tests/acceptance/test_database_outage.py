@@ -32,8 +32,7 @@ from common.migrate import upgrade
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2
 from logistics.sequencer.v1 import sequencer_pb2
-from sequencer.config import Settings as SequencerSettings
-from tests.support import System, error_info, inventory_event, shipment_event
+from tests.support import System, error_info, inventory_event, sequencer_test_settings, shipment_event
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = [
@@ -221,16 +220,7 @@ async def eventually(attempt: Callable[[], Any]) -> Any:
 
 
 async def test_every_rpc_is_unavailable_transient_while_the_database_is_down(cluster: Cluster) -> None:
-    settings = SequencerSettings(
-        database_url=cluster.url,
-        listen_addr="127.0.0.1:0",
-        metrics_addr="127.0.0.1:0",
-        ledger_target="127.0.0.1:1",
-        forwarder_poll_interval=0.2,
-        forwarder_retry_budget=1.0,
-        ledger_timeout=2.0,
-    )
-    system = await System.start(cluster.url, settings)
+    system = await System.start(cluster.url, sequencer_test_settings(cluster.url))
     try:
         key = f"outage-{uuid.uuid4().hex}"
         accepted = await system.submit(shipment_event("OUT-1", 1, "shipment_created"), key=key)
