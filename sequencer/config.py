@@ -17,7 +17,7 @@ class Settings:
     listen_addr: str = "127.0.0.1:50051"
     metrics_addr: str = "127.0.0.1:9464"
     ledger_target: str = "127.0.0.1:50052"
-    # Deadline of one ApplyEvent call to the ledger.
+    # Deadline of one ApplyEvents call to the ledger.
     ledger_timeout: float = 5.0
     # How long an idempotency record is kept (48 h).
     idempotency_retention: float = 48 * 3600.0
@@ -36,7 +36,10 @@ class Settings:
     ingress_batch: int = 256
     # The most items one SubmitEvents call may carry (SPEC 10).
     max_batch: int = 500
-    forwarder_concurrency: int = 128
+    # Batches in flight to the ledger, and the most events one batch (one ApplyEvents call)
+    # carries: at most the ledger's LEDGER_MAX_BATCH.
+    forwarder_concurrency: int = 2
+    forwarder_batch: int = 256
     # The safety-net poll; NOTIFY and in-process wake-ups make forwarding prompt.
     forwarder_poll_interval: float = 1.0
     # How long a replica's claim on an entity's forwarding lasts without renewal.
@@ -78,7 +81,8 @@ class Settings:
             ingress_workers=env.int("INGRESS_WORKERS", 2, minimum=1, maximum=32),
             ingress_batch=env.int("INGRESS_BATCH", 256, minimum=1, maximum=10_000),
             max_batch=env.int("MAX_BATCH", 500, minimum=1, maximum=10_000),
-            forwarder_concurrency=env.int("FORWARDER_CONCURRENCY", 128, minimum=1, maximum=1024),
+            forwarder_concurrency=env.int("FORWARDER_CONCURRENCY", 2, minimum=1, maximum=64),
+            forwarder_batch=env.int("FORWARDER_BATCH", 256, minimum=1, maximum=500),
             forwarder_poll_interval=env.seconds("FORWARDER_POLL_INTERVAL", 1.0, minimum=0.01),
             forwarder_lease=env.seconds("FORWARDER_LEASE", 30.0, minimum=1.0),
             forwarder_lease_max_hold=env.seconds("FORWARDER_LEASE_MAX_HOLD", 60.0, minimum=0.0),

@@ -1,8 +1,13 @@
-"""Sends each entity's direct successor to the ledger, records the outcome, and follows the
-chain of released successors.
+"""Forwards queued events to the ledger in batches and records the outcomes.
+
+A batch takes every entity with work that no batch in flight holds: each one's queued event (the
+direct successor of its watermark) and the parked successors right after it, in MSI order. One
+`ApplyEvents` call applies them at the ledger, one statement records every outcome and releases
+the next parked successors, so a chain moves several MSIs per round trip and many entities share
+one. While a batch is at the ledger, the next gathers (natural batching, no timer).
 
 At most one forwarder per entity across replicas: a lease on the entity's row, claimed and
-renewed in short transactions, so no transaction stays open while the ledger is slow or down.
+renewed in single statements, so no transaction stays open while the ledger is slow or down.
 Exactly-once effect does not rest on the lease: the ledger is idempotent per (entity, MSI).
 """
 
@@ -16,24 +21,24 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 
 import grpc
-from sqlalchemy import text
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from common import logs
+from common.errors import DeadlineReached, Retryable
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from sequencer import repository as repo
 from sequencer.clock import Clock
 from sequencer.config import Settings
-from sequencer.errors import Retryable
 from sequencer.forwarding import ForwardingStore, QueuedEvent
 from sequencer.hints import Hint
 from sequencer.metrics import SequencerMetrics
 from sequencer.notifications import Notifier
+from sequencer.repository import EntityKey, Outcome
 from sequencer.states import QUEUED
 
 log = logging.getLogger(__name__)
@@ -53,21 +58,36 @@ OUTCOME_STATES = {
     ledger_pb2.APPLY_OUTCOME_SKIPPED: events_pb2.EVENT_STATE_SKIPPED,
 }
 
-EntityKey = tuple[int, str]
+# The database is away or busy: the work is retried after a rest, nothing is lost.
+DATABASE_TROUBLE = (DBAPIError, OSError, Retryable, DeadlineReached)
+# How long an entity rests after its batch failed, before this replica tries again.
+REST_AFTER_DATABASE_TROUBLE = 1.0
 
 
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT_CODES
 
 
+def refused_index(exc: grpc.aio.AioRpcError, size: int) -> int | None:
+    """The item an ApplyEvents refusal names (ErrorInfo metadata `index`), if any."""
+    status = rpc_status.from_call(exc)
+    if status is None:
+        return None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.metadata.get("index", "").isdigit():
+            index = int(info.metadata["index"])
+            return index if index < size else None
+    return None
+
+
 class GiveUp(Exception):
-    """This claim stops trying; the entity is retried after a back-off."""
+    """The ledger stayed unavailable for the retry budget: the batch's entities rest."""
 
 
 class Forwarder:
     def __init__(
         self,
-        engine: AsyncEngine,
         ledger: ledger_pb2_grpc.LedgerServiceStub,
         store: ForwardingStore,
         notifier: Notifier,
@@ -75,208 +95,304 @@ class Forwarder:
         clock: Clock,
         metrics: SequencerMetrics,
     ) -> None:
-        self.engine = engine
         self.ledger = ledger
         self.store = store
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.active: dict[EntityKey, asyncio.Task[None]] = {}
-        # Leases this replica holds, and until when (kept between chains, renewed per event).
+        # Entities that may have work, oldest first (a dict as an ordered set).
+        self.wanted: dict[EntityKey, None] = {}
+        # Entities of a batch in flight: no second batch takes them.
+        self.busy: set[EntityKey] = set()
+        # Entities resting after a failure, until this loop time.
+        self.resting: dict[EntityKey, float] = {}
+        # Leases this replica holds, and until when (kept between chains, renewed per batch).
         self.leases: dict[EntityKey, dt.datetime] = {}
-        # Entities that got new work while their task was running (re-checked before it ends).
-        self.dirty: set[EntityKey] = set()
-        self.slots = asyncio.Semaphore(settings.forwarder_concurrency)
         self.wake = asyncio.Event()
+        self.sweep = asyncio.Event()
         self._unsubscribe = notifier.subscribe(self._on_notification)
 
-    # --- scheduling ---------------------------------------------------------------------------
+    # --- what there is to do ------------------------------------------------------------------
+
+    def _want(self, key: EntityKey) -> None:
+        self.wanted[key] = None
+        self.wake.set()
+
+    def kick(self, event: QueuedEvent) -> None:
+        """New queued work committed by this process: forward it now."""
+        self._want(event.key)
 
     def _on_notification(self, message: Hint) -> None:
-        """Another replica queued work (our own submits kick us directly)."""
+        """Another replica queued work (our own commits kick us directly)."""
         if message.resync:
-            self.wake.set()
+            self.sweep.set()
             return
         if message.origin == self.store.instance:
             return
         for change in message.changes:
-            if change.state != QUEUED:
+            if change.state == QUEUED:
+                self._want((change.entity_type, change.entity_id))
+
+    def _take(self) -> list[EntityKey]:
+        """The entities of the next batch: wanted, not in flight, not resting; marked busy."""
+        now = asyncio.get_running_loop().time()
+        taken: list[EntityKey] = []
+        for key in self.wanted:
+            if key in self.busy:
                 continue
-            key = (change.entity_type, change.entity_id)
-            if key in self.active:
-                self.dirty.add(key)
-            else:
-                self.wake.set()
+            until = self.resting.get(key)
+            if until is not None:
+                if until > now:
+                    continue
+                del self.resting[key]
+            taken.append(key)
+            if len(taken) >= self.settings.forwarder_batch:
+                break
+        for key in taken:
+            del self.wanted[key]
+        self.busy.update(taken)
+        return taken
 
-    def kick(self, event: QueuedEvent) -> None:
-        """New queued work committed by this process: forward it now."""
-        key = (event.entity_type, event.entity_id)
-        if key in self.active:
-            self.dirty.add(key)
-        else:
-            self._start(key, first=event, claimed=False)
+    def _next_wake_up(self) -> float:
+        """Seconds until the first resting entity may go again (the poll interval at most)."""
+        now = asyncio.get_running_loop().time()
+        waiting = [until - now for key, until in self.resting.items() if key in self.wanted]
+        return max(0.01, min([self.settings.forwarder_poll_interval, *waiting]))
 
-    def _start(self, key: EntityKey, *, first: QueuedEvent | None = None, claimed: bool) -> None:
-        task = asyncio.create_task(self._drive(key, first, claimed), name=f"forward:{key[0]}:{key[1]}")
-        self.active[key] = task
+    # --- running ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Claims entities with queued work: on wake-ups, and on a modest poll as a safety net."""
-        while True:
-            self.wake.clear()
-            try:
-                await self._claim_batch()
-            except (DBAPIError, OSError):
-                log.warning("claiming forwarding work failed; will retry", exc_info=True)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.settings.forwarder_poll_interval)
+        """Batches in flight (SEQUENCER_FORWARDER_CONCURRENCY), and the safety net: on a modest
+        poll, and on a resync hint, claim every entity with queued work and no live lease."""
+        workers = [
+            asyncio.create_task(self._work(), name=f"forward-{n}") for n in range(self.settings.forwarder_concurrency)
+        ]
+        try:
+            while True:
+                self.sweep.clear()
+                try:
+                    await self._claim_any()
+                except DATABASE_TROUBLE:
+                    log.warning("claiming forwarding work failed; will retry", exc_info=True)
+                self._forget_expired_leases()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.sweep.wait(), self.settings.forwarder_poll_interval)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
-    async def _claim_batch(self) -> None:
-        room = self.settings.forwarder_concurrency * 2 - len(self.active)
-        if room <= 0:
+    async def _claim_any(self) -> None:
+        until = self.clock.now() + dt.timedelta(seconds=self.settings.forwarder_lease)
+        room = max(0, self.settings.forwarder_batch * self.settings.forwarder_concurrency - len(self.wanted))
+        if room == 0:
             return
-        now = self.clock.now()
-        until = now + dt.timedelta(seconds=self.settings.forwarder_lease)
-        async with self.engine.begin() as conn:
-            claimed = await repo.claim_entities(conn, self.owner, now, until, room)
-        for key in claimed:
+        for key in await self.store.claim_any(self.owner, until, room):
             self.leases[key] = until
-            if key not in self.active:
-                self._start(key, claimed=True)
+            self._want(key)
+
+    def _forget_expired_leases(self) -> None:
+        """Leases of entities whose chain ended long ago lapse: no entry stays forever."""
+        now = self.clock.now()
+        for key in [k for k, until in self.leases.items() if until < now and k not in self.busy]:
+            del self.leases[key]
+
+    async def _work(self) -> None:
+        while True:
+            keys = self._take()
+            if not keys:
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), self._next_wake_up())
+                continue
+            try:
+                await self._forward(keys)
+            except DATABASE_TROUBLE:
+                log.warning("forwarding interrupted by a database error; will retry", exc_info=True)
+                self._rest_here(keys, REST_AFTER_DATABASE_TROUBLE)
+            finally:
+                self.busy.difference_update(keys)
+            if self.wanted:
+                self.wake.set()
 
     async def close(self) -> None:
-        """Stops forwarding and hands this replica's leases back, so others need not wait."""
+        """Stops forwarding (run's task is cancelled first) and hands this replica's leases
+        back, so others need not wait."""
         self._unsubscribe()
-        tasks = list(self.active.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         leases, self.leases = list(self.leases), {}
         if not leases:
             return
         try:
-            async with self.engine.begin() as conn:
-                # Never wait on a row a cancelled transaction may still hold: expiry frees it.
-                await conn.execute(text("SET LOCAL lock_timeout = '500ms'"))
-                for key in leases:
-                    await repo.release_lease(conn, key[0], key[1], self.owner)
-        except (DBAPIError, OSError):
+            await self.store.release(leases, self.owner)
+        except DATABASE_TROUBLE:
             log.warning("could not hand back forwarding leases; they will expire", exc_info=True)
 
-    # --- one entity ---------------------------------------------------------------------------
+    # --- one batch ----------------------------------------------------------------------------
 
-    async def _drive(self, key: EntityKey, first: QueuedEvent | None, claimed: bool) -> None:
-        entity_type, entity_id = key
-        backoff: float | None = None
-        try:
-            async with self.slots:
-                if not claimed and not await self._hold_lease(key):
-                    self.active.pop(key, None)  # another replica forwards it
-                    return
-                logs.log_context.set({"entity_type": entity_type, "entity_id": entity_id, "forwarder": self.owner})
-                self.dirty.discard(key)
-                event = first if first is not None else await self.store.next_queued(entity_type, entity_id)
-                while True:
-                    while event is not None:
-                        event = await self._forward(key, event)
-                    # The chain ended; look again only if new work arrived meanwhile, and only
-                    # while the lease is ours (it may have been handed back at the chain's end).
-                    if key not in self.dirty:
-                        break
-                    self.dirty.discard(key)
-                    if not await self._hold_lease(key):
-                        break
-                    event = await self.store.next_queued(entity_type, entity_id)
-        except GiveUp:
-            backoff = min(self.settings.forwarder_lease, 2.0)
-        except (DBAPIError, OSError, Retryable):
-            log.warning("forwarding interrupted by a database error; will retry", exc_info=True)
-            backoff = 1.0
-        except BaseException:
-            self.active.pop(key, None)
-            raise
-        try:
-            if backoff is not None:
-                await self._rest(key, backoff)
-        finally:
-            self.active.pop(key, None)
-        if backoff is None and key in self.dirty:
-            self.dirty.discard(key)
-            self._start(key, claimed=False)
+    async def _forward(self, keys: list[EntityKey]) -> None:
+        """Holds the leases of `keys`, reads what they have to forward, applies it at the ledger
+        and records the outcomes."""
+        held = await self._hold_leases(keys)
+        if not held:
+            return
+        # A fair share each: one long chain cannot crowd out the other entities of the batch.
+        per_entity = max(1, self.settings.forwarder_batch // len(held))
+        found = await self.store.forwardable(held, per_entity)
+        batch = [event for key in held for event in found.get(key, ())]
+        while batch:
+            try:
+                replies = await self._apply(batch)
+            except GiveUp:
+                await self._rest(sorted({e.key for e in batch}), min(self.settings.forwarder_lease, 2.0))
+                return
+            except grpc.aio.AioRpcError as exc:
+                # A refusal retrying cannot fix (a conflict, out of order): that entity rests,
+                # the others go on at once. Without an index the whole batch rests.
+                index = refused_index(exc, len(batch))
+                refused = {batch[index].key} if index is not None else {e.key for e in batch}
+                log.error(
+                    "the ledger refused a batch; its entity backs off",
+                    extra={
+                        "code": exc.code().name,
+                        "details": exc.details(),
+                        "entities": sorted(f"{t}:{i}" for t, i in refused),
+                    },
+                )
+                await self._rest(sorted(refused), min(self.settings.forwarder_lease, 2.0))
+                batch = [e for e in batch if e.key not in refused]
+                continue
+            await self._record(batch, replies)
+            return
 
-    async def _hold_lease(self, key: EntityKey) -> bool:
-        """True when this replica holds the entity's lease: still (it is kept between chains, so
-        a busy entity costs no claim per event) or newly claimed."""
+    async def _hold_leases(self, keys: list[EntityKey]) -> list[EntityKey]:
+        """Those of `keys` whose lease this replica holds: still (kept between chains, so a busy
+        entity costs no claim per batch) or newly claimed, in one statement."""
         now = self.clock.now()
         half = dt.timedelta(seconds=self.settings.forwarder_lease / 2)
-        held_until = self.leases.get(key)
-        if held_until is not None and held_until - now > half:
-            return True
-        until = now + dt.timedelta(seconds=self.settings.forwarder_lease)
-        async with self.engine.begin() as conn:
-            claimed = await repo.claim_entity(conn, key[0], key[1], self.owner, now, until)
-        if claimed:
-            self.leases[key] = until
-        else:
-            self.leases.pop(key, None)
-        return claimed
+        stale = [k for k in keys if k not in self.leases or self.leases[k] - now <= half]
+        if stale:
+            until = now + dt.timedelta(seconds=self.settings.forwarder_lease)
+            won = set(await self.store.claim(stale, self.owner, until))
+            for key in stale:
+                if key in won:
+                    self.leases[key] = until
+                else:
+                    self.leases.pop(key, None)  # another replica forwards it
+        return [k for k in keys if k in self.leases]
 
-    async def _rest(self, key: EntityKey, backoff: float) -> None:
-        """Keeps the lease for `backoff` seconds only, so the entity rests before a retry."""
-        self.leases.pop(key, None)
+    def _rest_here(self, keys: Sequence[EntityKey], seconds: float) -> None:
+        """The entities wait `seconds` before this replica tries them again."""
+        until = asyncio.get_running_loop().time() + seconds
+        for key in keys:
+            self.resting[key] = until
+            self.wanted[key] = None
+
+    async def _rest(self, keys: Sequence[EntityKey], seconds: float) -> None:
+        """Rests the entities here, and keeps their leases for `seconds` only, so after the rest
+        any replica may try them."""
+        self._rest_here(keys, seconds)
+        for key in keys:
+            self.leases.pop(key, None)
         try:
-            async with self.engine.begin() as conn:
-                until = self.clock.now() + dt.timedelta(seconds=backoff)
-                await repo.renew_lease(conn, key[0], key[1], self.owner, until)
-        except (DBAPIError, OSError):
-            log.warning("could not shorten a forwarding lease; it will expire", exc_info=True)
+            await self.store.rest(keys, self.owner, self.clock.now() + dt.timedelta(seconds=seconds))
+        except DATABASE_TROUBLE:
+            log.warning("could not shorten forwarding leases; they will expire", exc_info=True)
 
-    async def _forward(self, key: EntityKey, queued: QueuedEvent) -> QueuedEvent | None:
-        """Applies one event at the ledger and records the outcome; returns the next one."""
-        logs.bind(
-            sequence=queued.sequence, transaction_id=str(queued.transaction_id), correlation_id=queued.correlation_id
-        )
-        request = ledger_pb2.ApplyEventRequest(
-            event=events_pb2.Event.FromString(queued.event),
-            correlation_id=queued.correlation_id,
-            transaction_id=str(queued.transaction_id),
-            skip_reason=queued.skip_reason or "",
-        )
-        reply = await self._apply(request)
-        outcome = reply.original_outcome if reply.outcome == ledger_pb2.APPLY_OUTCOME_DUPLICATE else reply.outcome
-        state = OUTCOME_STATES.get(outcome)
-        if state is None:
-            log.error("ledger answered an unknown outcome", extra={"outcome": int(outcome)})
-            raise GiveUp
-        if state == events_pb2.EVENT_STATE_REJECTED:
-            log.warning("event rejected by the ledger", extra={"reason": reply.reason, "detail": reply.reason_detail})
-        recorded = await self.store.record_outcome(
-            key[0],
-            key[1],
-            queued.sequence,
-            state=state,
-            reason=reply.reason,
-            reason_detail=reply.reason_detail,
-            entity_version=reply.version,
-            lease_owner=self.owner,
-        )
-        log.info("event forwarded", extra={"outcome": events_pb2.EventState.Name(state)})
-        if not recorded.lease_kept:
-            # Handed back at the chain's end, or lost: whoever claims the entity next goes on.
-            self.leases.pop(key, None)
-            return None
-        self.leases[key] = self.clock.now() + dt.timedelta(seconds=self.settings.forwarder_lease)
-        return recorded.next_event
+    async def _record(self, batch: list[QueuedEvent], replies: Sequence[ledger_pb2.ApplyEventResponse]) -> None:
+        """Records the outcomes of a batch the ledger answered; entities with a released
+        successor go on in the next batch."""
+        sent: list[tuple[QueuedEvent, Outcome]] = []
+        stopped: set[EntityKey] = set()
+        for event, reply in zip(batch, replies, strict=True):
+            if event.key in stopped:
+                continue  # outcomes are recorded in MSI order: none after a missing one
+            outcome = reply.original_outcome if reply.outcome == ledger_pb2.APPLY_OUTCOME_DUPLICATE else reply.outcome
+            state = OUTCOME_STATES.get(outcome)
+            if state is None:
+                log.error(
+                    "ledger answered an unknown outcome",
+                    extra={"outcome": int(outcome), "entity_id": event.entity_id, "sequence": event.sequence},
+                )
+                stopped.add(event.key)
+                continue
+            if state == events_pb2.EVENT_STATE_REJECTED:
+                log.warning(
+                    "event rejected by the ledger",
+                    extra={
+                        "entity_id": event.entity_id,
+                        "sequence": event.sequence,
+                        "transaction_id": str(event.transaction_id),
+                        "correlation_id": event.correlation_id,
+                        "reason": reply.reason,
+                        "detail": reply.reason_detail,
+                    },
+                )
+            outcome_row = Outcome(
+                event.entity_type,
+                event.entity_id,
+                event.sequence,
+                state,
+                reply.reason,
+                reply.reason_detail,
+                reply.version,
+            )
+            sent.append((event, outcome_row))
+        if stopped:
+            await self._rest(sorted(stopped), min(self.settings.forwarder_lease, 2.0))
+        if not sent:
+            return
+        recorded = await self.store.record(sent, self.owner)
+        lease_until = self.clock.now() + dt.timedelta(seconds=self.settings.forwarder_lease)
+        first: dict[EntityKey, int] = {}
+        for event, _outcome in sent:
+            first.setdefault(event.key, event.sequence)
+        for result in recorded:
+            if result.previous < first.get(result.key, 0) - 1:
+                log.error(
+                    "watermark out of step with the forwarded events",
+                    extra={"entity_id": result.key[1], "watermark": result.previous, "sequence": first[result.key]},
+                )
+            if result.lease_kept:
+                self.leases[result.key] = lease_until
+            else:
+                # Handed back at the chain's end, or lost: whoever claims the entity next goes on.
+                self.leases.pop(result.key, None)
+            if result.released is not None:
+                self._want(result.key)
+        for event, outcome_row in sent:
+            log.info(
+                "event forwarded",
+                extra={
+                    "entity_id": event.entity_id,
+                    "sequence": event.sequence,
+                    "transaction_id": str(event.transaction_id),
+                    "correlation_id": event.correlation_id,
+                    "outcome": events_pb2.EventState.Name(outcome_row.state),  # type: ignore[arg-type]
+                    "batch_size": len(sent),
+                },
+            )
 
-    async def _apply(self, request: ledger_pb2.ApplyEventRequest) -> ledger_pb2.ApplyEventResponse:
-        """ApplyEvent with tenacity: exponential back-off with jitter on transient codes, for at
-        most the retry budget of one claim."""
+    async def _apply(self, batch: list[QueuedEvent]) -> Sequence[ledger_pb2.ApplyEventResponse]:
+        """ApplyEvents with tenacity: exponential back-off with jitter on transient codes, for at
+        most the retry budget. A refusal (another code) is raised for the caller to handle."""
 
         def count_retry(_state: object) -> None:
             self.metrics.forward_retries.inc()
 
-        metadata = (("x-correlation-id", request.correlation_id),)
+        request = ledger_pb2.ApplyEventsRequest(
+            requests=[
+                ledger_pb2.ApplyEventRequest(
+                    event=events_pb2.Event.FromString(e.event),
+                    correlation_id=e.correlation_id,
+                    transaction_id=str(e.transaction_id),
+                    skip_reason=e.skip_reason or "",
+                )
+                for e in batch
+            ]
+        )
+        # The call's correlation id: the first event's (each item carries its own too).
+        metadata = (("x-correlation-id", batch[0].correlation_id),)
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_transient),
@@ -287,17 +403,19 @@ class Forwarder:
             ):
                 with attempt:
                     started = time.perf_counter()
-                    reply: ledger_pb2.ApplyEventResponse = await self.ledger.ApplyEvent(  # type: ignore[misc]
+                    reply: ledger_pb2.ApplyEventsResponse = await self.ledger.ApplyEvents(  # type: ignore[misc]
                         request, timeout=self.settings.ledger_timeout, metadata=metadata
                     )
                     self.metrics.ledger_latency.observe(time.perf_counter() - started)
-                    return reply
+                    if len(reply.responses) != len(batch):
+                        raise GiveUp(f"the ledger answered {len(reply.responses)} outcomes for {len(batch)} events")
+                    return reply.responses
         except grpc.aio.AioRpcError as exc:
-            level = logging.WARNING if _transient(exc) else logging.ERROR
-            log.log(
-                level,
-                "ledger did not apply the event; backing off",
-                extra={"code": exc.code().name, "details": exc.details()},
+            if not _transient(exc):
+                raise
+            log.warning(
+                "the ledger did not apply the batch; backing off",
+                extra={"code": exc.code().name, "details": exc.details(), "events": len(batch)},
             )
             raise GiveUp from exc
         raise AssertionError("unreachable")

@@ -1,22 +1,28 @@
-"""The forwarder's store: the queued event of an entity, and recording the ledger's outcome
-(which releases the parked successor). Owns these transactions; the forwarder owns the calls."""
+"""The forwarder's store: what entities have to forward, their leases, and recording the
+ledger's outcomes of a batch (which releases parked successors). Owns these statements, each a
+transaction of its own, none held across a ledger call; the forwarder owns the calls."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row
+from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common import db
+from common.errors import DeadlineReached, Retryable
+from sequencer import hints
 from sequencer import repository as repo
 from sequencer.clock import Clock
 from sequencer.config import Settings
+from sequencer.hints import Change
 from sequencer.metrics import SequencerMetrics
+from sequencer.repository import EntityKey, Outcome
 from sequencer.states import QUEUED, state_name
 
 log = logging.getLogger(__name__)
@@ -24,7 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QueuedEvent:
-    """An event to forward: what the forwarder needs, from a fresh acceptance or from a row."""
+    """An event to forward: an entity's queued event, or a parked successor sent right after it
+    in the same batch (the ledger applies them in MSI order)."""
 
     entity_type: int
     entity_id: str
@@ -33,6 +40,10 @@ class QueuedEvent:
     event: bytes
     correlation_id: str
     skip_reason: str | None
+
+    @property
+    def key(self) -> EntityKey:
+        return (self.entity_type, self.entity_id)
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> QueuedEvent:
@@ -49,12 +60,32 @@ class QueuedEvent:
 
 @dataclass(frozen=True)
 class Recorded:
-    """The result of recording a ledger outcome: the next queued event, if one was released,
-    and whether the forwarder still holds the entity's lease."""
+    """What recording a batch's outcomes did to one entity."""
 
-    recorded: bool
-    next_event: QueuedEvent | None
+    key: EntityKey
+    # The watermark before and after: outcomes in between were recorded by this batch.
+    previous: int
+    watermark: int
+    # The parked successor now QUEUED, if any: the entity has more to forward.
+    released: uuid.UUID | None
     lease_kept: bool
+
+
+def chains(rows: Sequence[Row[Any]]) -> dict[EntityKey, list[QueuedEvent]]:
+    """Per entity, what may be forwarded now: its QUEUED event (the direct successor of the
+    watermark) and the consecutive held successors after it; nothing when the direct successor
+    is not queued. `rows` are repo.forwardable's, in (entity, MSI) order."""
+    found: dict[EntityKey, list[QueuedEvent]] = {}
+    for row in rows:
+        key = (int(row.entity_type), str(row.entity_id))
+        chain = found.setdefault(key, [])
+        expected = int(row.watermark) + 1 + len(chain)
+        if row.sequence != expected or (not chain and row.state != QUEUED):
+            continue  # past the run (or no queued head): the rest waits
+        if chain and chain[-1].sequence != row.sequence - 1:
+            continue
+        chain.append(QueuedEvent.from_row(row))
+    return {key: chain for key, chain in found.items() if chain}
 
 
 class ForwardingStore:
@@ -69,63 +100,104 @@ class ForwardingStore:
         self.metrics = metrics
         self.instance = instance
 
-    async def next_queued(self, entity_type: int, entity_id: str) -> QueuedEvent | None:
+    async def forwardable(self, keys: Sequence[EntityKey], per_entity: int) -> dict[EntityKey, list[QueuedEvent]]:
+        """What each of `keys` has to forward now, at most `per_entity` events each."""
         async with db.reading(self.single) as conn:
-            row = await repo.queued_event(conn, entity_type, entity_id)
-        return QueuedEvent.from_row(row) if row is not None else None
+            rows = await repo.forwardable(conn, keys, per_entity)
+        return chains(rows)
 
-    async def record_outcome(
-        self,
-        entity_type: int,
-        entity_id: str,
-        sequence: int,
-        *,
-        state: int,
-        reason: str,
-        reason_detail: str,
-        entity_version: int,
-        lease_owner: str,
-    ) -> Recorded:
-        """Records the ledger's outcome, advances the watermark, and releases the direct
-        successor if it is parked (the chain continues with it). One statement."""
+    async def claim_any(self, owner: str, until: dt.datetime, limit: int) -> list[EntityKey]:
+        """Up to `limit` entities with queued work and no live lease of another replica."""
 
-        async def work(conn: AsyncConnection) -> Recorded:
-            now = self.clock.now()
-            row = await repo.record_outcome(
-                conn,
-                entity_type,
-                entity_id,
-                sequence,
-                strategy=self.settings.lock_strategy,
-                state=state,
-                reason=reason or None,
-                reason_detail=reason_detail or None,
-                entity_version=entity_version,
-                now=now,
-                origin=self.instance,
-                lease_owner=lease_owner,
-                lease_until=now + dt.timedelta(seconds=self.settings.forwarder_lease),
-                hand_over_before=now - dt.timedelta(seconds=self.settings.forwarder_lease_max_hold),
-            )
-            kept = bool(row.lease_kept)
-            if not row.recorded:
-                return Recorded(False, None, kept)
-            if row.previous_watermark != sequence - 1:
-                log.error(
-                    "watermark out of step with the queued event",
-                    extra={"entity_id": entity_id, "watermark": row.previous_watermark, "sequence": sequence},
+        async def work(conn: AsyncConnection) -> list[EntityKey]:
+            return await repo.claim_entities(conn, owner, self.clock.now(), until, limit)
+
+        return await db.transaction(self.single, work)
+
+    async def claim(self, keys: Sequence[EntityKey], owner: str, until: dt.datetime) -> list[EntityKey]:
+        """Those of `keys` whose lease `owner` now holds (free, expired or already ours)."""
+
+        async def work(conn: AsyncConnection) -> list[EntityKey]:
+            return await repo.claim_named(conn, keys, owner, self.clock.now(), until)
+
+        return await db.transaction(self.single, work)
+
+    async def rest(self, keys: Sequence[EntityKey], owner: str, until: dt.datetime) -> None:
+        """Our leases of `keys` end at `until`, so the entities rest before anyone retries."""
+
+        async def work(conn: AsyncConnection) -> None:
+            await repo.rest_leases(conn, keys, owner, until)
+
+        await db.transaction(self.single, work)
+
+    async def release(self, keys: Sequence[EntityKey], owner: str) -> None:
+        """Hands our leases back (at shutdown), never waiting long on a row."""
+
+        async def work(conn: AsyncConnection) -> None:
+            # A cancelled transaction may still hold a row: expiry frees it, do not wait.
+            await conn.execute(text("SET LOCAL lock_timeout = '500ms'"))
+            await repo.release_leases(conn, keys, owner)
+
+        await db.transaction(self.engine, work, retries=0)
+
+    async def record(self, sent: Sequence[tuple[QueuedEvent, Outcome]], owner: str) -> list[Recorded]:
+        """Records the ledger's outcomes of a batch: one statement (one per entity with the row
+        lock strategy, SPEC 10), then one hint of what changed."""
+        now = self.clock.now()
+        lease_until = now + dt.timedelta(seconds=self.settings.forwarder_lease)
+        hand_over_before = now - dt.timedelta(seconds=self.settings.forwarder_lease_max_hold)
+        outcomes = [outcome for _event, outcome in sent]
+        groups: list[list[Outcome]] = [outcomes]
+        if self.settings.lock_strategy == "row":
+            by_entity: dict[EntityKey, list[Outcome]] = {}
+            for outcome in outcomes:
+                by_entity.setdefault((outcome.entity_type, outcome.entity_id), []).append(outcome)
+            groups = list(by_entity.values())
+        results: list[Recorded] = []
+        for group in groups:
+
+            async def work(conn: AsyncConnection, group: list[Outcome] = group) -> list[Row[Any]]:
+                return await repo.record_outcomes(
+                    conn,
+                    group,
+                    strategy=self.settings.lock_strategy,
+                    now=now,
+                    owner=owner,
+                    lease_until=lease_until,
+                    hand_over_before=hand_over_before,
                 )
-            if row.transaction_id is None:
-                return Recorded(True, None, kept)
-            released = QueuedEvent(
-                entity_type, entity_id, sequence + 1, row.transaction_id, row.event, row.correlation_id, row.skip_reason
-            )
-            return Recorded(True, released, kept)
 
-        result = await db.transaction(self.single, work)
-        if result.recorded:
-            self.metrics.events.labels(state_name(state)).inc()
-            self.metrics.ledger_outcomes.labels(state_name(state)).inc()
-            if result.next_event is not None:
+            rows = await db.transaction(self.single, work)
+            results += [
+                Recorded(
+                    (int(r.r_type), str(r.r_id)), int(r.r_previous), int(r.r_watermark), r.r_released, r.r_lease_kept
+                )
+                for r in rows
+            ]
+        await self._announce(sent, results)
+        return results
+
+    async def _announce(self, sent: Sequence[tuple[QueuedEvent, Outcome]], results: Sequence[Recorded]) -> None:
+        """Counts what was recorded and sends one hint of it (after the commit: the released
+        events are known only then; a lost hint is caught by the watchers' poll)."""
+        by_key = {r.key: r for r in results}
+        changes: list[Change] = []
+        for event, outcome in sent:
+            recorded = by_key.get(event.key)
+            if recorded is None or not recorded.previous < event.sequence <= recorded.watermark:
+                continue
+            name = state_name(outcome.state)
+            self.metrics.events.labels(name).inc()
+            self.metrics.ledger_outcomes.labels(name).inc()
+            changes.append(Change(*event.key, outcome.state, str(event.transaction_id)))
+        for recorded in results:
+            if recorded.released is not None:
                 self.metrics.events.labels(state_name(QUEUED)).inc()
-        return result
+                changes.append(Change(*recorded.key, QUEUED, str(recorded.released)))
+        if not changes:
+            return
+        try:
+            async with db.reading(self.single) as conn:
+                await repo.notify(conn, hints.encode(self.instance, changes))
+        except (Retryable, DeadlineReached):
+            log.warning("could not send the outcome hint; watchers poll", exc_info=True)

@@ -21,11 +21,11 @@ class SequencerMetrics:
             "sequencer_oldest_gap_age_seconds", "Age of the oldest open gap (0 when none)", registry=registry
         )
         self.forward_retries = Counter(
-            "sequencer_forwarder_retries", "ApplyEvent attempts retried after a transient failure", registry=registry
+            "sequencer_forwarder_retries", "ApplyEvents attempts retried after a transient failure", registry=registry
         )
         self.ledger_latency = Histogram(
             "sequencer_ledger_apply_latency_seconds",
-            "Latency of ApplyEvent calls to the ledger",
+            "Latency of ApplyEvents calls (one batch each) to the ledger",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-# The skip and outcome steps below are server-side functions (migration 5c1f0e2a9b7d): each is
+# The skip step below is a server-side function (migration 5c1f0e2a9b7d): each is
 # one round trip for what took several, under the same locks. Casts pin the argument types for
 # resolution. A change to a function is a new version in sql/ and a new revision; the ingress
 # batch's statements are in mailbox.py. bench/ceilings.py copies these statements (its smoke test
@@ -38,14 +38,28 @@ HOLD_EVENT = text(
     ":caller_id, :idempotency_key, :skip_reason, CAST(:watermark AS bigint), :now, :payload)"
 )
 
-# Records a ledger outcome: terminal state, parked successor released, watermark advanced, lease
-# renewed (or handed back at a chain's end once held since :hand_over_before), gap kept in step.
-# Returns whether it was recorded, the released event if any, and whether the lease is still ours.
-RECORD_OUTCOME = text(
-    "SELECT recorded, previous_watermark, transaction_id, event, correlation_id, skip_reason, lease_kept "
-    "FROM sequencer.record_outcome(CAST(:entity_type AS smallint), :entity_id, CAST(:sequence AS bigint), "
-    "CAST(:state AS smallint), :reason, :reason_detail, CAST(:entity_version AS bigint), :row_lock, :now, "
-    ":origin, :owner, :lease_until, :hand_over_before)"
+# Records the ledger's outcomes of one forwarded batch (sequencer/sql/record_outcomes_v1.sql):
+# terminal states, watermarks, released successors, leases, after the entities' locks in the
+# ingress's order. Returns per entity the watermark before and after, the released event's
+# transaction and whether the lease is still ours.
+RECORD_OUTCOMES = text(
+    "SELECT r_type, r_id, r_previous, r_watermark, r_released, r_lease_kept FROM sequencer.record_outcomes_v1("
+    "CAST(:types AS smallint[]), CAST(:ids AS text[]), CAST(:sequences AS bigint[]), CAST(:states AS smallint[]), "
+    "CAST(:reasons AS text[]), CAST(:details AS text[]), CAST(:versions AS bigint[]), :row_lock, :now, :owner, "
+    ":lease_until, :hand_over_before)"
+)
+
+# What each named entity has to forward: its events right above the watermark (the QUEUED one
+# first, then PARKED successors), at most :per_entity each; the forwarder keeps the consecutive
+# run. Reads only (the lease, not a lock, keeps other forwarders away).
+FORWARDABLE = text(
+    "SELECT x.entity_type, x.entity_id, x.watermark, v.sequence, v.state, v.transaction_id, v.event, "
+    "  v.correlation_id, v.skip_reason "
+    "FROM unnest(CAST(:types AS smallint[]), CAST(:ids AS text[])) AS w(t, i) "
+    "JOIN sequencer.entities x ON x.entity_type = w.t AND x.entity_id = w.i "
+    "JOIN LATERAL (SELECT * FROM sequencer.events e WHERE e.entity_type = w.t AND e.entity_id = w.i "
+    "  AND e.sequence > x.watermark AND e.state IN (1, 2) ORDER BY e.sequence LIMIT :per_entity) v ON true "
+    "ORDER BY x.entity_type, x.entity_id, v.sequence"
 )
 
 # Claims forwarding of up to :limit entities with queued work whose lease is free, expired or
@@ -65,19 +79,33 @@ CLAIM_ENTITIES = text(
     "RETURNING e.entity_type, e.entity_id"
 )
 
-# Claims one named entity (the fast path after a local submit queued work for it).
-CLAIM_ENTITY = text(
-    "UPDATE sequencer.entities SET lease_owner = :owner, lease_until = :until, "
-    "  lease_taken_at = CASE WHEN lease_owner = :owner THEN lease_taken_at ELSE :now END "
-    "WHERE entity_type = :entity_type AND entity_id = :entity_id "
-    "AND (lease_until IS NULL OR lease_until < :now OR lease_owner = :owner) "
-    "RETURNING entity_type"
+# Claims the named entities whose lease is free, expired or already ours (the fast path after a
+# local submit queued work for them); returns those won.
+CLAIM_NAMED = text(
+    "UPDATE sequencer.entities e SET lease_owner = :owner, lease_until = :until, "
+    "  lease_taken_at = CASE WHEN e.lease_owner = :owner THEN e.lease_taken_at ELSE :now END "
+    "FROM unnest(CAST(:types AS smallint[]), CAST(:ids AS text[])) AS w(t, i) "
+    "WHERE e.entity_type = w.t AND e.entity_id = w.i "
+    "AND (e.lease_until IS NULL OR e.lease_until < :now OR e.lease_owner = :owner) "
+    "RETURNING e.entity_type, e.entity_id"
 )
 
-RELEASE_LEASE = text(
-    "UPDATE sequencer.entities SET lease_owner = NULL, lease_until = NULL, lease_taken_at = NULL "
-    "WHERE entity_type = :entity_type AND entity_id = :entity_id AND lease_owner = :owner"
+# Shortens our leases of the named entities to :until: they rest after a failure, then any
+# replica may take them.
+REST_LEASES = text(
+    "UPDATE sequencer.entities e SET lease_until = :until "
+    "FROM unnest(CAST(:types AS smallint[]), CAST(:ids AS text[])) AS w(t, i) "
+    "WHERE e.entity_type = w.t AND e.entity_id = w.i AND e.lease_owner = :owner"
 )
+
+RELEASE_LEASES = text(
+    "UPDATE sequencer.entities e SET lease_owner = NULL, lease_until = NULL, lease_taken_at = NULL "
+    "FROM unnest(CAST(:types AS smallint[]), CAST(:ids AS text[])) AS w(t, i) "
+    "WHERE e.entity_type = w.t AND e.entity_id = w.i AND e.lease_owner = :owner"
+)
+
+# A hint sent after a commit (the outcome step's: the released events are known only then).
+NOTIFY = text("SELECT pg_notify(:channel, :payload)")
 
 # Deletes a bounded batch of expired keys; SKIP LOCKED so the sweeper never waits on (or
 # blocks) a request that is replacing an expired key right now.

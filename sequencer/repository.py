@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, and_, bindparam, func, or_, select, tuple_, update
@@ -12,11 +14,25 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from logistics.events.v1 import events_pb2
-from sequencer import queries
+from sequencer import hints, queries
 from sequencer.models import entities, events, gaps, idempotency_keys
 
 PARKED = events_pb2.EVENT_STATE_PARKED
-QUEUED = events_pb2.EVENT_STATE_QUEUED
+
+EntityKey = tuple[int, str]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The ledger's answer for one forwarded event, as the events row records it."""
+
+    entity_type: int
+    entity_id: str
+    sequence: int
+    state: int
+    reason: str
+    reason_detail: str
+    entity_version: int
 
 
 def _entity(entity_type: int, entity_id: str) -> dict[str, Any]:
@@ -107,53 +123,45 @@ async def held_range(conn: AsyncConnection, entity_type: int, entity_id: str, wa
     return int(row.lowest_missing), None if row.highest_held is None else int(row.highest_held)
 
 
-async def queued_event(conn: AsyncConnection, entity_type: int, entity_id: str) -> Row[Any] | None:
-    """The entity's queued event: at most one, the direct successor of its watermark."""
-    result = await conn.execute(
-        select(events)
-        .where(events.c.entity_type == entity_type, events.c.entity_id == entity_id, events.c.state == QUEUED)
-        .order_by(events.c.sequence)
-        .limit(1)
-    )
-    return result.first()
+async def forwardable(conn: AsyncConnection, keys: Sequence[EntityKey], per_entity: int) -> list[Row[Any]]:
+    """Each entity's events right above its watermark (QUEUED first, then PARKED), at most
+    `per_entity` each, in (entity, MSI) order, with the entity's watermark."""
+    params = {"types": [k[0] for k in keys], "ids": [k[1] for k in keys], "per_entity": per_entity}
+    return list((await conn.execute(queries.FORWARDABLE, params)).all())
 
 
-async def record_outcome(
+async def record_outcomes(
     conn: AsyncConnection,
-    entity_type: int,
-    entity_id: str,
-    sequence: int,
+    outcomes: Sequence[Outcome],
     *,
     strategy: str,
-    state: int,
-    reason: str | None,
-    reason_detail: str | None,
-    entity_version: int,
     now: dt.datetime,
-    origin: str,
-    lease_owner: str,
+    owner: str,
     lease_until: dt.datetime,
     hand_over_before: dt.datetime,
-) -> Row[Any]:
-    """Records a QUEUED event's outcome under the entity's lock, releases its parked successor,
-    advances the watermark and renews the lease (handing it back at a chain's end when taken
-    before `hand_over_before`); returns (recorded, previous_watermark, the released event's
-    transaction_id, event, correlation_id, skip_reason or NULLs, lease_kept)."""
+) -> list[Row[Any]]:
+    """Records a batch's ledger outcomes (sequencer/sql/record_outcomes_v1.sql); per entity:
+    (r_type, r_id, r_previous and r_watermark, r_released transaction or NULL, r_lease_kept)."""
     params = {
-        **_entity(entity_type, entity_id),
-        "sequence": sequence,
-        "state": state,
-        "reason": reason,
-        "reason_detail": reason_detail,
-        "entity_version": entity_version,
+        "types": [o.entity_type for o in outcomes],
+        "ids": [o.entity_id for o in outcomes],
+        "sequences": [o.sequence for o in outcomes],
+        "states": [o.state for o in outcomes],
+        "reasons": [o.reason for o in outcomes],
+        "details": [o.reason_detail for o in outcomes],
+        "versions": [o.entity_version for o in outcomes],
         "row_lock": strategy == "row",
         "now": now,
-        "origin": origin,
-        "owner": lease_owner,
+        "owner": owner,
         "lease_until": lease_until,
         "hand_over_before": hand_over_before,
     }
-    return (await conn.execute(queries.RECORD_OUTCOME, params)).one()
+    return list((await conn.execute(queries.RECORD_OUTCOMES, params)).all())
+
+
+async def notify(conn: AsyncConnection, payload: str) -> None:
+    """A wake-up hint (sequencer/hints.py) outside the ingress batch's statement."""
+    await conn.execute(queries.NOTIFY, {"channel": hints.CHANNEL, "payload": payload})
 
 
 # --- forwarding leases ------------------------------------------------------------------------
@@ -166,30 +174,25 @@ async def claim_entities(
     return [(int(r.entity_type), str(r.entity_id)) for r in result]
 
 
-async def claim_entity(
-    conn: AsyncConnection, entity_type: int, entity_id: str, owner: str, now: dt.datetime, until: dt.datetime
-) -> bool:
-    result = await conn.execute(
-        queries.CLAIM_ENTITY, {**_entity(entity_type, entity_id), "owner": owner, "now": now, "until": until}
-    )
-    return result.first() is not None
+async def claim_named(
+    conn: AsyncConnection, keys: Sequence[EntityKey], owner: str, now: dt.datetime, until: dt.datetime
+) -> list[EntityKey]:
+    """Claims the named entities whose lease is free, expired or ours; returns those won."""
+    params = {"types": [k[0] for k in keys], "ids": [k[1] for k in keys], "owner": owner, "now": now, "until": until}
+    result = await conn.execute(queries.CLAIM_NAMED, params)
+    return [(int(r.entity_type), str(r.entity_id)) for r in result]
 
 
-async def release_lease(conn: AsyncConnection, entity_type: int, entity_id: str, owner: str) -> None:
-    await conn.execute(queries.RELEASE_LEASE, {**_entity(entity_type, entity_id), "owner": owner})
+async def rest_leases(conn: AsyncConnection, keys: Sequence[EntityKey], owner: str, until: dt.datetime) -> None:
+    """Our leases of `keys` end at `until`: the entities rest, then any replica may claim them."""
+    params = {"types": [k[0] for k in keys], "ids": [k[1] for k in keys], "owner": owner, "until": until}
+    await conn.execute(queries.REST_LEASES, params)
 
 
-async def renew_lease(conn: AsyncConnection, entity_type: int, entity_id: str, owner: str, until: dt.datetime) -> bool:
-    result = await conn.execute(
-        update(entities)
-        .where(
-            entities.c.entity_type == entity_type,
-            entities.c.entity_id == entity_id,
-            entities.c.lease_owner == owner,
-        )
-        .values(lease_until=until)
-    )
-    return bool(result.rowcount == 1)
+async def release_leases(conn: AsyncConnection, keys: Sequence[EntityKey], owner: str) -> None:
+    """Hands our leases of `keys` back (at shutdown), so other replicas need not wait."""
+    params = {"types": [k[0] for k in keys], "ids": [k[1] for k in keys], "owner": owner}
+    await conn.execute(queries.RELEASE_LEASES, params)
 
 
 # --- reads --------------------------------------------------------------------------------------

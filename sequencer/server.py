@@ -109,7 +109,7 @@ async def build_server(
     )
     store = ForwardingStore(engine, settings, clock, metrics, instance)
     ledger = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
-    forwarder = Forwarder(engine, ledger, store, notifier, settings, clock, metrics)
+    forwarder = Forwarder(ledger, store, notifier, settings, clock, metrics)
     if run_forwarder:
         ingress.on_queued = skips.on_queued = forwarder.kick
 

@@ -86,7 +86,7 @@ def test_metrics_move_and_correlation_is_followed(services: tuple[ServiceProcess
     ledger_metrics = scrape(ledger.metrics_port)
     assert (
         total(
-            ledger_metrics, 'ledger_rpc_requests_total{code="OK",method="/logistics.ledger.v1.LedgerService/ApplyEvent"'
+            ledger_metrics, 'ledger_rpc_requests_total{code="OK",method="/logistics.ledger.v1.LedgerService/ApplyEvents"'
         )
         >= 1
     )
@@ -99,7 +99,7 @@ def test_metrics_move_and_correlation_is_followed(services: tuple[ServiceProcess
     seq_lines = [e for e in sequencer.logs if mine(e)]
     assert any(str(e.get("rpc", "")).endswith("/SubmitEvent") for e in seq_lines)
     assert any(e.get("msg") == "event forwarded" and e.get("transaction_id") == first.transaction_id for e in seq_lines)
-    assert any(str(e.get("rpc", "")).endswith("/ApplyEvent") for e in ledger.logs if mine(e))
+    assert any(str(e.get("rpc", "")).endswith("/ApplyEvents") for e in ledger.logs if mine(e))
     with grpc.insecure_channel(ledger.address) as channel:
         history = ledger_pb2_grpc.LedgerServiceStub(channel).ListEntityHistory(
             ledger_pb2.ListEntityHistoryRequest(entity=events_pb2.EntityRef(entity_type=SHIPMENT, entity_id="SHP-M1")),

@@ -269,8 +269,8 @@ async def test_a_long_held_lease_is_handed_back_when_the_chain_ends(
         owner, until, taken_at = await lease_of(system, "SHP-HO")
         now = dt.datetime.now(dt.UTC)
         async with system.sequencer_app.engine.begin() as conn:
-            other_claimed = await repo.claim_entity(
-                conn, SHIPMENT, "SHP-HO", "another-replica", now, now + dt.timedelta(seconds=30)
+            other_claimed = await repo.claim_named(
+                conn, [(SHIPMENT, "SHP-HO")], "another-replica", now, now + dt.timedelta(seconds=30)
             )
         if max_hold > 0:
             assert owner == system.sequencer_app.forwarder.owner and until > now and taken_at <= now

@@ -188,7 +188,7 @@ async def test_correlation_id_follows_the_event(system: System, caplog: pytest.L
     mine = [r for r in caplog.records if getattr(r, "correlation_id", None) == "corr-w7"]
     rpcs = {getattr(r, "rpc", "") for r in mine if r.getMessage() == "rpc"}
     assert "/logistics.sequencer.v1.SequencerService/SubmitEvent" in rpcs
-    assert "/logistics.ledger.v1.LedgerService/ApplyEvent" in rpcs
+    assert "/logistics.ledger.v1.LedgerService/ApplyEvents" in rpcs
     forwarded = [r for r in mine if r.getMessage() == "event forwarded"]
     assert forwarded and getattr(forwarded[0], "transaction_id", None) == reply.transaction_id
     # The JSON line of the sequencer's RPC carries entity, MSI, transaction and correlation ids.

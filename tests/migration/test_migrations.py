@@ -37,7 +37,11 @@ LANDED = {
     "sequencer/migrations/versions/8d3a61c0f4b2_batched_ingress.py": (
         "b948685d16f468112847cefcb843de1c0f151817054aeec729f07a5ce22ab48a"
     ),
+    "sequencer/migrations/versions/a4e7c2d91f35_batched_forwarding.py": (
+        "1327c8251405cd902340302207851d545e0de88b96145792c9c8391b93878ec7"
+    ),
     "sequencer/sql/lock_submissions_v2.sql": "3f8198512585c37e0b9775e685c25869f11b3a74f7062887d2e22b3e250f6b49",
+    "sequencer/sql/record_outcomes_v1.sql": "ea3a89fd981423df0e258d920b9e065fac6a6418808e195ceb4d4ca5f6f11cf2",
 }
 
 
