@@ -1,5 +1,6 @@
 """The load generator: a separate process (`python -m bench.loadgen SPEC OUT`) driving the
-sequencer, or the echo server, over real gRPC with a fixed number of concurrent callers.
+sequencer, or the echo server, over real gRPC with a fixed number of concurrent callers (a
+soak also paces them to a fixed rate of events per second).
 
 Every call has a deadline and an idempotency key (per item for SubmitEvents); transient failures
 are retried with the SAME key, as a careful client would, so a retry can never double-apply. It
@@ -46,6 +47,9 @@ BATCH_ITEMS = 100
 #: its previous one, so it rarely arrives before its predecessor is applied (and parks).
 BATCH_ROUNDS = 2
 CHANNEL_OPTIONS = [("grpc.max_concurrent_streams", 1000)]
+#: A soak's pacer lets callers catch up at most this far behind schedule after a stall, so a
+#: pause is followed by a short burst, never by minutes of flat-out load.
+PACER_SLACK = 1.0
 
 
 @dataclass
@@ -65,6 +69,12 @@ class Sent:
     error: str = ""
     response: bytes = b""
 
+    def forget(self) -> None:
+        """Drops the request and the answer bytes once nothing compares them any more: a soak
+        sends hundreds of thousands of events, and only their records are written out."""
+        self.request = _BLANK
+        self.response = b""
+
     def record(self) -> list[Any]:
         return [
             self.entity,
@@ -77,6 +87,9 @@ class Sent:
             self.error,
             self.phase,
         ]
+
+
+_BLANK = sequencer_pb2.SubmitEventRequest()
 
 
 @dataclass
@@ -255,7 +268,43 @@ class _Owned:
         return index
 
 
-async def _producer(run: Run, own: list[int], deadline: float, style: str) -> None:
+@dataclass(frozen=True)
+class Mix:
+    """What a stream producer does besides in-order submissions: the share of steps that send
+    an entity's successor before its predecessor, and the share re-sent at once (same key)."""
+
+    out_of_order: float = 0.0
+    resend: float = 0.0
+
+
+#: The stream workloads; `soak` mixes both kinds at lower shares, at a paced rate.
+MIXES = {
+    "warmup": Mix(),
+    "in_order": Mix(),
+    "out_of_order": Mix(out_of_order=0.25),
+    "retries": Mix(resend=0.10),
+    "soak": Mix(out_of_order=0.10, resend=0.05),
+}
+
+
+@dataclass
+class Pacer:
+    """A schedule shared by all callers: event n is due at start + n / rate. Callers that are
+    on time wait for their slot; late ones go at once, up to PACER_SLACK behind."""
+
+    rate: float
+    due: float = field(default_factory=time.monotonic)
+
+    async def wait(self, events: int) -> None:
+        now = time.monotonic()
+        self.due = max(self.due, now - PACER_SLACK)
+        slot = self.due
+        self.due += events / self.rate
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+
+async def _producer(run: Run, own: list[int], deadline: float, mix: Mix, pacer: Pacer | None) -> None:
     """One logical producer: round-robins over its own entities, each in MSI order."""
     owned = _Owned(run, own)
     while time.monotonic() < deadline and own:
@@ -263,20 +312,30 @@ async def _producer(run: Run, own: list[int], deadline: float, style: str) -> No
         stream = run.streams[index]
         first, _ = stream.next_spec()
         room = not (stream.entity_type == SHIPMENT and stream.finished)
-        if style == "out_of_order" and room and run.rng.random() < 0.25:
+        # The random draws happen only for the shares a workload has, so each fixed-seed
+        # workload generates the same events as before the shares became data.
+        swap = bool(mix.out_of_order) and room and run.rng.random() < mix.out_of_order
+        if pacer is not None:
+            await pacer.wait(2 if swap else 1)
+        step = []
+        if swap:
             # Submit its successor first: parked, then released when this one arrives.
             second, _ = stream.next_spec()
             sent = await run.submit(run.request(index, second))
+            step.append(sent)
             if sent.error:
                 return
-            sent = await run.submit(run.request(index, first))
-        else:
-            sent = await run.submit(run.request(index, first))
+        sent = await run.submit(run.request(index, first))
+        step.append(sent)
         if sent.error:
             return  # this producer's streams stop: a later MSI would only park behind the gap
-        if style == "retries" and run.rng.random() < 0.10:
+        if mix.resend and run.rng.random() < mix.resend:
             again = await run.submit(run.request(index, first, phase="resend"))
             run.check_replay(sent, again)
+            step.append(again)
+        if run.spec.get("compact"):
+            for done in step:
+                done.forget()
 
 
 async def streams_workload(run: Run, style: str) -> None:
@@ -284,7 +343,9 @@ async def streams_workload(run: Run, style: str) -> None:
     pool = _entity_pool(run, max(int(run.spec["entities"]), concurrency))
     deadline = time.monotonic() + float(run.spec["duration"])
     owners = [pool[w::concurrency] for w in range(concurrency)]
-    await asyncio.gather(*(_producer(run, own, deadline, style) for own in owners))
+    rate = run.spec.get("rate")
+    pacer = Pacer(float(rate)) if rate else None
+    await asyncio.gather(*(_producer(run, own, deadline, MIXES[style], pacer) for own in owners))
 
 
 async def _batch_producer(run: Run, own: list[int], deadline: float) -> None:
@@ -456,7 +517,7 @@ async def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
         started_wall = time.time()
         started = time.perf_counter()
         workload = spec["workload"]
-        if workload in ("in_order", "out_of_order", "retries", "warmup"):
+        if workload in MIXES:
             await streams_workload(run, workload)
         elif workload == "batch":
             await batch_workload(run)

@@ -1,5 +1,5 @@
 """Subprocesses of a benchmark run: the two services (port 0, port read from the start-up log
-line), the echo server, and /proc readings (peak RSS, CPU time) of any of them."""
+line), the echo server, and /proc readings (RSS now and peak, CPU time) of any of them."""
 
 from __future__ import annotations
 
@@ -23,16 +23,33 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """VmHWM (peak resident set) of a live process, in MiB; None when it is gone."""
+def _status_mb(pid: int, name: str) -> float | None:
+    """One kB field of /proc/<pid>/status, in MiB; None when the process (or the field) is gone."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
     for line in text.splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{name}:"):
             return int(line.split()[1]) / 1024
     return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM (peak resident set) of a live process, in MiB; None when it is gone."""
+    return _status_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int) -> float | None:
+    """VmRSS (resident set now) of a live process, in MiB; None when it is gone."""
+    return _status_mb(pid, "VmRSS")
+
+
+def rss_anon_mb(pid: int) -> float | None:
+    """RssAnon (private resident memory) of a live process, in MiB. For a PostgreSQL backend
+    this leaves out the shared buffers it has touched, which VmRSS counts and which only grow
+    as the backend visits more pages (a leak it is not)."""
+    return _status_mb(pid, "RssAnon")
 
 
 def cpu_seconds(pid: int) -> float | None:

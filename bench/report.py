@@ -47,7 +47,7 @@ def errors_by_code(requests: list[list[Any]]) -> dict[str, int]:
     return dict(Counter(r[7] for r in requests if r[7]))
 
 
-def _fmt(value: Any, suffix: str = "") -> str:
+def fmt(value: Any, suffix: str = "") -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -77,16 +77,69 @@ COLUMNS = (
 def table(rows: list[dict[str, Any]]) -> str:
     cells = [[name for name, _key, _suffix in COLUMNS]]
     for row in rows:
-        cells.append([_fmt(row.get(key), suffix) for _name, key, suffix in COLUMNS])
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+        cells.append([fmt(row.get(key), suffix) for _name, key, suffix in COLUMNS])
+    return grid(cells)
+
+
+def grid(cells: list[list[str]], left: int = 1) -> str:
+    """Aligned columns: the first `left` left-aligned (labels), the others right-aligned
+    (figures), a rule under the head."""
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     lines = []
     for n, line in enumerate(cells):
         lines.append(
-            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True)))
+            "  ".join(
+                c.rjust(w) if i >= left else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            )
         )
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+#: How each target metric is printed: label and unit.
+TARGET_METRICS = {
+    "submitted_vs_echo": ("submitted/echo", ""),
+    "applied_vs_echo": ("applied/echo", ""),
+    "s2a_p99_ms": ("s2a p99", " ms"),
+    "rss_growth": ("RSS growth", " %"),
+}
+
+
+def target(
+    metric: str, value: float | None, *, minimum: float | None = None, maximum: float | None = None
+) -> dict[str, Any]:
+    """A target and this run's figure: `value >= min`, or `value < max`. `met` and `result`
+    are None when the run could not measure the figure."""
+    if value is None:
+        met = None
+    elif minimum is not None:
+        met = value >= minimum
+    else:
+        assert maximum is not None
+        met = value < maximum
+    bound = {"min": minimum} if minimum is not None else {"max": maximum}
+    return {
+        "metric": metric,
+        **bound,
+        "value": value,
+        "met": met,
+        "result": None if met is None else ("PASS" if met else "FAIL"),
+    }
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    """One row per target: where, what, the bound, this run's figure, PASS/FAIL."""
+    cells = [["workload", "target", "bound", "measured", "result"]]
+    for t in targets:
+        label, unit = TARGET_METRICS.get(t["metric"], (t["metric"], ""))
+        scale = 100.0 if unit == " %" else 1.0
+        bound = f">= {fmt(t['min'] * scale, unit)}" if "min" in t else f"< {fmt(t['max'] * scale, unit)}"
+        value = None if t["value"] is None else t["value"] * scale
+        if t.get("process"):
+            label = f"{t['process']} {label}"
+        cells.append([t["workload"], label, bound, fmt(value, unit), t["result"] or "-"])
+    return grid(cells, left=2)
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import audit as audits
-from bench import report
+from bench import report, soak
 from bench.ceilings import pgbench_ceiling
 from bench.database import Database, provision, server_settings
 from bench.processes import ROOT, EchoServer, Service, backend_cpu_seconds, child_env, cpu_seconds, peak_rss_mb
@@ -25,6 +26,14 @@ from logistics.events.v1 import events_pb2
 PARKED = int(events_pb2.EVENT_STATE_PARKED)
 #: SPEC 10's ingress targets: acknowledged events/s as a share of the echo ceiling's calls/s.
 INGRESS_TARGETS = {"batch": 1.5, "in_order": 0.45}
+#: SPEC 10's applied targets: applied events/s as a share of the echo's calls/s, and the
+#: submit-to-applied p99 (what a caller waits until its event is in the ledger).
+APPLIED_TARGETS = {"in_order": 0.40, "out_of_order": 0.30, "hot_set": 0.30}
+S2A_P99_TARGETS_MS = {"in_order": 150.0}
+#: A soak without --rate offers this share of what a short flat-out in_order probe applied:
+#: steady load the pipeline keeps up with, so memory is measured at work, not in overload.
+SOAK_LOAD_SHARE = 0.5
+SOAK_PROBE_SECONDS = 10.0
 WORKLOADS = ("in_order", "batch", "hot_set", "out_of_order", "retries", "duplicate_storm")
 PREFIXES = {
     "warmup": "wu",
@@ -34,6 +43,7 @@ PREFIXES = {
     "out_of_order": "oo",
     "retries": "rt",
     "duplicate_storm": "ds",
+    "soak": "sk",
 }
 
 
@@ -51,6 +61,10 @@ class Plan:
     storm_rounds: int
     drain_timeout: float
     service_env: dict[str, str]
+    soak: bool = False
+    soak_warmup: float = 0.0
+    rate: float | None = None
+    sample_interval: float = 5.0
 
     def seconds(self, workload: str) -> float:
         share = {"in_order": 1.0, "batch": 0.5, "hot_set": 0.6, "out_of_order": 0.75, "retries": 0.75}.get(
@@ -66,7 +80,23 @@ class Plan:
 def parse(argv: list[str]) -> Plan:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="a few seconds, tiny numbers: checks the harness only")
-    parser.add_argument("--duration", type=float, help="seconds of load for in_order (others scale from it)")
+    parser.add_argument(
+        "--soak",
+        action="store_true",
+        help="steady mixed load for --duration seconds (default 600), RSS of each service sampled throughout",
+    )
+    parser.add_argument(
+        "--duration", type=float, help="seconds of load for in_order (others scale from it); with --soak, of the soak"
+    )
+    parser.add_argument(
+        "--soak-warmup", type=float, help="soak: seconds before the RSS baseline (default 60, or duration/5 if less)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        help=f"soak: events/s offered (default: {SOAK_LOAD_SHARE:.0%} of a {SOAK_PROBE_SECONDS:g} s in_order probe)",
+    )
+    parser.add_argument("--sample-interval", type=float, help="soak: seconds between RSS samples (default 5)")
     parser.add_argument("--concurrency", type=int, help="concurrent callers (default 64; smoke 8)")
     parser.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)}")
     parser.add_argument("--entities", type=int, help="entities of the stream workloads (default 1000)")
@@ -90,7 +120,14 @@ def parse(argv: list[str]) -> Plan:
             parser.error(f"--service-env wants NAME=VALUE, not {item!r}")
         env[name] = value
     smoke = bool(args.smoke)
-    duration = args.duration if args.duration is not None else (1.5 if smoke else 8.0)
+    if args.soak and (args.smoke or args.workloads):
+        parser.error("--soak runs its own mix: no --smoke, no --workloads")
+    if not args.soak and (args.rate or args.soak_warmup is not None or args.sample_interval):
+        parser.error("--rate, --soak-warmup and --sample-interval belong to --soak")
+    default_duration = 600.0 if args.soak else (1.5 if smoke else 8.0)
+    duration = args.duration if args.duration is not None else default_duration
+    if duration <= 0 or (args.rate is not None and args.rate <= 0) or (args.sample_interval or 1) <= 0:
+        parser.error("--duration, --rate and --sample-interval must be positive")
     return Plan(
         duration=duration,
         concurrency=args.concurrency or (8 if smoke else 64),
@@ -104,6 +141,10 @@ def parse(argv: list[str]) -> Plan:
         storm_rounds=2 if smoke else 10,
         drain_timeout=30.0 if smoke else 120.0,
         service_env=env,
+        soak=bool(args.soak),
+        soak_warmup=args.soak_warmup if args.soak_warmup is not None else soak.default_warmup(duration),
+        rate=args.rate,
+        sample_interval=args.sample_interval or 5.0,
     )
 
 
@@ -147,19 +188,36 @@ class Bench:
 
     # --- load -------------------------------------------------------------------------------
 
-    def loadgen(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def loadgen(self, spec: dict[str, Any], sampler: soak.Sampler | None = None) -> dict[str, Any]:
+        """Runs the load generator to its end; a sampler, if given, samples every
+        `sample_interval` seconds meanwhile (from here: the load generator has its own work)."""
         self.work.mkdir(parents=True, exist_ok=True)
         spec_path = self.work / f"{spec['workload']}.spec.json"
         out_path = self.work / f"{spec['workload']}.result.json"
         spec_path.write_text(json.dumps(spec))
         limit = float(spec.get("duration", 0)) * 3 + float(spec.get("replay_seconds", 0)) + 120
-        proc = subprocess.run(  # noqa: S603
+        proc = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", "bench.loadgen", str(spec_path), str(out_path)],
             env=child_env(),
             cwd=ROOT,
-            timeout=limit,
-            check=False,
         )
+        deadline = time.monotonic() + limit
+        tick = time.monotonic()
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the load generator for {spec['workload']} ran past {limit:.0f} s")
+                if sampler is not None and time.monotonic() >= tick:
+                    sampler.sample()
+                    # On a fixed schedule, not interval after each sample, so samples do not drift.
+                    tick += self.plan.sample_interval
+                wait = 0.5 if sampler is None else max(0.0, min(0.5, tick - time.monotonic()))
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(wait)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if proc.returncode != 0:
             raise RuntimeError(f"the load generator failed for {spec['workload']} (exit {proc.returncode})")
         result: dict[str, Any] = json.loads(out_path.read_text())
@@ -178,14 +236,18 @@ class Bench:
             time.sleep(0.05)
         return time.monotonic() - started, terminal
 
-    def backends(self) -> dict[int, float]:
-        """CPU used so far by each backend connected to the run's database."""
+    def backend_pids(self) -> list[int]:
+        """The backends connected to the run's database, this query's own left out."""
         assert self.db is not None
         with self.db.connect() as conn:
             rows = conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
             ).fetchall()
-        return backend_cpu_seconds([int(r[0]) for r in rows])
+        return [int(r[0]) for r in rows]
+
+    def backends(self) -> dict[int, float]:
+        """CPU used so far by each backend connected to the run's database."""
+        return backend_cpu_seconds(self.backend_pids())
 
     def snapshot(self) -> dict[str, Any]:
         assert self.sequencer is not None and self.ledger is not None
@@ -198,21 +260,27 @@ class Bench:
             "wall": time.monotonic(),
         }
 
-    def run_workload(self, name: str) -> dict[str, Any]:
-        assert self.db is not None and self.sequencer is not None and self.ledger is not None
-        prefix = PREFIXES[name]
-        spec: dict[str, Any] = {
+    def spec(self, name: str, seconds: float | None = None) -> dict[str, Any]:
+        assert self.sequencer is not None
+        if seconds is None:
+            seconds = self.plan.warmup if name == "warmup" else self.plan.seconds(name)
+        return {
             "workload": name,
             "target": self.sequencer.address,
             "concurrency": self.plan.concurrency,
-            "duration": self.plan.warmup if name == "warmup" else self.plan.seconds(name),
+            "duration": seconds,
             "entities": self.plan.entities,
             "seed": 20241124 + len(name),
-            "prefix": prefix,
+            "prefix": PREFIXES[name],
             "storm_rounds": self.plan.storm_rounds,
             "storm_callers": 100,
             "replay_seconds": round(self.plan.duration * 0.4, 2) if name == "retries" else 0,
         }
+
+    def run_workload(self, name: str, seconds: float | None = None) -> dict[str, Any]:
+        assert self.db is not None and self.sequencer is not None and self.ledger is not None
+        prefix = PREFIXES[name]
+        spec = self.spec(name, seconds)
         before = self.snapshot()
         result = self.loadgen(spec)
         first = audits.accepted(result)
@@ -386,17 +454,17 @@ class Bench:
             # Ingress apart from applied: acknowledged events/s against the echo's calls/s.
             row["submitted_vs_echo"] = None if storm else report.ratio(row["submitted_per_s"], echo["requests_per_s"])
             row["ingress_target"] = ingress_target(row["workload"], row["submitted_vs_echo"])
+            row["applied_targets"] = applied_targets(row["workload"], row["applied_vs_echo"], row["s2a_p99_ms"])
+        targets = [
+            {"workload": row["workload"], **t}
+            for row in rows
+            for t in ([row["ingress_target"]] if row["ingress_target"] else []) + row["applied_targets"]
+        ]
         return {
             "schema": 1,
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "mode": "smoke" if plan.smoke else "default",
-            "machine": {
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-                "platform": platform.platform(),
-                "postgres": pg_settings,
-                "database": self.db.where,
-            },
+            "machine": self.machine(pg_settings),
             "settings": {
                 "concurrency": plan.concurrency,
                 "duration": plan.duration,
@@ -406,7 +474,118 @@ class Bench:
             },
             "ceilings": {"echo": echo, "pgbench": pg},
             "workloads": {row["workload"]: row for row in rows},
+            # Targets are reported, never part of the exit status: the audits are.
+            "targets": targets,
             "all_passed": all(row["audit"] == "PASS" for row in rows),
+            "wall_seconds": round(time.monotonic() - started, 1),
+        }
+
+    def machine(self, pg_settings: dict[str, str]) -> dict[str, Any]:
+        assert self.db is not None
+        return {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "postgres": pg_settings,
+            "database": self.db.where,
+        }
+
+    # --- the soak ---------------------------------------------------------------------------
+
+    def run_soak(self) -> dict[str, Any]:
+        """A steady mixed load for the plan's duration with RSS sampled throughout, then the
+        drain and the same exactness audit as every workload, over everything it submitted."""
+        plan = self.plan
+        started = time.monotonic()
+        self.start()
+        assert self.db is not None and self.sequencer is not None and self.ledger is not None
+        print(
+            f"database: {self.db.where}, {self.db.name}; "
+            f"sequencer pid {self.sequencer.pid}, ledger pid {self.ledger.pid}",
+            flush=True,
+        )
+        if plan.warmup > 0:
+            self.run_workload("warmup")
+        rows = []
+        if plan.rate is not None:
+            rate, source = plan.rate, "--rate"
+        else:
+            probe = self.run_workload("in_order", seconds=SOAK_PROBE_SECONDS)
+            rows.append(probe)
+            if not probe["applied_per_s"]:
+                raise RuntimeError(f"the in_order probe applied nothing: {probe['details']['audit']}")
+            rate = max(1.0, round(probe["applied_per_s"] * SOAK_LOAD_SHARE))
+            source = (
+                f"{SOAK_LOAD_SHARE:.0%} of the {SOAK_PROBE_SECONDS:g} s in_order probe's "
+                f"{probe['applied_per_s']} applied/s"
+            )
+            print(f"in_order probe: {probe['audit']} ({probe['applied_per_s']} applied/s); soak at {rate:g} events/s")
+
+        spec = {**self.spec("soak", plan.duration), "rate": rate, "compact": True}
+        pids = {"sequencer": self.sequencer.pid, "ledger": self.ledger.pid}
+        origin = time.time()
+        sampler = soak.Sampler(pids, self.backend_pids, origin)
+        before = self.snapshot()
+        result = self.loadgen(spec, sampler)
+        sampler.rebase(result["started_wall"])
+        origin, end = sampler.origin, float(result["elapsed"])
+        first = audits.accepted(result)
+        drain_s, _terminal = self.drain(spec["prefix"], len(first))
+        after = self.snapshot()
+        db_rows = audits.sequencer_rows(self.db, spec["prefix"])
+        audit = audits.run_audit(self.db, spec["prefix"], result, db_rows)
+        row = self.summarise("soak", spec, result, first, db_rows, audit, drain_s, before, after)
+        rows.append(row)
+        print(f"soak: {row['audit']} ({row['events']} events)" + "".join(f"\n  - {p}" for p in audit.problems))
+
+        acked, applied, s2a = soak.event_times(result, first, db_rows, origin)
+        bucket = soak.bucket_seconds(plan.duration, plan.sample_interval)
+        last = soak.window(plan.duration)
+        samples = sampler.samples
+        growth = {
+            name: soak.growth(samples, name, plan.soak_warmup, last, soak.RSS_GROWTH_MAX) for name in soak.SERVICES
+        }
+        growth[soak.POSTGRES] = soak.growth(samples, soak.POSTGRES, plan.soak_warmup, last, None)
+        section = {
+            "seconds": plan.duration,
+            "load_seconds": round(end, 2),
+            "rate": rate,
+            "rate_source": source,
+            "concurrency": plan.concurrency,
+            "entities": plan.entities,
+            "mix": soak.MIX_TEXT,
+            "warmup_seconds": plan.soak_warmup,
+            "window_seconds": last,
+            "sample_interval": plan.sample_interval,
+            "bucket_seconds": bucket,
+            "submitted_per_s": report.rate(len(acked), end),
+            "applied_per_s": row["applied_per_s"],
+            "rss_growth": growth,
+            "timeline": soak.timeline(samples, acked, applied, s2a, end, bucket, rate),
+            "samples": samples,
+        }
+        target_keys = ("metric", "max", "value", "met", "result")
+        targets = [
+            {"workload": "soak", "process": name, **{k: growth[name][k] for k in target_keys}} for name in soak.SERVICES
+        ]
+        return {
+            "schema": 1,
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "mode": "soak",
+            "machine": self.machine(server_settings(self.db)),
+            "settings": {
+                "concurrency": plan.concurrency,
+                "duration": plan.duration,
+                "entities": plan.entities,
+                "rate": plan.rate,
+                "soak_warmup": plan.soak_warmup,
+                "sample_interval": plan.sample_interval,
+                "service_env": plan.service_env,
+            },
+            "workloads": {r["workload"]: r for r in rows},
+            "soak": section,
+            "targets": targets,
+            "all_passed": all(r["audit"] == "PASS" for r in rows),
             "wall_seconds": round(time.monotonic() - started, 1),
         }
 
@@ -420,8 +599,18 @@ def ingress_target(workload: str, submitted_vs_echo: float | None) -> dict[str, 
     minimum = INGRESS_TARGETS.get(workload)
     if minimum is None:
         return None
-    met = None if submitted_vs_echo is None else submitted_vs_echo >= minimum
-    return {"metric": "submitted_vs_echo", "min": minimum, "value": submitted_vs_echo, "met": met}
+    return report.target("submitted_vs_echo", submitted_vs_echo, minimum=minimum)
+
+
+def applied_targets(workload: str, applied_vs_echo: float | None, s2a_p99_ms: float | None) -> list[dict[str, Any]]:
+    """SPEC 10's applied targets of a workload (applied/echo, submit-to-applied p99), each with
+    whether this run met it; empty where the workload has none."""
+    targets = []
+    if workload in APPLIED_TARGETS:
+        targets.append(report.target("applied_vs_echo", applied_vs_echo, minimum=APPLIED_TARGETS[workload]))
+    if workload in S2A_P99_TARGETS_MS:
+        targets.append(report.target("s2a_p99_ms", s2a_p99_ms, maximum=S2A_P99_TARGETS_MS[workload]))
+    return targets
 
 
 def render(result: dict[str, Any]) -> str:
@@ -437,11 +626,7 @@ def render(result: dict[str, Any]) -> str:
     for row in rows:
         parts = []
         if row.get("submitted_vs_echo") is not None:
-            part = f"submitted/echo {row['submitted_vs_echo']:.2f}"
-            target = row.get("ingress_target")
-            if target is not None:
-                part += f" (target >= {target['min']}: {'met' if target['met'] else 'not met'})"
-            parts.append(part)
+            parts.append(f"submitted/echo {row['submitted_vs_echo']:.2f}")
         if row.get("applied_vs_pgbench") is not None:
             parts.append(f"applied/pgbench {row['applied_vs_pgbench']:.0%}")
         if row.get("applied_vs_echo") is not None:
@@ -449,6 +634,17 @@ def render(result: dict[str, Any]) -> str:
         if row.get("replays_vs_echo") is not None:
             parts.append(f"replays/echo {row['replays_vs_echo']:.0%}")
         lines.append(f"  {row['workload']}: " + ", ".join(parts))
+    if result["targets"]:
+        lines += ["", "SPEC 10 targets (reported; the exit status follows the audits only):"]
+        lines.append(report.targets_table(result["targets"]))
+    lines.append(f"all audits: {'PASS' if result['all_passed'] else 'FAIL'}  ({result['wall_seconds']} s)")
+    return "\n".join(lines)
+
+
+def render_soak(result: dict[str, Any]) -> str:
+    lines = [report.table(list(result["workloads"].values())), "", soak.render(result["soak"]), ""]
+    lines.append("targets (reported; the exit status follows the audits only):")
+    lines.append(report.targets_table(result["targets"]))
     lines.append(f"all audits: {'PASS' if result['all_passed'] else 'FAIL'}  ({result['wall_seconds']} s)")
     return "\n".join(lines)
 
@@ -457,11 +653,11 @@ def main(argv: list[str] | None = None) -> int:
     plan = parse(sys.argv[1:] if argv is None else argv)
     bench = Bench(plan)
     try:
-        result = bench.run()
+        result = bench.run_soak() if plan.soak else bench.run()
     finally:
         bench.stop()
     report.write_json(plan.json_path, result)
     print()
-    print(render(result))
+    print(render_soak(result) if plan.soak else render(result))
     print(f"report: {plan.json_path}")
     return 0 if result["all_passed"] else 1

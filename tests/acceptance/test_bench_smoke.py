@@ -1,6 +1,7 @@
 """The benchmark command's harness works end to end: `python -m bench --smoke` starts the
 system, runs every workload (the `batch` one through SubmitEvents), audits each one, measures
-both ceilings and writes its report.
+both ceilings and writes its report; `python -m bench --soak`, briefly, samples the services'
+RSS through a paced mixed load and reports the growth after a warm-up.
 
 No speed assertions (SPEC 8: speed is measured by the benchmark, never asserted by tests).
 """
@@ -18,14 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = ("in_order", "batch", "hot_set", "out_of_order", "retries", "duplicate_storm")
 
 
-def test_bench_smoke_runs_every_workload_and_audits_pass(tmp_path: Path) -> None:
-    report_path = tmp_path / "report.json"
+def _bench(args: list[str], report_path: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SEQUENCER_", "LEDGER_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python")])
     if os.environ.get("DATABASE_URL", "").strip():
         env["DATABASE_URL"] = os.environ["DATABASE_URL"]
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--json", str(report_path)],
+        [sys.executable, "-m", "bench", *args, "--json", str(report_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -34,8 +34,14 @@ def test_bench_smoke_runs_every_workload_and_audits_pass(tmp_path: Path) -> None
         check=False,
     )
     assert proc.returncode == 0, (
-        f"bench --smoke failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        f"bench {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     )
+    return proc
+
+
+def test_bench_smoke_runs_every_workload_and_audits_pass(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    proc = _bench(["--smoke"], report_path)
 
     report = json.loads(report_path.read_text())
     assert report["mode"] == "smoke"
@@ -64,6 +70,17 @@ def test_bench_smoke_runs_every_workload_and_audits_pass(tmp_path: Path) -> None
         target = report["workloads"][name]["ingress_target"]
         assert target["metric"] == "submitted_vs_echo" and target["value"] is not None
         assert target["min"] == {"batch": 1.5, "in_order": 0.45}[name]
+    # SPEC 10's applied targets: reported with their figure and a verdict, whatever it is.
+    applied = {name: report["workloads"][name]["applied_targets"] for name in ("in_order", "out_of_order", "hot_set")}
+    assert [(t["metric"], t.get("min"), t.get("max")) for t in applied["in_order"]] == [
+        ("applied_vs_echo", 0.40, None),
+        ("s2a_p99_ms", None, 150.0),
+    ]
+    for name in ("out_of_order", "hot_set"):
+        assert [(t["metric"], t["min"]) for t in applied[name]] == [("applied_vs_echo", 0.30)]
+    for t in report["targets"]:
+        assert t["value"] is not None and t["result"] in ("PASS", "FAIL"), t
+    assert len(report["targets"]) == 6
 
     ceilings = report["ceilings"]
     assert ceilings["echo"]["requests_per_s"] > 0
@@ -75,4 +92,37 @@ def test_bench_smoke_runs_every_workload_and_audits_pass(tmp_path: Path) -> None
     else:
         assert pgbench["events_per_s"] is None
         assert "not available" in pgbench["note"]
+    assert "all audits: PASS" in proc.stdout
+
+
+def test_bench_soak_samples_rss_and_reports_growth(tmp_path: Path) -> None:
+    """A short soak at a fixed low rate (no probe): the RSS samples, the timeline, the growth
+    figures and the audit are in the report. Neither RSS nor growth is asserted (SPEC 8)."""
+    report_path = tmp_path / "soak.json"
+    args = ["--soak", "--duration", "12", "--soak-warmup", "3", "--sample-interval", "1", "--rate", "40"]
+    proc = _bench([*args, "--concurrency", "8", "--entities", "40"], report_path)
+
+    report = json.loads(report_path.read_text())
+    assert report["mode"] == "soak"
+    assert report["all_passed"] is True
+    row = report["workloads"]["soak"]
+    assert row["audit"] == "PASS", row["details"]["audit"]
+    assert row["events"] > 0 and row["errors"] == 0
+    assert row["details"]["replays"] > 0  # the mix re-sends some requests
+    soak = report["soak"]
+    samples = soak["samples"]
+    assert len(samples) >= 8
+    assert all(s["sequencer"] > 0 and s["ledger"] > 0 for s in samples)
+    assert [s["t"] for s in samples] == sorted(s["t"] for s in samples)
+    assert soak["timeline"] and all(r["sequencer_mb"] is not None for r in soak["timeline"])
+    for name in ("sequencer", "ledger"):
+        figures = soak["rss_growth"][name]
+        assert figures["warmup_mb"] > 0 and figures["final_mb"] > 0
+        assert figures["value"] is not None and figures["max"] == 0.10
+        assert figures["result"] in ("PASS", "FAIL")
+    assert {(t["process"], t["metric"]) for t in report["targets"]} == {
+        ("sequencer", "rss_growth"),
+        ("ledger", "rss_growth"),
+    }
+    assert "RSS growth after the warm-up" in proc.stdout
     assert "all audits: PASS" in proc.stdout
