@@ -84,12 +84,8 @@ def test_metrics_move_and_correlation_is_followed(services: tuple[ServiceProcess
     assert "sequencer_forwarder_retries_total" in after
 
     ledger_metrics = scrape(ledger.metrics_port)
-    assert (
-        total(
-            ledger_metrics, 'ledger_rpc_requests_total{code="OK",method="/logistics.ledger.v1.LedgerService/ApplyEvents"'
-        )
-        >= 1
-    )
+    applied = 'ledger_rpc_requests_total{code="OK",method="/logistics.ledger.v1.LedgerService/ApplyEvents"'
+    assert total(ledger_metrics, applied) >= 1
     assert total(ledger_metrics, "ledger_outcomes_total") >= 1
 
     # One correlation id: the caller's, through the sequencer's logs, the ledger's logs and history.
