@@ -20,9 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class ServiceProcess:
-    def __init__(self, name: str, env: dict[str, str]) -> None:
+    def __init__(self, name: str, env: dict[str, str], keep: int | None = None) -> None:
         self.name = name
         self.env = env
+        # At most about this many recent log lines are kept (a long campaign logs millions).
+        self.keep = keep
         self.logs: list[dict[str, Any]] = []
         self.raw: list[str] = []
         self.port = 0
@@ -58,6 +60,9 @@ class ServiceProcess:
             except ValueError:
                 continue
             self.logs.append(entry)
+            if self.keep is not None and len(self.raw) > 2 * self.keep:
+                del self.raw[: self.keep]
+                del self.logs[: max(0, len(self.logs) - self.keep)]
             if entry.get("msg") == f"{self.name} listening":
                 self.port = int(entry["port"])
                 self.metrics_port = int(entry.get("metrics_port") or 0)
@@ -104,7 +109,7 @@ class ServiceProcess:
         raise AssertionError(f"no matching log line from {self.name}")
 
 
-def start_ledger(database_url: str, port: int = 0, **env: str) -> ServiceProcess:
+def start_ledger(database_url: str, port: int = 0, *, keep: int | None = None, **env: str) -> ServiceProcess:
     return ServiceProcess(
         "ledger",
         {
@@ -113,10 +118,11 @@ def start_ledger(database_url: str, port: int = 0, **env: str) -> ServiceProcess
             "LEDGER_METRICS_ADDR": "127.0.0.1:0",
             **env,
         },
+        keep,
     ).start()
 
 
-def start_sequencer(database_url: str, ledger_port: int, **env: str) -> ServiceProcess:
+def start_sequencer(database_url: str, ledger_port: int, *, keep: int | None = None, **env: str) -> ServiceProcess:
     return ServiceProcess(
         "sequencer",
         {
@@ -127,4 +133,5 @@ def start_sequencer(database_url: str, ledger_port: int, **env: str) -> ServiceP
             "SEQUENCER_FORWARDER_POLL_INTERVAL": "0.2",
             **env,
         },
+        keep,
     ).start()

@@ -2,20 +2,14 @@
 down each answers UNAVAILABLE with ErrorInfo reason TRANSIENT (never INTERNAL), and once it is
 back the services work again without a restart.
 
-The test owns its PostgreSQL cluster (initdb into a temporary folder, listening on a unix
-socket in that folder only, so no port is shared or raced for) and stops it with
-`pg_ctl stop -m immediate`, as a crash or failover would. The RPCs come from the service
-descriptors, so a new RPC without a request below fails the test."""
+The test owns its PostgreSQL cluster (tests/cluster.py: initdb into a temporary folder, a unix
+socket in that folder only) and stops it with `pg_ctl stop -m immediate`, as a crash or
+failover would. The RPCs come from the service descriptors, so a new RPC without a request
+below fails the test."""
 
 from __future__ import annotations
 
 import asyncio
-import glob
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +26,7 @@ from common.migrate import upgrade
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2
 from logistics.sequencer.v1 import sequencer_pb2
+from tests.cluster import Cluster
 from tests.support import System, error_info, inventory_event, sequencer_test_settings, shipment_event
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,66 +37,6 @@ SERVICES = [
 ]
 TRANSIENT = "UNAVAILABLE/TRANSIENT"
 RECOVERY = 20.0  # seconds the services may take to drop dead pooled connections
-
-
-def _bindir() -> Path:
-    """PostgreSQL's server binaries: the system's (newest version), else pgserver's."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), key=lambda p: int(Path(p).parts[-3]))
-    if found:
-        return Path(found[-1]).parent
-    on_path = shutil.which("pg_ctl")
-    if on_path:
-        return Path(on_path).parent
-    from pgserver._commands import POSTGRES_BIN_PATH  # the project's embedded server
-
-    return Path(POSTGRES_BIN_PATH)
-
-
-class Cluster:
-    """A private PostgreSQL cluster on a unix socket; root runs it as the `postgres` user."""
-
-    def __init__(self) -> None:
-        self.bindir = _bindir()
-        self.dir = Path(tempfile.mkdtemp(prefix="pg-outage-"))
-        self.data = self.dir / "data"
-        self.user = "postgres" if os.geteuid() == 0 else None
-        if self.user is not None:
-            entry = pwd.getpwnam(self.user)
-            os.chown(self.dir, entry.pw_uid, entry.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8")
-
-    def _run(self, tool: str, *args: str) -> None:
-        subprocess.run(
-            [str(self.bindir / tool), *args],
-            check=True,
-            capture_output=True,
-            user=self.user,
-            cwd=self.dir,
-            timeout=60,
-        )
-
-    def start(self) -> None:
-        options = f"-k {self.dir} -c listen_addresses='' -c fsync=off"
-        self._run("pg_ctl", "start", "-w", "-t", "30", "-D", str(self.data), "-l", str(self.dir / "log"), "-o", options)
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "stop", "-w", "-t", "30", "-D", str(self.data), "-m", "immediate")
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://postgres@/postgres?host={self.dir}"
-
-    def remove(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            subprocess.run(
-                [str(self.bindir / "pg_ctl"), "stop", "-D", str(self.data), "-m", "immediate"],
-                capture_output=True,
-                user=self.user,
-                cwd=self.dir,
-                timeout=60,
-                check=False,
-            )
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture
