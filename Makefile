@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python
 
-.PHONY: up test install node lint typecheck protos-check ts-check buf-lint buf-breaking gen gen-ts pytest migrate bench chaos lock clean
+.PHONY: up test install node lint typecheck protos-check ts-check buf-lint buf-breaking gen gen-ts pytest migrate bench soak chaos lock clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,9 @@ bench: install
 	@$(PY) -m bench $(BENCH_ARGS)
 
 # The long fault campaign (docs/faults.md): CHAOS_ARGS="--minutes 10 --seed 7".
+soak: install
+	@$(PY) -m bench --soak $(BENCH_ARGS)
+
 chaos: install
 	@$(PY) -m tests.chaos $(CHAOS_ARGS)
 
