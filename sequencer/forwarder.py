@@ -29,10 +29,10 @@ from grpc_status import rpc_status
 from sqlalchemy.exc import DBAPIError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
+from common.clock import Clock
 from common.errors import DeadlineReached, Retryable
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
-from sequencer.clock import Clock
 from sequencer.config import Settings
 from sequencer.forwarding import ForwardingStore, QueuedEvent
 from sequencer.hints import Hint

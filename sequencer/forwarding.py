@@ -15,10 +15,10 @@ from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common import db
+from common.clock import Clock
 from common.errors import DeadlineReached, Retryable
 from sequencer import hints
 from sequencer import repository as repo
-from sequencer.clock import Clock
 from sequencer.config import Settings
 from sequencer.hints import Change
 from sequencer.metrics import SequencerMetrics

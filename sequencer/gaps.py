@@ -10,8 +10,8 @@ import logging
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from common.clock import Clock
 from sequencer import repository as repo
-from sequencer.clock import Clock
 from sequencer.config import Settings
 from sequencer.errors import Retryable
 from sequencer.metrics import SequencerMetrics

@@ -29,12 +29,12 @@ from typing import Any
 import psycopg
 
 from common import logs
+from common.clock import Clock
 from common.db import LOCK_NOT_AVAILABLE, QUERY_CANCELED, RETRYABLE_SQLSTATES, is_transient, libpq_url, sqlstate
 from common.errors import DomainError
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 from sequencer import mailbox
-from sequencer.clock import Clock
 from sequencer.config import Settings
 from sequencer.errors import (
     DeadlineReached,

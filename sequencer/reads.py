@@ -8,12 +8,12 @@ import uuid
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from common.clock import Clock
 from common.db import reading
 from common.pages import decode_token, encode_token, page_size
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 from sequencer import repository as repo
-from sequencer.clock import Clock
 from sequencer.config import Settings
 from sequencer.convert import duration, status_from_row
 from sequencer.errors import EntityNotFound, EventNotFound, IdempotencyRecordNotFound, InvalidArgument

@@ -14,11 +14,11 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.auth import Authenticator
+from common.clock import Clock, SystemClock
 from common.db import make_engine, require_migrated
 from common.grpc_server import add_health_and_reflection, bind, bounded, channel, new_server, serve, set_serving
 from logistics.ledger.v1 import ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
-from sequencer.clock import Clock, SystemClock
 from sequencer.config import Settings
 from sequencer.forwarder import Forwarder
 from sequencer.forwarding import ForwardingStore

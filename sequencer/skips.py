@@ -14,12 +14,12 @@ from collections.abc import Callable
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common import db, logs
+from common.clock import Clock
 from common.limits import MAX_TEXT
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 from sequencer import hints
 from sequencer import repository as repo
-from sequencer.clock import Clock
 from sequencer.config import Settings
 from sequencer.convert import status_from_row
 from sequencer.errors import InvalidArgument, NotAGap

@@ -8,8 +8,8 @@ import logging
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from common.clock import Clock
 from sequencer import repository as repo
-from sequencer.clock import Clock
 from sequencer.config import Settings
 
 log = logging.getLogger(__name__)

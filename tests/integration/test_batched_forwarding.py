@@ -15,11 +15,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import select
 
+from common.clock import SystemClock
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer import repository as repo
-from sequencer.clock import SystemClock
 from sequencer.forwarding import ForwardingStore
 from sequencer.metrics import SequencerMetrics
 from sequencer.models import entities

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from common.clock import ManualClock
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
-from sequencer.clock import ManualClock
 from sequencer.models import events, idempotency_keys
 from sequencer.server import App, build_server
 from tests.support import error_info, shipment_event, submit_request, trailing, with_overrides

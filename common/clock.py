@@ -1,4 +1,5 @@
-"""Time as a dependency, so expiry, leases and gap ages can be tested with a clock we control."""
+"""Time as a dependency (both services), so expiry, leases, gap ages and processing times can be
+tested with a clock we control."""
 
 from __future__ import annotations
 
