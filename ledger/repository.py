@@ -6,8 +6,9 @@ Every function takes the caller's connection, so the service decides what one tr
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from sqlalchemy import RowMapping, and_, func, literal, select
@@ -66,15 +67,6 @@ async def get_version(conn: AsyncConnection, entity_type: int, entity_id: str) -
     return int(version or 0)
 
 
-@dataclass(frozen=True)
-class EntityHead:
-    """What an event is checked against: the entity's version and, if this MSI was processed
-    already, its history row."""
-
-    version: int
-    previous: HistoryRecord | None
-
-
 def _record(m: RowMapping, entity_type: int, entity_id: str, sequence: int) -> HistoryRecord:
     """A history row (alone, or joined into a head read) as a HistoryRecord."""
     return HistoryRecord(
@@ -94,55 +86,199 @@ def _record(m: RowMapping, entity_type: int, entity_id: str, sequence: int) -> H
     )
 
 
-def _head(m: RowMapping, entity_type: int, entity_id: str) -> EntityHead:
-    processed = m["processed_sequence"]
-    previous = None if processed is None else _record(m, entity_type, entity_id, processed)
-    return EntityHead(int(m["version"]), previous)
-
-
-async def load_head(conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int) -> EntityHead:
-    """The version and this MSI's history row; run after the entity lock, never within it."""
-    row = (await conn.execute(queries.LOAD_HEAD, {**_entity(entity_type, entity_id), "sequence": sequence})).one()
-    return _head(row._mapping, entity_type, entity_id)
+# --- the write path: one read and one write per transaction -----------------------------------
 
 
 @dataclass(frozen=True)
-class StateWrite:
-    """A write of the new state, made in the statement that moves the version (named SQL of
-    queries.py and its parameters)."""
+class HeadQuery:
+    """What one item needs read: its entity, its MSI, and for an inventory command the
+    locations and the reservation it touches."""
 
-    sql: str
-    params: dict[str, Any]
+    entity_type: int
+    entity_id: str
+    sequence: int
+    locations: tuple[str, ...] = ()
+    reservation_id: str | None = None
 
 
-async def record_event(
-    conn: AsyncConnection, expected: int, record: HistoryRecord, writes: Sequence[StateWrite] = ()
-) -> None:
-    """Writes the new state, moves the version from `expected` to the record's MSI and appends
-    the record, in one statement that fails as a whole unless the compare-and-set matches."""
-    params: dict[str, Any] = {
-        "entity_type": record.entity_type,
-        "entity_id": record.entity_id,
-        "sequence": record.sequence,
-        "expected": expected,
-        "kind": record.kind,
-        "outcome": int(record.outcome),
-        "reason": record.reason,
-        "reason_detail": record.reason_detail,
-        "correlation_id": record.correlation_id,
-        "transaction_id": record.transaction_id,
-        "source": record.source,
-        "occurred_at": record.occurred_at,
-        "processed_at": record.processed_at,
-        "payload_hash": record.payload_hash,
+@dataclass(frozen=True)
+class ItemHead:
+    """What one item is checked against, as read under the locks: its entity's version, the
+    history row of its MSI if that was processed already, and the state its rule reads (the
+    shipment, or the balances and the reservation that exist among those it touches)."""
+
+    version: int
+    previous: HistoryRecord | None
+    shipment: domain.Shipment | None = None
+    balances: Mapping[str, domain.Balance] = field(default_factory=dict)
+    reservation: domain.Reservation | None = None
+
+
+def _item_head(m: RowMapping, query: HeadQuery) -> ItemHead:
+    processed = m["processed_sequence"]
+    previous = None if processed is None else _record(m, query.entity_type, query.entity_id, processed)
+    if query.entity_type == SHIPMENT:
+        return ItemHead(int(m["version"]), previous, None if m["shipment_id"] is None else _shipment(m))
+    balances: dict[str, domain.Balance] = {}
+    for location, suffix in zip(query.locations, ("1", "2"), strict=False):
+        if m[f"on_hand_{suffix}"] is not None:
+            balances[location] = domain.Balance(m[f"on_hand_{suffix}"], m[f"reserved_{suffix}"])
+    reservation = None
+    if query.reservation_id is not None and m["reservation_location"] is not None:
+        reservation = domain.Reservation(
+            query.reservation_id,
+            m["reservation_location"],
+            m["reservation_quantity"],
+            released=m["reservation_released"],
+        )
+        if m["reservation_on_hand"] is not None:
+            balances[reservation.location] = domain.Balance(m["reservation_on_hand"], m["reservation_reserved"])
+    return ItemHead(int(m["version"]), previous, None, balances, reservation)
+
+
+def _json(rows: list[dict[str, Any]]) -> str:
+    """Rows for queries' jsonb record sets; the values are already JSON-ready (ints, strings,
+    None, timestamps as ISO 8601 text, bytea as its hex text)."""
+    return json.dumps(rows, separators=(",", ":"))
+
+
+def _ts(value: dt.datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+async def load_heads(conn: AsyncConnection, heads: Sequence[HeadQuery]) -> list[ItemHead]:
+    """Every item's head in one read, in item order; run after the locks, never within them."""
+    items = [
+        {
+            "n": n,
+            "entity_type": q.entity_type,
+            "entity_id": q.entity_id,
+            "sequence": q.sequence,
+            "location_1": q.locations[0] if q.locations else None,
+            "location_2": q.locations[1] if len(q.locations) > 1 else None,
+            "reservation_id": q.reservation_id,
+        }
+        for n, q in enumerate(heads)
+    ]
+    rows = (await conn.execute(queries.LOAD_HEADS, {"items": _json(items)})).all()
+    return [_item_head(row._mapping, query) for row, query in zip(rows, heads, strict=True)]
+
+
+@dataclass(frozen=True)
+class VersionMove:
+    """An entity's compare-and-set: from the version read under the lock to its last new MSI."""
+
+    entity_type: int
+    entity_id: str
+    expected: int
+    version: int
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class OpenedReservation:
+    sku: str
+    reservation: domain.Reservation
+    created_at: dt.datetime
+    released_at: dt.datetime | None = None
+
+
+@dataclass
+class Changes:
+    """Everything one transaction writes, each row once with its final value (keyed, so a later
+    item's write of the same row replaces an earlier one's)."""
+
+    versions: dict[tuple[int, str], VersionMove] = field(default_factory=dict)
+    history: list[HistoryRecord] = field(default_factory=list)
+    shipments: dict[str, domain.Shipment] = field(default_factory=dict)
+    # (sku, location) -> the balance and when it was written.
+    balances: dict[tuple[str, str], tuple[domain.Balance, dt.datetime]] = field(default_factory=dict)
+    # Reservations the transaction opened, by (sku, reservation id).
+    opened: dict[tuple[str, str], OpenedReservation] = field(default_factory=dict)
+    # Reservations opened before the transaction that it released: (sku, reservation id) -> when.
+    released: dict[tuple[str, str], dt.datetime] = field(default_factory=dict)
+
+
+def _history_row(r: HistoryRecord) -> dict[str, Any]:
+    return {
+        "entity_type": r.entity_type,
+        "entity_id": r.entity_id,
+        "sequence": r.sequence,
+        "kind": r.kind,
+        "outcome": int(r.outcome),
+        "reason": r.reason,
+        "reason_detail": r.reason_detail,
+        "correlation_id": r.correlation_id,
+        "transaction_id": r.transaction_id,
+        "source": r.source,
+        "occurred_at": _ts(r.occurred_at),
+        "processed_at": _ts(r.processed_at),
+        "payload_hash": "\\x" + r.payload_hash.hex(),
     }
-    for write in writes:
-        params.update(write.params)
-    statement = queries.record_event(tuple(write.sql for write in writes))
-    if (await conn.execute(statement, params)).first() is None:
-        # Only possible if something wrote the entity without its lock: the state writes roll
+
+
+def _shipment_row(s: domain.Shipment) -> dict[str, Any]:
+    row = dict(s.__dict__)
+    row["status"] = int(s.status)
+    for name in ("created_at", "updated_at", "delivered_at"):
+        row[name] = _ts(row[name])
+    return row
+
+
+async def record_events(conn: AsyncConnection, changes: Changes) -> None:
+    """Writes every new state, moves every version by compare-and-set and appends every history
+    row, in one statement; raises Retryable (the transaction rolls back) unless every
+    compare-and-set matched."""
+    if not changes.versions:
+        return  # duplicates only: nothing to write
+    moves = [
+        {
+            "entity_type": m.entity_type,
+            "entity_id": m.entity_id,
+            "expected": m.expected,
+            "version": m.version,
+            "updated_at": _ts(m.updated_at),
+        }
+        for m in changes.versions.values()
+    ]
+    params = {"moves": _json(moves), "history": _json([_history_row(r) for r in changes.history])}
+    writes: list[str] = []
+    if changes.shipments:
+        writes.append(queries.UPSERT_SHIPMENTS)
+        params["shipments"] = _json([_shipment_row(s) for s in changes.shipments.values()])
+    if changes.balances:
+        writes.append(queries.UPSERT_BALANCES)
+        balances = [
+            {"sku": sku, "location": loc, "on_hand": b.on_hand, "reserved": b.reserved, "updated_at": _ts(at)}
+            for (sku, loc), (b, at) in changes.balances.items()
+        ]
+        params["balances"] = _json(balances)
+    if changes.opened:
+        writes.append(queries.OPEN_RESERVATIONS)
+        opened = [
+            {
+                "sku": o.sku,
+                "reservation_id": o.reservation.reservation_id,
+                "location": o.reservation.location,
+                "quantity": o.reservation.quantity,
+                "created_at": _ts(o.created_at),
+                "released_at": _ts(o.released_at),
+            }
+            for o in changes.opened.values()
+        ]
+        params["opened"] = _json(opened)
+    if changes.released:
+        writes.append(queries.RELEASE_RESERVATIONS)
+        released = [
+            {"sku": sku, "reservation_id": rid, "released_at": _ts(at)} for (sku, rid), at in changes.released.items()
+        ]
+        params["released"] = _json(released)
+    row = (await conn.execute(queries.record_events(tuple(writes)), params)).one()
+    if row.advanced != len(moves) or row.recorded != len(changes.history):
+        # Only possible if something wrote an entity without its lock: the state writes roll
         # back with the transaction and the caller re-sends (UNAVAILABLE, reason TRANSIENT).
-        raise Retryable("entity version moved concurrently", entity_id=record.entity_id)
+        ids = ",".join(sorted({m.entity_id for m in changes.versions.values()}))
+        raise Retryable("entity version moved concurrently", entity_id=ids)
 
 
 def _history_record(row: object) -> HistoryRecord:
@@ -182,22 +318,6 @@ def _shipment(m: RowMapping) -> domain.Shipment:
     return domain.Shipment(**values)
 
 
-async def load_shipment_head(
-    conn: AsyncConnection, shipment_id: str, sequence: int
-) -> tuple[EntityHead, domain.Shipment | None]:
-    """The head and the shipment (None before its first event), in one read after the lock."""
-    row = (
-        await conn.execute(queries.LOAD_SHIPMENT_HEAD, {**_entity(SHIPMENT, shipment_id), "sequence": sequence})
-    ).one()
-    m = row._mapping
-    return _head(m, SHIPMENT, shipment_id), None if m["shipment_id"] is None else _shipment(m)
-
-
-def shipment_write(shipment: domain.Shipment) -> StateWrite:
-    """Every field is written; the key and the creation time never change."""
-    return StateWrite(queries.SAVE_SHIPMENT, {**shipment.__dict__, "status": int(shipment.status)})
-
-
 async def get_shipment_view(conn: AsyncConnection, shipment_id: str) -> tuple[domain.Shipment, int] | None:
     """The shipment and its version (which also counts rejected and skipped MSIs)."""
     v = entity_versions.c
@@ -219,67 +339,6 @@ async def get_shipment_view(conn: AsyncConnection, shipment_id: str) -> tuple[do
 
 
 # --- inventory -------------------------------------------------------------------------------
-
-
-async def load_inventory_head(
-    conn: AsyncConnection, sku: str, sequence: int, locations: Sequence[str], reservation_id: str | None
-) -> tuple[EntityHead, domain.InventoryState]:
-    """The head and the part of the item a command touches: those locations and that
-    reservation (and, for a release, the reservation's location), in one read after the lock."""
-    rows = (
-        await conn.execute(
-            queries.LOAD_INVENTORY_HEAD,
-            {
-                **_entity(INVENTORY_ITEM, sku),
-                "sequence": sequence,
-                "locations": list(locations),
-                "reservation_id": reservation_id,
-            },
-        )
-    ).all()
-    first = rows[0]._mapping
-    reservations: dict[str, domain.Reservation] = {}
-    if reservation_id is not None and first["reservation_location"] is not None:
-        reservations[reservation_id] = domain.Reservation(
-            reservation_id,
-            first["reservation_location"],
-            first["reservation_quantity"],
-            released=first["reservation_released"],
-        )
-    balances = {row.location: domain.Balance(row.on_hand, row.reserved) for row in rows if row.location is not None}
-    return _head(first, INVENTORY_ITEM, sku), domain.InventoryState(balances, reservations)
-
-
-def inventory_writes(sku: str, effect: domain.InventoryEffect, at: dt.datetime) -> list[StateWrite]:
-    """The new values of the touched rows (computed under the entity lock)."""
-    writes: list[StateWrite] = []
-    if effect.balances:
-        touched = sorted(effect.balances.items())
-        params = {
-            "sku": sku,
-            "updated_at": at,
-            "locations": [loc for loc, _ in touched],
-            "on_hand": [b.on_hand for _, b in touched],
-            "reserved": [b.reserved for _, b in touched],
-        }
-        writes.append(StateWrite(queries.SAVE_BALANCES, params))
-    r = effect.reservation
-    if r is None:
-        return writes
-    if r.released:
-        writes.append(
-            StateWrite(queries.RELEASE_RESERVATION, {"sku": sku, "reservation_id": r.reservation_id, "at": at})
-        )
-    else:
-        params = {
-            "sku": sku,
-            "reservation_id": r.reservation_id,
-            "location": r.location,
-            "quantity": r.quantity,
-            "at": at,
-        }
-        writes.append(StateWrite(queries.OPEN_RESERVATION, params))
-    return writes
 
 
 async def get_inventory_view(conn: AsyncConnection, sku: str, location: str | None) -> InventoryView | None:

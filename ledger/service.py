@@ -21,6 +21,7 @@ from common.interceptors import correlation_id
 from common.limits import ENTITY_ID_PATTERN, MAX_ENTITY_ID, MAX_PACKAGE_COUNT, MAX_SEQUENCE, MAX_TEXT
 from common.pages import decode_token, encode_token, page_size
 from ledger import domain, errors, queries, repository
+from ledger.batch import ApplyResult, Item, ParsedEvent, Pending
 from ledger.domain import Outcome
 from ledger.metrics import LedgerMetrics
 from ledger.repository import HistoryRecord, InventoryView
@@ -37,49 +38,9 @@ SKIP_KIND: Final = "skip"
 
 
 @dataclass(frozen=True)
-class ApplyResult:
-    outcome: Outcome
-    # For DUPLICATE: what the first processing answered.
-    original_outcome: Outcome | None
-    reason: str
-    reason_detail: str
-    version: int
-    processed_at: dt.datetime
-
-
-@dataclass(frozen=True)
 class HistoryPage:
     entries: list[HistoryRecord]
     next_page_token: str
-
-
-@dataclass(frozen=True)
-class ParsedEvent:
-    """An ApplyEventRequest checked and translated into domain terms."""
-
-    entity_type: int
-    entity_id: str
-    sequence: int
-    kind: str
-    source: str
-    occurred_at: dt.datetime | None
-    payload_hash: bytes
-    skip_reason: str
-    shipment: domain.ShipmentEvent | None = None
-    inventory: domain.InventoryCommand | None = None
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One event of a call, with what its history row keeps besides the event."""
-
-    event: ParsedEvent
-    correlation_id: str
-    transaction_id: str
-
-    @property
-    def entity(self) -> tuple[int, str]:
-        return (self.event.entity_type, self.event.entity_id)
 
 
 def _timestamp(message: object, field: str) -> dt.datetime | None:
@@ -283,7 +244,7 @@ class Ledger:
                 field="requests",
                 max_batch=self.max_batch,
             )
-        items: list[_Item] = []
+        items: list[Item] = []
         for index, request in enumerate(requests):
             try:
                 items.append(self._item(request))
@@ -294,10 +255,10 @@ class Ledger:
         logs.bind(batch_size=len(items))
         return await self._apply_items(items, batch=True)
 
-    def _item(self, request: ledger_pb2.ApplyEventRequest) -> _Item:
-        return _Item(parse_event(request), request.correlation_id or correlation_id(), request.transaction_id)
+    def _item(self, request: ledger_pb2.ApplyEventRequest) -> Item:
+        return Item(parse_event(request), request.correlation_id or correlation_id(), request.transaction_id)
 
-    def _transactions(self, items: Sequence[_Item]) -> list[list[int]]:
+    def _transactions(self, items: Sequence[Item]) -> list[list[int]]:
         """Which items share a transaction (as indexes, in request order): all of them on one
         PostgreSQL; one entity's each with the row strategy, the distributed mode, where a
         transaction over several entities would be a multi-shard two-phase commit (SPEC 10)."""
@@ -308,145 +269,61 @@ class Ledger:
             by_entity.setdefault(item.entity, []).append(index)
         return list(by_entity.values())
 
-    async def _apply_items(self, items: Sequence[_Item], *, batch: bool) -> list[ApplyResult]:
+    async def _apply_items(self, items: Sequence[Item], *, batch: bool) -> list[ApplyResult]:
         """The one write path of ApplyEvent (a batch of one) and ApplyEvents: per transaction,
-        every entity's lock in one sorted order (so batches never deadlock), then each item
-        read and written in request order, so an item sees what the ones before it did."""
-        results: dict[int, ApplyResult] = {}
+        every entity's lock in one sorted order (so batches never deadlock), every item's head
+        in one read, each item decided in request order against the state so far (so an item
+        sees what the ones before it did), and every write in one statement."""
+        results: list[ApplyResult | None] = [None] * len(items)
         for group in self._transactions(items):
 
             async def work(conn: AsyncConnection, group: list[int] = group) -> list[ApplyResult]:
-                await repository.lock_entities(conn, sorted({items[i].entity for i in group}), self.lock_strategy)
+                members = [items[i] for i in group]
+                await repository.lock_entities(conn, sorted({item.entity for item in members}), self.lock_strategy)
+                # A statement of its own after the locks, so it sees what the previous holders
+                # committed.
+                pending = Pending(members, await repository.load_heads(conn, [m.head_query() for m in members]))
                 done: list[ApplyResult] = []
-                for index in group:
+                for index, item in zip(group, members, strict=True):
                     try:
-                        done.append(await self._apply(conn, items[index]))
+                        done.append(pending.apply(item, self.now()))
                     except errors.LedgerError as exc:
                         if not batch:
                             raise
                         raise errors.in_batch(exc, index) from exc
+                await repository.record_events(conn, pending.changes)
                 return done
 
-            for index, result in zip(group, await self._transaction(work), strict=True):
+            committed = await self._transaction(work)
+            for index, result in zip(group, committed, strict=True):
                 results[index] = result
-                self._observe(items[index], result)
-        return [results[index] for index in range(len(items))]
+            self._observe([items[i] for i in group], committed)
+        return [r for r in results if r is not None]
 
-    def _observe(self, item: _Item, result: ApplyResult) -> None:
-        """Counts a committed outcome; a rejection is alerted too (the chain goes on)."""
-        self.metrics.outcomes.labels(result.outcome.name).inc()
-        if result.outcome is Outcome.REJECTED:
-            # The entity in fields of its own: a batch's log context names no single event.
-            log.warning(
-                "event rejected",
-                extra={
-                    "entity": item.event.entity_id,
-                    "msi": item.event.sequence,
-                    "reason": result.reason,
-                    "reason_detail": result.reason_detail,
-                },
-            )
+    def _observe(self, items: Sequence[Item], results: Sequence[ApplyResult]) -> None:
+        """Counts committed outcomes; a rejection is alerted too (the chain goes on)."""
+        counts: dict[Outcome, int] = {}
+        for item, result in zip(items, results, strict=True):
+            counts[result.outcome] = counts.get(result.outcome, 0) + 1
+            if result.outcome is Outcome.REJECTED:
+                # The entity in fields of its own: a batch's log context names no single event.
+                log.warning(
+                    "event rejected",
+                    extra={
+                        "entity": item.event.entity_id,
+                        "msi": item.event.sequence,
+                        "reason": result.reason,
+                        "reason_detail": result.reason_detail,
+                    },
+                )
+        for outcome, count in counts.items():
+            self.metrics.outcomes.labels(outcome.name).inc(count)
 
     async def _transaction(self, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """Runs `work` in a transaction through the common runner: serialization failures and
         deadlocks run it again; when they persist, or the database is away, the caller gets
         Retryable (UNAVAILABLE, reason TRANSIENT) and re-sends with the same MSI."""
         return await db.transaction(self.engine, work, retries=self.max_attempts - 1)
-
-    async def _apply(self, conn: AsyncConnection, item: _Item) -> ApplyResult:
-        """One event, under its entity's lock (taken by the caller)."""
-        ev, corr, transaction_id = item.event, item.correlation_id, item.transaction_id
-        # A statement of its own after the lock, so it sees what the previous holder committed;
-        # it brings the state the event needs along, to save a round trip.
-        state: domain.Shipment | domain.InventoryState | None = None
-        if ev.shipment is not None:
-            head, state = await repository.load_shipment_head(conn, ev.entity_id, ev.sequence)
-        elif ev.inventory is not None:
-            locations, reservation_id = domain.touched(ev.inventory)
-            head, state = await repository.load_inventory_head(
-                conn, ev.entity_id, ev.sequence, locations, reservation_id
-            )
-        else:
-            head = await repository.load_head(conn, ev.entity_type, ev.entity_id, ev.sequence)
-        previous = head.previous
-        if previous is not None:
-            if previous.payload_hash != ev.payload_hash:
-                raise errors.SequenceConflict(
-                    f"MSI {ev.sequence} of {ev.entity_id} was already processed with a different payload",
-                    sequence=ev.sequence,
-                    processed_kind=previous.kind,
-                )
-            return ApplyResult(
-                Outcome.DUPLICATE,
-                previous.outcome,
-                previous.reason,
-                previous.reason_detail,
-                previous.sequence,
-                previous.processed_at,
-            )
-        version = head.version
-        if ev.sequence != version + 1:
-            raise errors.OutOfOrder(
-                f"{ev.entity_id} is at version {version}: expected MSI {version + 1}, received {ev.sequence}",
-                expected_sequence=version + 1,
-                received_sequence=ev.sequence,
-            )
-        now = self.now()
-        rejection: domain.Rejection | None = None
-        writes: list[repository.StateWrite] = []
-        if ev.skip_reason:
-            outcome = Outcome.SKIPPED
-        else:
-            decided = self._decide(ev, state, now)
-            if isinstance(decided, domain.Rejection):
-                rejection = decided
-            else:
-                writes = decided
-            outcome = Outcome.APPLIED if rejection is None else Outcome.REJECTED
-        reason = rejection.reason if rejection else ""
-        detail = rejection.detail if rejection else ev.skip_reason
-        # A rejection or a skip consumes the MSI too: the version always moves to it.
-        await repository.record_event(
-            conn,
-            version,
-            HistoryRecord(
-                entity_type=ev.entity_type,
-                entity_id=ev.entity_id,
-                sequence=ev.sequence,
-                kind=ev.kind,
-                outcome=outcome,
-                reason=reason,
-                reason_detail=detail,
-                correlation_id=corr,
-                transaction_id=transaction_id,
-                source=ev.source,
-                occurred_at=ev.occurred_at,
-                processed_at=now,
-                payload_hash=ev.payload_hash,
-            ),
-            writes,
-        )
-        return ApplyResult(outcome, None, reason, detail, ev.sequence, now)
-
-    def _decide(
-        self,
-        ev: ParsedEvent,
-        current: domain.Shipment | domain.InventoryState | None,
-        now: dt.datetime,
-    ) -> domain.Rejection | list[repository.StateWrite]:
-        """Applies the domain rule to the state read under the lock: the rejection if the rule
-        refuses, else the writes of the new state."""
-        if ev.shipment is not None:
-            assert current is None or isinstance(current, domain.Shipment)
-            shipment = domain.apply_shipment(ev.entity_id, current, ev.shipment, now)
-            if isinstance(shipment, domain.Rejection):
-                return shipment
-            return [repository.shipment_write(shipment)]
-        assert ev.inventory is not None and isinstance(current, domain.InventoryState)
-        effect = domain.decide_inventory(current, ev.inventory)
-        if isinstance(effect, domain.Rejection):
-            return effect
-        return repository.inventory_writes(ev.entity_id, effect, now)
 
     # --- queries ------------------------------------------------------------------------
 

@@ -8,8 +8,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ledger import domain
+from ledger.batch import ApplyResult
 from ledger.repository import HistoryRecord
-from ledger.service import ApplyResult, Ledger
+from ledger.service import Ledger
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 

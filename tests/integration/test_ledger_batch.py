@@ -19,18 +19,19 @@ from google.rpc import error_details_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.auth import SecuritySettings
 from common.db import make_engine
-from ledger import queries
+from ledger import errors, queries
+from ledger.batch import ApplyResult
 from ledger.config import Settings
 from ledger.domain import Outcome
 from ledger.interceptors import DOMAIN
 from ledger.metrics import LedgerMetrics
 from ledger.server import App, build_server
-from ledger.service import ApplyResult, Ledger
+from ledger.service import Ledger
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from tests import support
@@ -519,3 +520,191 @@ def test_random_splits_end_as_one_by_one(database_url: str, lock_strategy: str) 
             check()
         finally:
             runner.run(engine.dispose())
+
+
+# --- many entities and chains in one call against one-by-one application -------------------------
+
+SHIPMENT_OPS = st.sampled_from([*support.SHIPMENT_PAYLOADS, "skip"])
+
+
+def shipment_op_request(shipment_id: str, sequence: int, kind: str) -> ledger_pb2.ApplyEventRequest:
+    if kind == "skip":
+        return skip(SHIPMENT, shipment_id, sequence, "operator")
+    return req(shipment_event(shipment_id, sequence, kind))
+
+
+def without_times(shipment: Any) -> Any:
+    return dataclasses.replace(shipment, created_at=None, updated_at=None, delivered_at=None)
+
+
+async def entity_state(ledger: Ledger, entity_type: Any, entity_id: str) -> Any:
+    """Everything the ledger keeps of an entity, but the processing times."""
+    page = await ledger.list_history(entity_type, entity_id, 500, "")
+    entries = [
+        (e.sequence, e.kind, e.outcome, e.reason, e.reason_detail, e.correlation_id, e.transaction_id, e.source)
+        for e in page.entries
+    ]
+    if entity_type == INVENTORY:
+        view = await ledger.get_inventory_item(entity_id)
+        return (view.version, list(view.balances), list(view.reservations), entries)
+    try:
+        shipment, version = await ledger.get_shipment(entity_id)
+    except errors.ShipmentNotFound:
+        return (None, entries)
+    return (version, dataclasses.replace(without_times(shipment), shipment_id=""), entries)
+
+
+async def mixed_batches_match_one_by_one(
+    ledger: Ledger, streams: dict[tuple[Any, str], list[Any]], data: st.DataObject
+) -> None:
+    """The entities' streams interleaved at random (each entity's items in MSI order) and cut
+    into calls at random, with re-sends of processed MSIs placed anywhere after them: every
+    answer and every entity's final state equal those of ApplyEvent one by one."""
+    run = uuid.uuid4().hex[:8]
+
+    def build(prefix: str, entity: tuple[Any, str], sequence: int) -> ledger_pb2.ApplyEventRequest:
+        entity_type, name = entity
+        op = streams[entity][sequence - 1]
+        entity_id = f"{prefix}-{run}-{name}"
+        if entity_type == INVENTORY:
+            request = op_request(entity_id, sequence, op)
+        else:
+            request = shipment_op_request(entity_id, sequence, op)
+        request.transaction_id, request.correlation_id = f"tx-{name}-{sequence}", f"c-{name}-{sequence}"
+        return request
+
+    order: list[tuple[tuple[Any, str], int]] = []
+    cursors = {entity: 0 for entity in streams}
+    while any(cursors[e] < len(s) for e, s in streams.items()):
+        entity = data.draw(st.sampled_from([e for e, s in streams.items() if cursors[e] < len(s)]), label="next")
+        cursors[entity] += 1
+        order.append((entity, cursors[entity]))
+
+    expected = {key: comparable(await ledger.apply_event(build("one", *key))) for key in order}
+
+    done = 0
+    while done < len(order):
+        size = data.draw(st.integers(min_value=1, max_value=len(order) - done), label="call size")
+        calls = [(key, False) for key in order[done : done + size]]
+        for _ in range(data.draw(st.integers(min_value=0, max_value=4), label="re-sends")):
+            place = data.draw(st.integers(min_value=0, max_value=len(calls)), label="place")
+            processed = order[:done] + [key for key, resent in calls[:place] if not resent]
+            if processed:
+                calls.insert(place, (data.draw(st.sampled_from(processed), label="re-send"), True))
+        results = await ledger.apply_events([build("batch", *key) for key, _ in calls])
+        firsts: dict[Any, ApplyResult] = {}
+        for (key, resent), result in zip(calls, results, strict=True):
+            outcome, _, reason, detail, version = expected[key]
+            if resent:
+                assert comparable(result) == (Outcome.DUPLICATE, outcome, reason, detail, version)
+                if key in firsts:  # a re-send within the same call answers the first's time too
+                    assert result.processed_at == firsts[key].processed_at
+            else:
+                assert comparable(result) == expected[key]
+                firsts[key] = result
+        done += size
+    for entity_type, name in streams:
+        one = await entity_state(ledger, entity_type, f"one-{run}-{name}")
+        split = await entity_state(ledger, entity_type, f"batch-{run}-{name}")
+        assert split == one, (entity_type, name)
+
+
+def test_mixed_batches_end_as_one_by_one(database_url: str, lock_strategy: str) -> None:
+    with asyncio.Runner() as runner:
+        engine = make_engine(database_url, pool_size=2)
+        ledger = Ledger(engine, LedgerMetrics(CollectorRegistry()), lock_strategy=lock_strategy)
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(
+            st.lists(ops, min_size=1, max_size=8),
+            st.lists(ops, min_size=0, max_size=8),
+            st.lists(SHIPMENT_OPS, min_size=1, max_size=7),
+            st.lists(SHIPMENT_OPS, min_size=0, max_size=7),
+            st.data(),
+        )
+        def check(
+            sku_a: list[Any], sku_b: list[Any], ship_a: list[str], ship_b: list[str], data: st.DataObject
+        ) -> None:
+            streams = {
+                (INVENTORY, "a"): sku_a,
+                (INVENTORY, "b"): sku_b,
+                (SHIPMENT, "a"): ship_a,
+                (SHIPMENT, "b"): ship_b,
+            }
+            runner.run(mixed_batches_match_one_by_one(ledger, {k: v for k, v in streams.items() if v}, data))
+
+        try:
+            check()
+        finally:
+            runner.run(engine.dispose())
+
+
+async def test_a_reservation_opened_and_released_in_one_call(stub: Stub) -> None:
+    """Item k+1 sees item k's reservation: released in the same call, then its id stays taken."""
+    requests = [
+        recv("SKU-1", 1, quantity=10),
+        req(inventory_event("SKU-1", 2, "inventory_reserved", location="A", quantity=4, reservation_id="R1")),
+        req(inventory_event("SKU-1", 3, "inventory_released", reservation_id="R1")),
+        req(inventory_event("SKU-1", 4, "inventory_reserved", location="A", quantity=1, reservation_id="R1")),
+        req(inventory_event("SKU-1", 5, "inventory_released", reservation_id="R1")),
+        req(inventory_event("SKU-1", 6, "inventory_reserved", location="A", quantity=3, reservation_id="R2")),
+    ]
+    reply = await stub.ApplyEvents(batch(*requests), timeout=TIMEOUT)
+    assert [(r.outcome, r.reason) for r in reply.responses] == [
+        (APPLIED, ""),
+        (APPLIED, ""),
+        (APPLIED, ""),
+        (REJECTED, "RESERVATION_EXISTS"),
+        (REJECTED, "UNKNOWN_RESERVATION"),
+        (APPLIED, ""),
+    ]
+    view = await item(stub, "SKU-1")
+    assert (balances(view), [(r.reservation_id, r.quantity) for r in view.reservations]) == (
+        {"A": (10, 3)},
+        [("R2", 3)],
+    )
+    # R2 opened in the call before, released now (its row written before, updated now).
+    release = req(inventory_event("SKU-1", 7, "inventory_released", reservation_id="R2"))
+    reply = await stub.ApplyEvents(batch(release, recv("SKU-1", 8, quantity=1)), timeout=TIMEOUT)
+    assert [r.outcome for r in reply.responses] == [APPLIED, APPLIED]
+    view = await item(stub, "SKU-1")
+    assert (balances(view), list(view.reservations)) == ({"A": (11, 0)}, [])
+
+
+async def test_a_conflict_within_one_call_names_the_second_item(stub: Stub) -> None:
+    requests = [recv("SKU-1", 1, quantity=3), ship("S-1", 1, "shipment_created"), recv("SKU-1", 1, quantity=4)]
+    code, info, message = await refused(stub.ApplyEvents(batch(*requests), timeout=TIMEOUT))
+    assert (code, info.reason, info.metadata["index"]) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SEQUENCE_CONFLICT",
+        "2",
+    )
+    assert message.startswith("requests[2]: ")
+    assert await history(stub, INVENTORY, "SKU-1") == []
+    assert await history(stub, SHIPMENT, "S-1") == []
+
+
+async def test_a_call_costs_three_statements_whatever_its_size(database_url: str, lock_strategy: str) -> None:
+    """The locks, one read of every head, one write of everything: per transaction, not per
+    item (with the row strategy, a transaction per entity, whose lock is two statements)."""
+    engine = make_engine(database_url, pool_size=2)
+    ledger = Ledger(engine, LedgerMetrics(CollectorRegistry()), lock_strategy=lock_strategy)
+    statements: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    try:
+        await ledger.apply_event(recv("SKU-0", 1))  # the pool's first connection, opened before counting
+        event.listen(engine.sync_engine, "before_cursor_execute", count)
+        requests = [
+            *(recv(f"SKU-{n}", 1) for n in range(1, 33)),
+            *(ship(f"S-{n}", 1, "shipment_created") for n in range(16)),
+            *(recv("SKU-0", seq) for seq in range(2, 18)),
+        ]
+        results = await ledger.apply_events(requests)
+        assert {r.outcome for r in results} == {Outcome.APPLIED}
+        entities = 32 + 16 + 1
+        assert len(statements) == (3 if lock_strategy == "advisory" else 4 * entities)
+    finally:
+        await engine.dispose()

@@ -21,10 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from common import logs
 from common.db import make_engine
 from ledger import domain, errors, repository
+from ledger.batch import ApplyResult
 from ledger.domain import Outcome
 from ledger.metrics import LedgerMetrics
 from ledger.models import entity_history, entity_versions
-from ledger.service import ApplyResult, Ledger
+from ledger.service import Ledger
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2
 
@@ -354,12 +355,15 @@ async def test_a_failed_compare_and_set_writes_no_state(ledger: Ledger, engine: 
         processed_at=dt.datetime.now(dt.UTC),
         payload_hash=b"h",
     )
-    effect = domain.InventoryEffect(balances={"A": domain.Balance(99, 0)}, reservation=None)
+    changes = repository.Changes(
+        # The version is 1: a compare-and-set from 0 cannot match.
+        versions={(ITEM, "SKU-CAS"): repository.VersionMove(ITEM, "SKU-CAS", 0, 2, record.processed_at)},
+        history=[record],
+        balances={("SKU-CAS", "A"): (domain.Balance(99, 0), record.processed_at)},
+    )
     with pytest.raises(errors.Retryable):
         async with engine.begin() as conn:
-            stale = 0  # the version is 1: a compare-and-set from 0 cannot match
-            writes = repository.inventory_writes("SKU-CAS", effect, record.processed_at)
-            await repository.record_event(conn, stale, record, writes)
+            await repository.record_events(conn, changes)
     item = await ledger.get_inventory_item("SKU-CAS")
     assert [(location, balance.on_hand) for location, balance in item.balances] == [("A", 10)]
     assert await history_count(engine, "SKU-CAS") == 1
