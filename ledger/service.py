@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from common import db, logs
+from common.clock import Clock, SystemClock
 from common.errors import InvalidArgument
 from common.interceptors import correlation_id
 from common.limits import ENTITY_ID_PATTERN, MAX_ENTITY_ID, MAX_PACKAGE_COUNT, MAX_SEQUENCE, MAX_TEXT
@@ -166,10 +167,6 @@ def parse_event(request: ledger_pb2.ApplyEventRequest) -> ParsedEvent:
     )
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 def encode_page_token(last_sequence: int) -> str:
     return encode_token([last_sequence])
 
@@ -199,7 +196,7 @@ class Ledger:
         lock_strategy: str = "advisory",
         max_attempts: int = 5,
         max_batch: int = 500,
-        now: Callable[[], dt.datetime] = _utcnow,
+        clock: Clock | None = None,
     ) -> None:
         if lock_strategy not in queries.LOCK_STRATEGIES:
             raise ValueError(f"unknown lock strategy {lock_strategy!r}")
@@ -208,7 +205,7 @@ class Ledger:
         self.lock_strategy = lock_strategy
         self.max_attempts = max_attempts
         self.max_batch = max_batch
-        self.now = now
+        self.clock = clock or SystemClock()
 
     async def apply_event(self, request: ledger_pb2.ApplyEventRequest) -> ApplyResult:
         """Applies, rejects, skips or recognises a duplicate, in one transaction under the
@@ -286,7 +283,7 @@ class Ledger:
                 done: list[ApplyResult] = []
                 for index, item in zip(group, members, strict=True):
                     try:
-                        done.append(pending.apply(item, self.now()))
+                        done.append(pending.apply(item, self.clock.now()))
                     except errors.LedgerError as exc:
                         if not batch:
                             raise
