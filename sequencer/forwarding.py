@@ -82,8 +82,6 @@ def chains(rows: Sequence[Row[Any]]) -> dict[EntityKey, list[QueuedEvent]]:
         expected = int(row.watermark) + 1 + len(chain)
         if row.sequence != expected or (not chain and row.state != QUEUED):
             continue  # past the run (or no queued head): the rest waits
-        if chain and chain[-1].sequence != row.sequence - 1:
-            continue
         chain.append(QueuedEvent.from_row(row))
     return {key: chain for key, chain in found.items() if chain}
 
