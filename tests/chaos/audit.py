@@ -22,9 +22,10 @@ from typing import Any
 
 import psycopg
 
+from bench.model import INVENTORY
 from common.db import libpq_url
 from logistics.events.v1 import events_pb2
-from tests.chaos.load import INVENTORY, Stream, model_on_hand, model_shipment_status
+from tests.chaos.load import Stream, model_on_hand, model_shipment_status
 
 APPLIED = int(events_pb2.EVENT_STATE_APPLIED)
 HELD = [int(events_pb2.EVENT_STATE_PARKED), int(events_pb2.EVENT_STATE_QUEUED)]

@@ -19,20 +19,11 @@ from dataclasses import dataclass, field
 import grpc
 from google.rpc import status_pb2
 
+from bench.model import INVENTORY, SHIPMENT, SHIPMENT_CHAIN, Spec, to_event
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 
-SHIPMENT = int(events_pb2.ENTITY_TYPE_SHIPMENT)
-INVENTORY = int(events_pb2.ENTITY_TYPE_INVENTORY_ITEM)
-SHIPMENT_CHAIN = (
-    "shipment_created",
-    "shipment_picked",
-    "shipment_packed",
-    "shipment_loaded",
-    "shipment_shipped",
-    "shipment_delivered",
-)
 # What a caller retries with the same key: the service was away or slow, or a transaction lost a
 # serialization race. Anything else is a wrong answer for this load (it makes only legal events).
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.ABORTED})
@@ -59,41 +50,19 @@ class Stream:
         return self.entity_type == SHIPMENT and len(self.events) >= len(SHIPMENT_CHAIN)
 
     def next_event(self, rng: random.Random) -> events_pb2.Event:
+        """The stream's next event (the bench's event builder): the shipment's next step, or a
+        receipt or a withdrawal the stock so far covers."""
         sequence = len(self.events) + 1
-        event = events_pb2.Event(
-            entity_type=self.entity_type,  # type: ignore[arg-type]
-            entity_id=self.entity_id,
-            sequence=sequence,
-            source="chaos",
-        )
+        spec: Spec
         if self.entity_type == SHIPMENT:
-            step = SHIPMENT_CHAIN[sequence - 1]
-            if step == "shipment_created":
-                event.shipment_created.order_id = f"ORD-{self.entity_id}"
-                event.shipment_created.origin = "AMS"
-                event.shipment_created.destination = "BER"
-            elif step == "shipment_picked":
-                event.shipment_picked.warehouse_id = "WH-1"
-            elif step == "shipment_packed":
-                event.shipment_packed.package_count = 2
-            elif step == "shipment_loaded":
-                event.shipment_loaded.vehicle_id = "TRUCK-7"
-            elif step == "shipment_shipped":
-                event.shipment_shipped.carrier = "DHL"
-                event.shipment_shipped.tracking_number = f"TRK-{self.entity_id}"
-            else:
-                event.shipment_delivered.received_by = "front desk"
+            spec = ["ship", SHIPMENT_CHAIN[sequence - 1]]
         elif self.on_hand > 0 and rng.random() < 0.3:
-            delta = -rng.randint(1, self.on_hand)
-            event.inventory_adjusted.location = "A"
-            event.inventory_adjusted.delta = delta
-            event.inventory_adjusted.reason = "picked"
-            self.on_hand += delta
+            spec = ["adj", "A", -rng.randint(1, self.on_hand)]
         else:
-            quantity = rng.randint(1, 20)
-            event.inventory_received.location = "A"
-            event.inventory_received.quantity = quantity
-            self.on_hand += quantity
+            spec = ["recv", "A", rng.randint(1, 20)]
+        if spec[0] != "ship":
+            self.on_hand += int(spec[2])
+        event = to_event(self.entity_type, self.entity_id, sequence, spec)
         self.events.append(event)
         return event
 
