@@ -14,8 +14,7 @@ For each: events/s, and CPU per event of the ledger process (/proc/<pid>/stat ut
 of its PostgreSQL backends (same machine only). With --profile, py-spy samples the ledger during
 each case and the hottest functions are printed (and the raw stacks kept in DIR).
 
-Self-contained on purpose (no imports from other bench modules): it measures the ledger while
-the full benchmark's modules change.
+The ledger runs as the full benchmark runs it (bench.processes), with the bench's shipment chain.
 """
 
 from __future__ import annotations
@@ -35,28 +34,21 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import grpc
 import psycopg
 from sqlalchemy.engine import make_url
 
+from bench import processes
+from bench.model import SHIPMENT_CHAIN
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHONPATH = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python")])
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 TIMEOUT = 60.0
-SHIPMENT_KINDS = (
-    "shipment_created",
-    "shipment_picked",
-    "shipment_packed",
-    "shipment_loaded",
-    "shipment_shipped",
-    "shipment_delivered",
-)
 
 Requests = list[ledger_pb2.ApplyEventRequest]
 
@@ -66,11 +58,7 @@ Requests = list[ledger_pb2.ApplyEventRequest]
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return processes.cpu_seconds(pid) or 0.0
 
 
 def _service_url(url: str, database: str) -> str:
@@ -82,58 +70,6 @@ def libpq(url: str, database: str | None = None) -> str:
     if database is not None:
         u = u.set(database=database)
     return u.render_as_string(hide_password=False)
-
-
-class Ledger:
-    """`python -m ledger` on port 0; its port comes from the start-up log line."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.port = 0
-        self._log: IO[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 60.0) -> None:
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ledger"],
-            env=self.env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=self._log,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ledger exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            for line in self.log_path.read_text(errors="replace").splitlines():
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("msg") == "ledger listening":
-                    self.port = int(entry["port"])
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("the ledger did not report listening in time")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self._log is not None:
-            self._log.close()
 
 
 class Profiler:
@@ -231,7 +167,7 @@ def inventory_request(sku: str, sequence: int) -> ledger_pb2.ApplyEventRequest:
 
 def shipment_request(shipment_id: str, sequence: int) -> ledger_pb2.ApplyEventRequest:
     event = _event(events_pb2.ENTITY_TYPE_SHIPMENT, shipment_id, sequence)
-    kind = SHIPMENT_KINDS[sequence - 1]
+    kind = SHIPMENT_CHAIN[sequence - 1]
     payload = getattr(event, kind)
     match kind:
         case "shipment_created":
@@ -257,7 +193,7 @@ def inventory_64x1(prefix: str, calls: int) -> Iterator[Requests]:
 
 
 def shipment_64x1(prefix: str, calls: int) -> Iterator[Requests]:
-    steps = len(SHIPMENT_KINDS)
+    steps = len(SHIPMENT_CHAIN)
     for call in range(calls):
         generation, step = divmod(call, steps)
         yield [shipment_request(f"{prefix}-{generation}-{n}", step + 1) for n in range(64)]
@@ -309,7 +245,7 @@ def backend_pids(admin: psycopg.Connection[Any], database: str) -> list[int]:
 
 async def run_case(
     case: Case,
-    ledger: Ledger,
+    ledger: processes.Service,
     admin: psycopg.Connection[Any],
     database: str,
     args: argparse.Namespace,
@@ -369,7 +305,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 async def run(args: argparse.Namespace, url: str, database: str) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONPATH": PYTHONPATH, "DATABASE_URL": _service_url(url, database)}
     log_dir = Path(tempfile.mkdtemp(prefix=f"{database}_"))
-    ledger = Ledger(
+    ledger = processes.Service(
+        "ledger",
         {
             **env,
             "LEDGER_LISTEN_ADDR": "127.0.0.1:0",
