@@ -7,9 +7,14 @@ columns, keys, indexes and checks) and of the sequencer's functions, in schemas 
 the live services never see its rows (their forwarder would otherwise try to forward them).
 
 The statements are taken from sequencer/mailbox.py (the ingress batch), ledger/queries.py (the
-ApplyEvents transaction) and sequencer/queries.py (the outcome step), with only the schema
-renamed and each parameter turned into a pgbench variable (or NULL where the service passes
-None), so a change of the services' SQL changes this script with it.
+ApplyEvents transaction: the sorted advisory locks, LOAD_HEADS, record_events) and
+sequencer/queries.py (the outcome step), with only the schema renamed and each parameter turned
+into a pgbench variable (or NULL where the service passes None), so a change of the services'
+SQL changes this script with it. The values the services build in Python (arrays, and the
+ledger's rows as JSON arrays of objects, one per event) come from one SELECT before each
+transaction; the keys of each JSON row are checked at import against the record set the
+ledger's statement reads, and after the run the ledger's copies must hold every event's history
+row (a compare-and-set that never matched would otherwise go unnoticed: pgbench checks nothing).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,7 @@ from sqlalchemy.engine import make_url
 
 from bench.database import Database
 from ledger import domain as ledger_domain
+from ledger import models as ledger_models
 from ledger import queries as ledger_sql
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
@@ -82,13 +88,14 @@ def _array(items: list[str]) -> str:
     return f"ARRAY[{', '.join(items)}]::text"
 
 
-def _entity(k: int) -> str:
-    return f"'pgb-' || :client_id || '-{k}'"
+# k is the event's number in the batch (1..BATCH): a literal, or `k` of the JSON rows below.
+def _entity(k: int | str) -> str:
+    return f"'pgb-' || :client_id || '-' || {k}"
 
 
-def _tx(k: int) -> str:
+def _tx(k: int | str) -> str:
     # Deterministic, so the event row, its idempotency record and the ledger's history agree.
-    return f"md5(:client_id || '-{k}-' || :seq)::uuid"
+    return f"md5(:client_id || '-' || {k} || '-' || :seq)::uuid"
 
 
 KS = range(1, BATCH + 1)
@@ -100,18 +107,65 @@ CONSTANTS = {
     "queued": str(states.QUEUED),
     "method": SUBMIT_METHOD,
     "channel": CHANNEL,
-    "entity_type": "2",
-    "kind": KIND,
-    "outcome": str(int(ledger_domain.Outcome.APPLIED)),
-    "blank": "",
-    "correlation_id": "0" * 32,
-    "source": "bench",
-    "applied": str(states.APPLIED),
     "origin": CALLER,
 }
 
-# The batch's parameters, which the sequencer builds in Python: one statement outside the
-# transaction, with no table access, whose columns become the pgbench variables below.
+
+def _json_rows(row: Mapping[str, str]) -> str:
+    """The JSON array of objects the ledger's repository passes for one record set: one object
+    per event of the batch, in request order, each value an SQL expression of k (1..BATCH)."""
+    pairs = ", ".join(f"{_text(key)}, {value}" for key, value in row.items())
+    return f"(SELECT jsonb_agg(jsonb_build_object({pairs}) ORDER BY k) FROM generate_series(1, {BATCH}) AS k)::text"
+
+
+_SEQ = "CAST(:seq AS bigint)"
+# ledger/repository.py's rows for the batch's inventory_received events (`load_heads`' items,
+# `record_events`' moves, history rows and balances): each entity moves from MSI seq - 1 to
+# seq, its one balance (location A) to seq x 5 on hand; NULL where the ledger sends None.
+LEDGER_ROWS = {
+    "items": {
+        "n": "k - 1",
+        "entity_type": "2",
+        "entity_id": _entity("k"),
+        "sequence": _SEQ,
+        "location_1": "'A'",
+        "location_2": "NULL",
+        "reservation_id": "NULL",  # inventory_received names no reservation
+    },
+    "moves": {
+        "entity_type": "2",
+        "entity_id": _entity("k"),
+        "expected": "CAST(:expected AS bigint)",
+        "version": _SEQ,
+        "updated_at": "now()",
+    },
+    "history": {
+        "entity_type": "2",
+        "entity_id": _entity("k"),
+        "sequence": _SEQ,
+        "kind": _text(KIND),
+        "outcome": str(int(ledger_domain.Outcome.APPLIED)),
+        "reason": "''",
+        "reason_detail": "''",
+        "correlation_id": _text("0" * 32),
+        "transaction_id": _tx("k"),
+        "source": _text("bench"),
+        "occurred_at": "NULL",  # the event carries no occurred_at
+        "processed_at": "now()",
+        "payload_hash": f"'\\x' || encode(sha256(decode('{EVENT.hex()}', 'hex')), 'hex')",
+    },
+    "balances": {
+        "sku": _entity("k"),
+        "location": "'A'",
+        "on_hand": f"{_SEQ} * 5",
+        "reserved": "0",
+        "updated_at": "now()",
+    },
+}
+
+# The batch's parameters, which the services build in Python (the sequencer's arrays, the
+# ledger's JSON rows): one statement outside the transactions, with no table access, whose
+# columns become the pgbench variables below.
 PARAMETERS = ",\n    ".join(
     [
         "now() AS now",
@@ -132,16 +186,13 @@ PARAMETERS = ",\n    ".join(
         f"array_fill(decode('{REQUEST.hex()}', 'hex'), ARRAY[{BATCH}])::text AS requests",
         f"array_fill(decode('{RESPONSE.hex()}', 'hex'), ARRAY[{BATCH}])::text AS responses",
         f"replace({_text(_PAYLOAD)}, '@', :client_id::text) AS payload",
-        f"sha256(decode('{EVENT.hex()}', 'hex')) AS payload_hash",
         "'{}' AS empty",
         f"{_array([str(states.APPLIED)] * BATCH)} AS outcome_states",
         f"{_array([_text('')] * BATCH)} AS blanks",
-        "'{A}' AS locations",
-        "'{' || :seq * 5 || '}' AS on_hand",
-        "'{0}' AS reserved",
+        # The ledger locks its entities sorted (by id: pgb-c-1, pgb-c-10, ..., pgb-c-9).
+        f"{_array([_entity(k) for k in sorted(KS, key=str)])} AS lock_ids",
+        *[f"{_json_rows(row)} AS {name}" for name, row in LEDGER_ROWS.items()],
         *[f"{_text(value)} AS {name}" for name, value in CONSTANTS.items()],
-        *[f"{_entity(k)} AS e{k}" for k in KS],
-        *[f"{_tx(k)} AS tx{k}" for k in KS],
     ]
 )
 
@@ -170,23 +221,6 @@ def _sequencer(sql: str) -> str:
     return pgbench_sql(sql, "sequencer", SEQ, _BATCH_VALUES)
 
 
-def _apply_values(k: int) -> dict[str, str]:
-    return {
-        **_var("entity_type", "locations", "on_hand", "reserved", "kind", "outcome", "correlation_id", "source"),
-        **_var("expected", "payload_hash"),
-        "entity_id": f":e{k}",
-        "sku": f":e{k}",
-        "sequence": ":seq",
-        "reservation_id": "NULL",  # inventory_received names no reservation
-        "processed_at": ":now",  # the ledger's SQL casts it where the type is not inferred
-        "updated_at": ":now",
-        "reason": ":blank",
-        "reason_detail": ":blank",
-        "transaction_id": f":tx{k}",
-        "occurred_at": "NULL",  # the event carries no occurred_at
-    }
-
-
 # The outcome step of the batch, as sequencer/forwarding.py runs it: every outcome in one statement.
 _OUTCOME_VALUES = {
     "types": "CAST(:types AS smallint[])",
@@ -204,10 +238,6 @@ _OUTCOME_VALUES = {
 }
 
 
-def _ledger(sql: str, k: int) -> str:
-    return pgbench_sql(sql, "ledger", LED, _apply_values(k))
-
-
 # The sequencer's ingress transaction for the batch, as sequencer/ingress.py runs it: BEGIN, the
 # locks with the reads (one statement), every write with the one NOTIFY (one statement), COMMIT.
 INGRESS = [
@@ -218,22 +248,51 @@ INGRESS = [
 ]
 
 
-def _apply(k: int) -> list[str]:
-    """Event k's part of the ledger's ApplyEvents transaction: the entity lock, one read of the
-    version, this MSI's history row and the touched balances, one statement for the balance
-    write, the version CAS and the history row."""
-    return [
-        _ledger(ledger_sql.ADVISORY_LOCK.text, k) + ";",
-        _ledger(ledger_sql.LOAD_INVENTORY_HEAD.text, k) + ";",
-        _ledger(ledger_sql.record_event((ledger_sql.SAVE_BALANCES,)).text, k) + ";",
-    ]
+# The ledger's ApplyEvents for the batch, as ledger/service.py `_apply_items` runs it (advisory
+# strategy, one transaction): BEGIN, every entity's lock in one statement, every item's head in
+# one read after the locks, every write (balances, version CAS, history rows) in one statement,
+# COMMIT. inventory_received writes balances only, so record_events gets UPSERT_BALANCES alone.
+_LEDGER_VALUES = {"entity_types": ":types", "entity_ids": ":lock_ids", **_var(*LEDGER_ROWS)}
+_LEDGER_STATEMENTS = [
+    ledger_sql.ADVISORY_LOCKS.text,
+    ledger_sql.LOAD_HEADS.text,
+    ledger_sql.record_events((ledger_sql.UPSERT_BALANCES,)).text,
+]
 
+
+def _ledger(sql: str) -> str:
+    return pgbench_sql(sql, "ledger", LED, _LEDGER_VALUES)
+
+
+def _record_sets(statements: Iterable[str]) -> dict[str, set[str]]:
+    """The keys the ledger's statements read from each JSON parameter: the column list of a
+    jsonb_to_recordset, the columns of a jsonb_populate_recordset's table."""
+    sql = " ".join(statements)
+    found = {
+        param: {column.split()[0] for column in columns.split(", ")}
+        for param, columns in re.findall(r"jsonb_to_recordset\(CAST\(:(\w+) AS jsonb\)\) AS \w+\(([^)]*)\)", sql)
+    }
+    for table, param in re.findall(r"jsonb_populate_recordset\(NULL::([\w.]+), CAST\(:(\w+) AS jsonb\)\)", sql):
+        found[param] = set(ledger_models.metadata.tables[table].c.keys())
+    return found
+
+
+def _check_ledger_rows() -> None:
+    """A key the ledger reads but the script leaves out would be NULL, and one it does not read
+    would be ignored: either way the script would not run what the ledger runs."""
+    expected = _record_sets(_LEDGER_STATEMENTS)
+    given = {name: set(row) for name, row in LEDGER_ROWS.items()}
+    if given != expected:
+        raise RuntimeError(f"the ceiling's ledger rows {given} differ from the ledger's record sets {expected}")
+
+
+_check_ledger_rows()
 
 # The forwarder's batch: the ledger's ApplyEvents in one transaction, then every outcome recorded
-# by the sequencer in one statement.
+# by the sequencer in one statement (sequencer/forwarding.py).
 FORWARD = [
     "BEGIN;",
-    *[line for k in KS for line in [f"-- event {k}", *_apply(k)]],
+    *[_ledger(sql) + ";" for sql in _LEDGER_STATEMENTS],
     "COMMIT;",
     pgbench_sql(sequencer_sql.RECORD_OUTCOMES.text, "sequencer", SEQ, _OUTCOME_VALUES) + ";",
 ]
@@ -265,15 +324,36 @@ def _check_variables(script: str) -> None:
 
 
 _check_variables(SCRIPT)
-SERVICE_STATEMENTS = sum(1 for line in SCRIPT.splitlines() if line.endswith(";"))
+
+
+def _transactions(statements: list[str]) -> int:
+    """BEGIN ... COMMIT blocks, and statements outside them (each its own transaction)."""
+    count, inside = 0, False
+    for line in statements:
+        if line == "BEGIN;":
+            count, inside = count + 1, True
+        elif line == "COMMIT;":
+            inside = False
+        elif not inside:
+            count += 1
+    return count
+
+
+# Round trips of the services per batch (BEGIN and COMMIT included; the PARAMETERS select stands
+# for the services' Python and is not counted): 4 for the ingress, 5 for ApplyEvents, 1 outcome.
+_SERVICE_LINES = [line for line in SCRIPT.splitlines() if line.endswith(";")]
+SERVICE_STATEMENTS = len(_SERVICE_LINES)
 STATEMENTS_PER_EVENT = round(SERVICE_STATEMENTS / BATCH, 3)
-TRANSACTIONS_PER_EVENT = round(3 / BATCH, 3)
+TRANSACTIONS_PER_EVENT = round(_transactions(_SERVICE_LINES) / BATCH, 3)
 
 
 def _setup(db: Database, clients: int) -> None:
     tables: dict[str, tuple[str, tuple[str, ...]]] = {
         SEQ: ("sequencer", ("entities", "events", "gaps", "idempotency_keys")),
-        LED: ("ledger", ("entity_versions", "entity_history", "inventory_balances", "inventory_reservations")),
+        LED: (
+            "ledger",
+            ("entity_versions", "entity_history", "inventory_balances", "inventory_reservations", "shipments"),
+        ),
     }
     with db.connect() as conn:
         for schema, (source, names) in tables.items():
@@ -314,6 +394,17 @@ def _setup(db: Database, clients: int) -> None:
         conn.execute(f"ANALYZE {LED}.entity_versions")
 
 
+def _ledger_history(db: Database) -> tuple[int, int]:
+    """History rows in the ledger's copy, and the sum of its versions (each entity's MSIs)."""
+    with db.connect() as conn:
+        row = conn.execute(
+            f"SELECT (SELECT count(*) FROM {LED}.entity_history), "
+            f"(SELECT COALESCE(sum(version), 0) FROM {LED}.entity_versions)"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
 def _teardown(db: Database) -> None:
     with db.connect() as conn:
         for schema in (SEQ, LED):
@@ -348,6 +439,7 @@ def pgbench_ceiling(db: Database, clients: int, seconds: float, workdir: Path) -
         proc = subprocess.run(  # noqa: S603
             command, capture_output=True, text=True, timeout=seconds + 120, check=False, env=env
         )
+        history, versions = _ledger_history(db)
     finally:
         _teardown(db)
     (workdir / "pgbench.out").write_text(proc.stdout + proc.stderr)
@@ -355,9 +447,17 @@ def pgbench_ceiling(db: Database, clients: int, seconds: float, workdir: Path) -
     latency = re.search(r"latency average = ([0-9.]+) ms", proc.stdout)
     failed = re.search(r"number of failed transactions: (\d+)", proc.stdout)
     aborted = "aborted" in proc.stderr or proc.returncode != 0
+    processed = re.search(r"number of transactions actually processed: (\d+)", proc.stdout)
     if tps is None or aborted:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {**result, "available": False, "events_per_s": None, "note": "pgbench failed: " + " | ".join(tail)}
+    # Every batch pgbench counts must have moved its entities and recorded their history, as the
+    # ledger does (it rolls back otherwise); pgbench itself checks no statement's result. (A batch
+    # cut off by -T after the ledger's COMMIT adds rows pgbench does not count.)
+    batches = int(processed.group(1)) if processed else None
+    if history != versions or batches is None or history < batches * BATCH:
+        note = f"the ledger's statements wrote {history} history rows, {versions} MSIs, for {batches} batches"
+        return {**result, "available": False, "events_per_s": None, "note": "pgbench ran wrong: " + note}
     return {
         **result,
         "available": True,
@@ -369,6 +469,7 @@ def pgbench_ceiling(db: Database, clients: int, seconds: float, workdir: Path) -
         "mode": "prepared",
         "note": (
             f"events/s = pgbench tps x {BATCH}: one pgbench transaction is one ingress batch of {BATCH} "
-            "in-order submissions, then each event's ledger apply and outcome step; latency_ms_avg is per batch"
+            "in-order submissions, then the forwarder's batch of them: one ledger ApplyEvents transaction "
+            "(locks, one read, one write) and one outcome statement; latency_ms_avg is per batch"
         ),
     }

@@ -170,64 +170,6 @@ def record_events(writes: tuple[str, ...] = ()) -> TextClause:
     return text("WITH " + ", ".join([*parts, _ADVANCE_AND_RECORD]))
 
 
-# --- the per-event statements of the path before batches ------------------------------------------
-# Not run by the ledger any more; bench/ceilings.py still builds its pgbench script from them.
-
-_HEAD_COLUMNS = (
-    "COALESCE(v.version, 0) AS version, h.sequence AS processed_sequence, h.kind, h.outcome, h.reason, "
-    "h.reason_detail, h.correlation_id, h.transaction_id, h.source, h.occurred_at, h.processed_at, h.payload_hash"
-)
-_HEAD_FROM = (
-    "FROM (SELECT 1) AS one "
-    "LEFT JOIN ledger.entity_versions v ON v.entity_type = :entity_type AND v.entity_id = :entity_id "
-    "LEFT JOIN ledger.entity_history h "
-    "ON h.entity_type = :entity_type AND h.entity_id = :entity_id AND h.sequence = :sequence"
-)
-
-LOAD_INVENTORY_HEAD: Final = text(
-    f"SELECT {_HEAD_COLUMNS}, r.location AS reservation_location, r.quantity AS reservation_quantity, "
-    "r.released_at IS NOT NULL AS reservation_released, b.location, b.on_hand, b.reserved "
-    f"{_HEAD_FROM} "
-    "LEFT JOIN ledger.inventory_reservations r ON r.sku = :entity_id AND r.reservation_id = :reservation_id "
-    "LEFT JOIN ledger.inventory_balances b "
-    "ON b.sku = :entity_id AND (b.location = ANY(CAST(:locations AS text[])) OR b.location = r.location)"
-)
-
-_ADVANCE_AND_RECORD_ONE: Final = (
-    "advanced AS ("
-    "INSERT INTO ledger.entity_versions AS v (entity_type, entity_id, version, updated_at) "
-    "VALUES (:entity_type, :entity_id, :sequence, :processed_at) "
-    "ON CONFLICT (entity_type, entity_id) DO UPDATE "
-    "SET version = EXCLUDED.version, updated_at = EXCLUDED.updated_at "
-    "WHERE v.version = :expected "
-    "RETURNING v.version) "
-    "INSERT INTO ledger.entity_history (entity_type, entity_id, sequence, kind, outcome, reason, reason_detail, "
-    "correlation_id, transaction_id, source, occurred_at, processed_at, payload_hash) "
-    "SELECT CAST(:entity_type AS smallint), CAST(:entity_id AS text), advanced.version, CAST(:kind AS text), "
-    "CAST(:outcome AS smallint), CAST(:reason AS text), CAST(:reason_detail AS text), "
-    "CAST(:correlation_id AS text), CAST(:transaction_id AS text), CAST(:source AS text), "
-    "CAST(:occurred_at AS timestamptz), CAST(:processed_at AS timestamptz), CAST(:payload_hash AS bytea) "
-    "FROM advanced "
-    "RETURNING sequence"
-)
-
-SAVE_BALANCES: Final = (
-    "INSERT INTO ledger.inventory_balances (sku, location, on_hand, reserved, updated_at) "
-    "SELECT CAST(:sku AS text), t.location, t.on_hand, t.reserved, CAST(:updated_at AS timestamptz) "
-    "FROM unnest(CAST(:locations AS text[]), CAST(:on_hand AS bigint[]), CAST(:reserved AS bigint[])) "
-    "AS t(location, on_hand, reserved) "
-    "ON CONFLICT (sku, location) DO UPDATE "
-    "SET on_hand = EXCLUDED.on_hand, reserved = EXCLUDED.reserved, updated_at = EXCLUDED.updated_at"
-)
-
-
-@functools.cache
-def record_event(writes: tuple[str, ...] = ()) -> TextClause:
-    """One event's state writes, compare-and-set and history row (the path before batches)."""
-    parts = [f"w{i} AS ({sql})" for i, sql in enumerate(writes)]
-    return text("WITH " + ", ".join([*parts, _ADVANCE_AND_RECORD_ONE]))
-
-
 LOCK_STRATEGIES: Final = ("advisory", "row")
 
 
