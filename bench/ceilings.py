@@ -187,6 +187,7 @@ PARAMETERS = ",\n    ".join(
         f"array_fill(decode('{RESPONSE.hex()}', 'hex'), ARRAY[{BATCH}])::text AS responses",
         f"replace({_text(_PAYLOAD)}, '@', :client_id::text) AS payload",
         "'{}' AS empty",
+        f"array_fill(NULL::text, ARRAY[{BATCH}])::text AS skips",
         f"{_array([str(states.APPLIED)] * BATCH)} AS outcome_states",
         f"{_array([_text('')] * BATCH)} AS blanks",
         # The ledger locks its entities sorted (by id: pgb-c-1, pgb-c-10, ..., pgb-c-9).
@@ -210,6 +211,7 @@ _BATCH_VALUES = {
     "answer_callers": ":callers",
     "answer_keys": ":keys",
     "answer_txs": ":txs",
+    "skips": ":skips",  # in-order events, no operator's skip markers
     **{name: ":empty" for name in (
         "parked_types", "parked_ids", "parked_counts", "gap_types", "gap_ids", "gap_awaiting", "closed_types",
         "closed_ids",

@@ -409,9 +409,8 @@ class Ingress:
         """The nearest deadline of the batch bounds every lock wait ('0': none)."""
         deadlines = [p.deadline for p in items if p.deadline is not None]
         if not deadlines:
-            return "0"
-        left = min(deadlines) - asyncio.get_running_loop().time()
-        return f"{max(1, int(left * 1000))}ms"
+            return mailbox.lock_timeout(None)
+        return mailbox.lock_timeout(min(deadlines) - asyncio.get_running_loop().time())
 
     async def _transaction(self, conn: psycopg.AsyncConnection[Any], items: list[Pending]) -> Committed:
         now = self.clock.now()

@@ -1,8 +1,9 @@
-"""The ingress batch's statements over the durable mailbox, on a raw psycopg connection.
+"""The statements that hold events in the durable mailbox: the ingress batch's, and an
+operator's skip (skips.py runs the same two through SQLAlchemy's driver-level execution).
 
-Statements only: no rules and no commits (ingress.py owns the transaction). Two statements per
+Statements only: no rules and no commits (the callers own the transaction). Two statements per
 batch, however large: the locks with the reads, then every write; set-based (arrays in, `unnest`
-in SQL) and prepared on first use. Raw psycopg rather than SQLAlchemy on this path: see
+in SQL) and prepared on first use. Raw psycopg rather than SQLAlchemy on the ingress path: see
 docs/ingress.md for the figures behind that choice.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +37,11 @@ LOCK_SUBMISSIONS = (
 WRITE_BATCH = (
     "WITH held AS ("
     "  INSERT INTO sequencer.events (entity_type, entity_id, sequence, transaction_id, state, event, payload_hash,"
-    "    correlation_id, caller_id, idempotency_key, accepted_at, queued_at)"
-    "  SELECT t, i, s, x, st, ev, h, c, cl, k, %(now)s, CASE WHEN st = %(queued)s THEN %(now)s END"
+    "    correlation_id, caller_id, idempotency_key, skip_reason, accepted_at, queued_at)"
+    "  SELECT t, i, s, x, st, ev, h, c, cl, k, sk, %(now)s, CASE WHEN st = %(queued)s THEN %(now)s END"
     "  FROM unnest(%(types)s::smallint[], %(ids)s::text[], %(seqs)s::bigint[], %(txs)s::uuid[],"
     "    %(states)s::smallint[], %(events)s::bytea[], %(hashes)s::bytea[], %(correlations)s::text[],"
-    "    %(callers)s::text[], %(keys)s::text[]) AS u(t, i, s, x, st, ev, h, c, cl, k)"
+    "    %(callers)s::text[], %(keys)s::text[], %(skips)s::text[]) AS u(t, i, s, x, st, ev, h, c, cl, k, sk)"
     "), answered AS ("
     "  INSERT INTO sequencer.idempotency_keys AS k (caller_id, idempotency_key, method, fingerprint, request,"
     "    status_code, response, transaction_id, created_at, expires_at)"
@@ -71,6 +73,22 @@ WRITE_BATCH = (
 )
 
 
+# The events columns a batch writes, in Writes.hold's order.
+EVENT_COLUMNS = (
+    "types",
+    "ids",
+    "seqs",
+    "txs",
+    "states",
+    "events",
+    "hashes",
+    "correlations",
+    "callers",
+    "keys",
+    "skips",
+)
+
+
 class StoreDrift(RuntimeError):
     """A write found the mailbox other than the rules saw it under the locks: a bug, never a
     caller's fault."""
@@ -88,12 +106,7 @@ class Snapshot:
 class Writes:
     """Everything a batch writes, column by column."""
 
-    events: dict[str, list[Any]] = field(
-        default_factory=lambda: {
-            k: []
-            for k in ("types", "ids", "seqs", "txs", "states", "events", "hashes", "correlations", "callers", "keys")
-        }
-    )
+    events: dict[str, list[Any]] = field(default_factory=lambda: {k: [] for k in EVENT_COLUMNS})
     answers: dict[str, list[Any]] = field(
         default_factory=lambda: {k: [] for k in ("callers", "keys", "fingerprints", "requests", "responses", "txs")}
     )
@@ -111,8 +124,13 @@ class Writes:
         correlation_id: str,
         caller: str,
         key: str,
+        skip_reason: str | None = None,
     ) -> None:
-        row = (entity[0], entity[1], sequence, transaction_id, state, event, payload_hash, correlation_id, caller, key)
+        """An events row: a submitted event, or an operator's skip marker (with its reason)."""
+        row = (
+            entity[0], entity[1], sequence, transaction_id, state, event, payload_hash, correlation_id, caller, key,
+            skip_reason,
+        )  # fmt: skip
         for column, value in zip(self.events, row, strict=True):
             self.events[column].append(value)
         self.changes.append(hints.Change(entity[0], entity[1], state))
@@ -124,17 +142,21 @@ class Writes:
             self.answers[column].append(value)
 
 
-async def lock_and_read(
-    conn: psycopg.AsyncConnection[Any],
+def lock_timeout(seconds: float | None) -> str:
+    """A remaining deadline as the lock step's lock_timeout ('0': no bound)."""
+    return "0" if seconds is None else f"{max(1, int(seconds * 1000))}ms"
+
+
+def lock_params(
     *,
     keys: list[tuple[str, str]],
     submitted: list[tuple[int, str, int]],
     row_lock: bool,
     lock_timeout: str,
     now: dt.datetime,
-) -> Snapshot:
-    """Takes the batch's locks and reads what its rules need, in one statement."""
-    params = {
+) -> dict[str, Any]:
+    """LOCK_SUBMISSIONS' parameters: the batch's keys and its submitted (entity, MSI)s."""
+    return {
         "callers": [c for c, _ in keys],
         "keys": [k for _, k in keys],
         "types": [t for t, _, _ in submitted],
@@ -144,7 +166,10 @@ async def lock_and_read(
         "lock_timeout": lock_timeout,
         "now": now,
     }
-    rows = await (await conn.execute(LOCK_SUBMISSIONS, params, prepare=True)).fetchall()
+
+
+def snapshot(rows: Sequence[Sequence[Any]]) -> Snapshot:
+    """LOCK_SUBMISSIONS' rows as what the rules decide on."""
     entities: dict[EntityKey, Entity] = {}
     answers: dict[tuple[str, str], StoredAnswer] = {}
     for kind, t, i, s, watermark, parked, x, h, skip, c, k, m, f, r, a, created, expires in rows:
@@ -157,8 +182,7 @@ async def lock_and_read(
     return Snapshot(entities, answers)
 
 
-async def write(
-    conn: psycopg.AsyncConnection[Any],
+def write_params(
     writes: Writes,
     entities: dict[EntityKey, Entity],
     *,
@@ -167,13 +191,15 @@ async def write(
     expires_at: dt.datetime,
     queued_state: int,
     origin: str,
-) -> None:
-    """Writes the batch's events, answers, parked counts and gaps, and its one wake-up."""
+) -> dict[str, Any]:
+    """WRITE_BATCH's parameters: the batch's events, answers, parked counts, the gap rows of
+    the entities whose held events changed (rules.Entity.gap, the gap rule's one home) and its
+    one wake-up."""
     changed = [(k, e.gap()) for k, e in entities.items() if e.changed]
     gaps = [(k, g) for k, g in changed if g is not None]
     closed = [k for k, g in changed if g is None]
     parked = list(writes.parked.items())
-    params = {
+    return {
         **writes.events,
         "answer_callers": writes.answers["callers"],
         "answer_keys": writes.answers["keys"],
@@ -196,7 +222,24 @@ async def write(
         "expires_at": expires_at,
         "queued": queued_state,
     }
-    row = await (await conn.execute(WRITE_BATCH, params, prepare=True)).fetchone()
+
+
+def check_written(row: Sequence[Any] | None, writes: Writes) -> None:
+    """WRITE_BATCH stored exactly the batch's answers."""
     if row is None or row[0] != len(writes.answers["keys"]):
         # The key lock makes this unreachable; the primary key is the rule's backstop.
         raise StoreDrift("an idempotency record already exists for a key held under its lock")
+
+
+async def lock_and_read(conn: psycopg.AsyncConnection[Any], **params: Any) -> Snapshot:
+    """Takes the batch's locks and reads what its rules need, in one statement."""
+    rows = await (await conn.execute(LOCK_SUBMISSIONS, lock_params(**params), prepare=True)).fetchall()
+    return snapshot(rows)
+
+
+async def write(
+    conn: psycopg.AsyncConnection[Any], writes: Writes, entities: dict[EntityKey, Entity], **params: Any
+) -> None:
+    """Writes the batch's events, answers, parked counts and gaps, and its one wake-up."""
+    row = await (await conn.execute(WRITE_BATCH, write_params(writes, entities, **params), prepare=True)).fetchone()
+    check_written(row, writes)

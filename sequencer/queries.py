@@ -4,39 +4,10 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-# The skip step below is a server-side function (migration 5c1f0e2a9b7d): each is
-# one round trip for what took several, under the same locks. Casts pin the argument types for
-# resolution. A change to a function is a new version in sql/ and a new revision; the ingress
-# batch's statements are in mailbox.py. bench/ceilings.py copies these statements (its smoke test
-# fails when the two drift apart).
-
-# Serialises all work on one idempotency key (scoped by caller) for the rest of the transaction
-# (transaction-scoped: a dropped connection never leaves it held), with the caller's deadline as
-# the lock_timeout of every lock wait that follows; returns the key's live record, read after
-# the lock.
-LOCK_KEY = text("SELECT * FROM sequencer.lock_key(:caller, :key, :lock_timeout, :now)")
-
-# Serialises all work on one entity for the rest of the transaction; returns (watermark,
-# parked_count), creating the row on first sight. Advisory lock, or the row's lock for
-# distributed Postgres (where advisory locks are node-local).
-LOCK_ENTITY = text(
-    "SELECT watermark, parked_count FROM sequencer.lock_entity("
-    "CAST(:entity_type AS smallint), :entity_id, :row_lock, :now)"
-)
-
-# (lowest missing MSI above the watermark, highest held MSI): a gap exists only below the latter.
-HELD_RANGE = text(
-    "SELECT lowest_missing, highest_held FROM sequencer.held_range("
-    "CAST(:entity_type AS smallint), :entity_id, CAST(:watermark AS bigint))"
-)
-
-# Holds a parked event or a skip marker (row, NOTIFY, parked count, gap); returns (held, the MSI
-# then missing or NULL); not held, nothing written, when the MSI is already held.
-HOLD_EVENT = text(
-    "SELECT held, awaiting FROM sequencer.hold_event(CAST(:entity_type AS smallint), :entity_id, "
-    "CAST(:sequence AS bigint), :transaction_id, CAST(:state AS smallint), :event, :payload_hash, :correlation_id, "
-    ":caller_id, :idempotency_key, :skip_reason, CAST(:watermark AS bigint), :now, :payload)"
-)
+# The ingress's and the skips' statements are in mailbox.py, the outcome step's function in
+# sql/ (a change to a function is a new version there and a new revision). Casts pin the
+# argument types for resolution. bench/ceilings.py copies these statements (its smoke test fails
+# when the two drift apart).
 
 # Records the ledger's outcomes of one forwarded batch (sequencer/sql/record_outcomes_v1.sql):
 # terminal states, watermarks, released successors, leases, after the entities' locks in the

@@ -42,20 +42,6 @@ def _entity(entity_type: int, entity_id: str) -> dict[str, Any]:
 # --- idempotency keys -------------------------------------------------------------------------
 
 
-def _lock_timeout(timeout: float | None) -> str:
-    """The caller's remaining deadline as a lock_timeout setting ('0': no bound)."""
-    return "0" if timeout is None else f"{max(1, int(timeout * 1000))}ms"
-
-
-async def lock_key(
-    conn: AsyncConnection, caller: str, key: str, now: dt.datetime, timeout: float | None = None
-) -> Row[Any] | None:
-    """Takes the key's lock and returns its live (unexpired) record, if any; `timeout` (the
-    caller's remaining deadline) bounds this and every later lock wait of the transaction."""
-    params = {"caller": caller, "key": key, "lock_timeout": _lock_timeout(timeout), "now": now}
-    return (await conn.execute(queries.LOCK_KEY, params)).first()
-
-
 # Built once: the admin lookup of a key's record.
 _LIVE_KEY_RECORD = select(idempotency_keys).where(
     idempotency_keys.c.caller_id == bindparam("caller"),
@@ -92,14 +78,6 @@ async def sweep_expired_keys(conn: AsyncConnection, now: dt.datetime, batch: int
 # --- entities and events ----------------------------------------------------------------------
 
 
-async def lock_entity(
-    conn: AsyncConnection, entity_type: int, entity_id: str, strategy: str, now: dt.datetime
-) -> Row[Any]:
-    """Serialises work on one entity for this transaction; returns (watermark, parked_count)."""
-    params = {**_entity(entity_type, entity_id), "row_lock": strategy == "row", "now": now}
-    return (await conn.execute(queries.LOCK_ENTITY, params)).one()
-
-
 async def get_event(conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int) -> Row[Any] | None:
     result = await conn.execute(
         select(events).where(
@@ -107,20 +85,6 @@ async def get_event(conn: AsyncConnection, entity_type: int, entity_id: str, seq
         )
     )
     return result.first()
-
-
-async def hold_event(conn: AsyncConnection, **values: Any) -> tuple[bool, int | None]:
-    """Holds a parked event or a skip marker (row, wake-up, parked count, gap) in one round
-    trip; returns (held, the MSI the entity then misses); not held when the MSI already is."""
-    values.setdefault("skip_reason", None)
-    row = (await conn.execute(queries.HOLD_EVENT, values)).one()
-    return bool(row.held), None if row.awaiting is None else int(row.awaiting)
-
-
-async def held_range(conn: AsyncConnection, entity_type: int, entity_id: str, watermark: int) -> tuple[int, int | None]:
-    """(lowest missing MSI above the watermark, highest held MSI or None)."""
-    row = (await conn.execute(queries.HELD_RANGE, {**_entity(entity_type, entity_id), "watermark": watermark})).one()
-    return int(row.lowest_missing), None if row.highest_held is None else int(row.highest_held)
 
 
 async def forwardable(conn: AsyncConnection, keys: Sequence[EntityKey], per_entity: int) -> list[Row[Any]]:

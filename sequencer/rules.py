@@ -20,6 +20,8 @@ class Verdict(enum.Enum):
     SKIPPED = "skipped"  # an operator skipped this MSI; a late event is not applied
     CONFLICT = "conflict"  # the MSI is held with another payload: a producer bug
     PARKED_LIMIT = "parked_limit"  # the entity holds as many parked events as allowed
+    NOT_MISSING = "not_missing"  # a skip of an MSI that is held or processed
+    NOTHING_BEHIND = "nothing_behind"  # a skip of an MSI no held event waits behind
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,20 @@ class Entity:
         if self.parked_count >= parked_limit:
             return Decision(Verdict.PARKED_LIMIT)
         self._hold(HeldEvent(sequence, transaction_id, payload_hash, None), parked=True)
+        return Decision(Verdict.PARKED, transaction_id, awaiting=self.awaiting_for(sequence))
+
+    def skip(self, sequence: int, transaction_id: uuid.UUID, marker_hash: bytes, reason: str) -> Decision:
+        """An operator's skip of `sequence`. Only a gap may be skipped: an MSI neither held nor
+        processed, with something held behind it. The skip marker is then held in its place,
+        like an event (QUEUED as the direct successor, else PARKED)."""
+        if sequence in self.held or sequence <= self.watermark:
+            return Decision(Verdict.NOT_MISSING)
+        if not any(s > sequence for s in self.held):
+            return Decision(Verdict.NOTHING_BEHIND)
+        parked = sequence != self.watermark + 1
+        self._hold(HeldEvent(sequence, transaction_id, marker_hash, reason), parked=parked)
+        if not parked:
+            return Decision(Verdict.QUEUED, transaction_id)
         return Decision(Verdict.PARKED, transaction_id, awaiting=self.awaiting_for(sequence))
 
     def _hold(self, event: HeldEvent, *, parked: bool) -> None:

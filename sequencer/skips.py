@@ -18,7 +18,7 @@ from common.clock import Clock
 from common.limits import MAX_TEXT
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
-from sequencer import hints
+from sequencer import mailbox
 from sequencer import repository as repo
 from sequencer.config import Settings
 from sequencer.convert import status_from_row
@@ -26,6 +26,7 @@ from sequencer.errors import InvalidArgument, NotAGap
 from sequencer.forwarding import QueuedEvent
 from sequencer.idempotency import AnswerCache, StoredAnswer, Submission, replay
 from sequencer.metrics import SequencerMetrics
+from sequencer.rules import Entity, Verdict
 from sequencer.states import PARKED, QUEUED
 from sequencer.validation import validate_entity, validate_sequence
 
@@ -85,14 +86,22 @@ class Skips:
         async def work(conn: AsyncConnection) -> Submission:
             queued.clear()
             now = self.clock.now()
-            row = await repo.lock_key(conn, caller, key, now, timeout)
-            if row is not None:  # a concurrent first execution committed meanwhile
-                record = StoredAnswer(
-                    row.method, row.fingerprint, row.request, row.response, row.created_at, row.expires_at
-                )
+            et, eid, seq = request.entity.entity_type, request.entity.entity_id, request.sequence
+            # The ingress's lock step: the key's lock, then the entity's, and what the rules need.
+            lock = mailbox.lock_params(
+                keys=[(caller, key)],
+                submitted=[(et, eid, seq)],
+                row_lock=self.settings.lock_strategy == "row",
+                lock_timeout=mailbox.lock_timeout(timeout),
+                now=now,
+            )
+            seen = mailbox.snapshot((await conn.exec_driver_sql(mailbox.LOCK_SUBMISSIONS, lock)).all())
+            record = seen.records.get((caller, key))
+            if record is not None:  # a concurrent first execution committed meanwhile
                 self.answers.put(caller, key, record)
                 return replayed(record)
-            response, forward = await self._skip(conn, caller, key, keyless, reason, correlation_id, now)
+            entity = seen.entities[(et, eid)]
+            response, forward = await self._skip(conn, entity, caller, key, keyless, reason, correlation_id, now)
             queued.extend(forward)
             expires_at = now + dt.timedelta(seconds=self.settings.idempotency_retention)
             record = StoredAnswer(
@@ -117,6 +126,7 @@ class Skips:
     async def _skip(
         self,
         conn: AsyncConnection,
+        entity: Entity,
         caller: str,
         key: str,
         request: sequencer_pb2.SkipSequenceRequest,
@@ -124,43 +134,41 @@ class Skips:
         correlation_id: str,
         now: dt.datetime,
     ) -> tuple[sequencer_pb2.SkipSequenceResponse, list[QueuedEvent]]:
-        """Only a gap may be skipped: an MSI neither held nor processed, with something parked
-        behind it."""
+        """Holds the skip marker where the rules allow it (rules.Entity.skip: only a gap), with
+        the ingress's write statement, so parked counts and gap rows follow the one gap rule."""
         et, eid, seq = request.entity.entity_type, request.entity.entity_id, request.sequence
-        entity = await repo.lock_entity(conn, et, eid, self.settings.lock_strategy, now)
-        held = await repo.get_event(conn, et, eid, seq)
-        if held is not None or seq <= entity.watermark:
-            raise NotAGap(f"MSI {seq} of {eid} is not missing: it is held or processed", sequence=seq)
-        _lowest, highest = await repo.held_range(conn, et, eid, entity.watermark)
-        if highest is None or seq > highest:
-            raise NotAGap(f"MSI {seq} of {eid} is not a gap: nothing parked waits behind it", sequence=seq)
-        state = QUEUED if seq == entity.watermark + 1 else PARKED
+        watermark = entity.watermark
         transaction_id = uuid.uuid4()
+        decision = entity.skip(seq, transaction_id, SKIP_MARKER_HASH, reason)
+        if decision.verdict is Verdict.NOT_MISSING:
+            raise NotAGap(f"MSI {seq} of {eid} is not missing: it is held or processed", sequence=seq)
+        if decision.verdict is Verdict.NOTHING_BEHIND:
+            raise NotAGap(f"MSI {seq} of {eid} is not a gap: nothing parked waits behind it", sequence=seq)
+        state = QUEUED if decision.verdict is Verdict.QUEUED else PARKED
         marker = events_pb2.Event(entity_type=et, entity_id=eid, sequence=seq, source=f"skip by {caller}")
         marker_bytes = marker.SerializeToString(deterministic=True)
-        await repo.hold_event(
-            conn,
-            entity_type=et,
-            entity_id=eid,
-            sequence=seq,
-            transaction_id=transaction_id,
-            state=state,
-            event=marker_bytes,
-            payload_hash=SKIP_MARKER_HASH,
-            correlation_id=correlation_id,
-            caller_id=caller,
-            idempotency_key=key,
-            skip_reason=reason,
-            watermark=entity.watermark,
-            now=now,
-            payload=hints.encode(self.instance, [hints.Change(et, eid, state, str(transaction_id))]),
+        writes = mailbox.Writes()
+        writes.hold(
+            (et, eid), seq, transaction_id, state, marker_bytes, SKIP_MARKER_HASH, correlation_id, caller, key, reason
         )
+        if state == PARKED:
+            writes.parked[(et, eid)] = 1
+        params = mailbox.write_params(
+            writes,
+            {(et, eid): entity},
+            method=SKIP_METHOD,
+            now=now,
+            expires_at=now,
+            queued_state=QUEUED,
+            origin=self.instance,
+        )
+        mailbox.check_written((await conn.exec_driver_sql(mailbox.WRITE_BATCH, params)).first(), writes)
         log.warning(
             "sequence skipped by operator",
             extra={"skipped_by": caller, "skip_reason": reason, "transaction_id": str(transaction_id)},
         )
         status_row = await repo.status_by_transaction(conn, transaction_id)
         assert status_row is not None
-        response = sequencer_pb2.SkipSequenceResponse(status=status_from_row(status_row), watermark=entity.watermark)
+        response = sequencer_pb2.SkipSequenceResponse(status=status_from_row(status_row), watermark=watermark)
         forward = [QueuedEvent(et, eid, seq, transaction_id, marker_bytes, correlation_id, reason)]
         return response, forward if state == QUEUED else []

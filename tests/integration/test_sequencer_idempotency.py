@@ -175,10 +175,14 @@ async def test_fifty_concurrent_identical_requests_execute_once(app: App) -> Non
 
 async def test_waiter_whose_deadline_passes_gets_deadline_exceeded(app: App, stub: Any) -> None:
     """A request blocked behind another holder of its key gives up at its deadline."""
-    from sequencer import repository as repo
+    from sequencer import mailbox
 
     async with app.engine.begin() as conn:
-        await repo.lock_key(conn, "default", "held-key", dt.datetime.now(dt.UTC))
+        # The ingress's own lock step holds the key's lock until this transaction ends.
+        params = mailbox.lock_params(
+            keys=[("default", "held-key")], submitted=[], row_lock=False, lock_timeout="0", now=dt.datetime.now(dt.UTC)
+        )
+        await conn.exec_driver_sql(mailbox.LOCK_SUBMISSIONS, params)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.SubmitEvent(
                 submit_request(shipment_event("SHP-13", 1, "shipment_created"), request_id="held-key"),
