@@ -110,3 +110,17 @@ def test_hints_round_trip_and_fall_back_to_resync() -> None:
     many = [hints.Change(1, f"SHP-{n:06d}-{'x' * 40}", states.QUEUED) for n in range(400)]
     assert hints.decode(hints.encode("me", many)) == hints.Hint("me", resync=True)
     assert hints.decode("not json") is None and hints.decode('{"c": [[1]]}') is None
+
+
+def test_only_a_gap_may_be_skipped_and_the_marker_takes_its_place() -> None:
+    entity = Entity(watermark=2, parked_count=1, held={5: HeldEvent(5, tx(), A, None)})
+    assert entity.gap() == 3
+    assert entity.skip(2, tx(), b"skip", "lost").verdict is Verdict.NOT_MISSING  # processed
+    assert entity.skip(5, tx(), b"skip", "lost").verdict is Verdict.NOT_MISSING  # held
+    assert entity.skip(6, tx(), b"skip", "lost").verdict is Verdict.NOTHING_BEHIND
+    parked = entity.skip(4, tx(), b"skip", "lost")
+    assert (parked.verdict, parked.awaiting) == (Verdict.PARKED, 3)
+    assert entity.held[4].skip_reason == "lost" and entity.parked_count == 2 and entity.gap() == 3
+    queued = entity.skip(3, tx(), b"skip", "lost")
+    assert queued.verdict is Verdict.QUEUED and entity.parked_count == 2
+    assert entity.gap() is None and entity.changed
