@@ -175,6 +175,8 @@ class Forwarder:
                     await self._claim_any()
                 except DATABASE_TROUBLE:
                     log.warning("claiming forwarding work failed; will retry", exc_info=True)
+                except Exception:
+                    log.exception("claiming forwarding work failed unexpectedly; will retry")
                 self._forget_expired_leases()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.sweep.wait(), self.settings.forwarder_poll_interval)
@@ -210,6 +212,10 @@ class Forwarder:
                 await self._forward(keys)
             except DATABASE_TROUBLE:
                 log.warning("forwarding interrupted by a database error; will retry", exc_info=True)
+                self._rest_here(keys, REST_AFTER_DATABASE_TROUBLE)
+            except Exception:
+                # A bug must not stop forwarding for good: these entities rest, the rest go on.
+                log.exception("forwarding a batch failed unexpectedly; its entities rest")
                 self._rest_here(keys, REST_AFTER_DATABASE_TROUBLE)
             finally:
                 self.busy.difference_update(keys)
