@@ -82,6 +82,8 @@ def provision(data_dir: Path = DATA_DIR) -> Database:
 
 def server_settings(db: Database) -> dict[str, str]:
     """The PostgreSQL settings that shape the numbers, for the report."""
-    names = ("server_version", "max_connections", "shared_buffers", "synchronous_commit", "fsync", "wal_level")
+    names = (
+        "server_version", "max_connections", "shared_buffers", "synchronous_commit", "fsync", "wal_level", "autovacuum"
+    )  # fmt: skip
     with db.connect() as conn:
         return {n: str(conn.execute(f"SHOW {n}").fetchone()[0]) for n in names}  # type: ignore[index]

@@ -525,6 +525,8 @@ class Bench:
         pids = {"sequencer": self.sequencer.pid, "ledger": self.ledger.pid}
         origin = time.time()
         sampler = soak.Sampler(pids, self.backend_pids, origin)
+        if server_settings(self.db).get("autovacuum") == "off":
+            sampler.vacuum = soak.Vacuum(self.db.connect)
         before = self.snapshot()
         result = self.loadgen(spec, sampler)
         sampler.rebase(result["started_wall"])
@@ -563,6 +565,13 @@ class Bench:
             "rss_growth": growth,
             "timeline": soak.timeline(samples, acked, applied, s2a, end, bucket, rate),
             "samples": samples,
+            "vacuum": None
+            if sampler.vacuum is None
+            else {
+                "interval": sampler.vacuum.interval,
+                "runs": sampler.vacuum.runs,
+                "seconds": round(sampler.vacuum.seconds, 2),
+            },
         }
         target_keys = ("metric", "max", "value", "met", "result")
         targets = [
