@@ -78,15 +78,6 @@ async def sweep_expired_keys(conn: AsyncConnection, now: dt.datetime, batch: int
 # --- entities and events ----------------------------------------------------------------------
 
 
-async def get_event(conn: AsyncConnection, entity_type: int, entity_id: str, sequence: int) -> Row[Any] | None:
-    result = await conn.execute(
-        select(events).where(
-            events.c.entity_type == entity_type, events.c.entity_id == entity_id, events.c.sequence == sequence
-        )
-    )
-    return result.first()
-
-
 async def forwardable(conn: AsyncConnection, keys: Sequence[EntityKey], per_entity: int) -> list[Row[Any]]:
     """Each entity's events right above its watermark (QUEUED first, then PARKED), at most
     `per_entity` each, in (entity, MSI) order, with the entity's watermark."""
