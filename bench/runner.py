@@ -417,19 +417,23 @@ class Bench:
 
     # --- the run ----------------------------------------------------------------------------
 
-    def run(self) -> dict[str, Any]:
-        plan = self.plan
-        started = time.monotonic()
+    def begin(self) -> None:
+        """The system up (database, services), named in one line, and the warm-up."""
         self.start()
-        assert self.db is not None
-        assert self.sequencer is not None and self.ledger is not None
+        assert self.db is not None and self.sequencer is not None and self.ledger is not None
         print(
             f"database: {self.db.where}, {self.db.name}; "
             f"sequencer pid {self.sequencer.pid}, ledger pid {self.ledger.pid}",
             flush=True,
         )
-        if plan.warmup > 0:
+        if self.plan.warmup > 0:
             self.run_workload("warmup")
+
+    def run(self) -> dict[str, Any]:
+        plan = self.plan
+        started = time.monotonic()
+        self.begin()
+        assert self.db is not None
         rows = []
         for name in plan.workloads:
             row = self.run_workload(name)
@@ -497,15 +501,8 @@ class Bench:
         drain and the same exactness audit as every workload, over everything it submitted."""
         plan = self.plan
         started = time.monotonic()
-        self.start()
+        self.begin()
         assert self.db is not None and self.sequencer is not None and self.ledger is not None
-        print(
-            f"database: {self.db.where}, {self.db.name}; "
-            f"sequencer pid {self.sequencer.pid}, ledger pid {self.ledger.pid}",
-            flush=True,
-        )
-        if plan.warmup > 0:
-            self.run_workload("warmup")
         rows = []
         if plan.rate is not None:
             rate, source = plan.rate, "--rate"
