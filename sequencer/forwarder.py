@@ -68,17 +68,20 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT_CODES
 
 
-def refused_index(exc: grpc.aio.AioRpcError, size: int) -> int | None:
-    """The item an ApplyEvents refusal names (ErrorInfo metadata `index`), if any."""
+def refusal_metadata(exc: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The ErrorInfo metadata of an ApplyEvents refusal (empty without one)."""
     status = rpc_status.from_call(exc)
-    if status is None:
-        return None
-    for detail in status.details:
+    for detail in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info) and info.metadata.get("index", "").isdigit():
-            index = int(info.metadata["index"])
-            return index if index < size else None
-    return None
+        if detail.Unpack(info):
+            return dict(info.metadata)
+    return {}
+
+
+def refused_index(metadata: dict[str, str], size: int) -> int | None:
+    """The item a refusal names (`index`), if any."""
+    index = metadata.get("index", "")
+    return int(index) if index.isdigit() and int(index) < size else None
 
 
 class GiveUp(Exception):
@@ -109,6 +112,9 @@ class Forwarder:
         self.resting: dict[EntityKey, float] = {}
         # Leases this replica holds, and until when (kept between chains, renewed per batch).
         self.leases: dict[EntityKey, dt.datetime] = {}
+        # The most events a batch carries: SEQUENCER_FORWARDER_BATCH, or less when the ledger
+        # says it takes fewer (its LEDGER_MAX_BATCH).
+        self.batch_limit = settings.forwarder_batch
         self.wake = asyncio.Event()
         self.sweep = asyncio.Event()
         self._unsubscribe = notifier.subscribe(self._on_notification)
@@ -147,7 +153,7 @@ class Forwarder:
                     continue
                 del self.resting[key]
             taken.append(key)
-            if len(taken) >= self.settings.forwarder_batch:
+            if len(taken) >= self.batch_limit:
                 break
         for key in taken:
             del self.wanted[key]
@@ -243,9 +249,12 @@ class Forwarder:
         if not held:
             return
         # A fair share each: one long chain cannot crowd out the other entities of the batch.
-        per_entity = max(1, self.settings.forwarder_batch // len(held))
+        per_entity = max(1, self.batch_limit // len(held))
         found = await self.store.forwardable(held, per_entity)
-        batch = [event for key in held for event in found.get(key, ())]
+        await self._send([event for key in held for event in found.get(key, ())])
+
+    async def _send(self, batch: list[QueuedEvent]) -> None:
+        """Applies `batch` at the ledger and records the outcomes; what the ledger refuses rests."""
         while batch:
             try:
                 replies = await self._apply(batch)
@@ -253,9 +262,18 @@ class Forwarder:
                 await self._rest(sorted({e.key for e in batch}), min(self.settings.forwarder_lease, 2.0))
                 return
             except grpc.aio.AioRpcError as exc:
+                metadata = refusal_metadata(exc)
+                fewer = metadata.get("max_batch", "")
+                if fewer.isdigit() and 0 < int(fewer) < len(batch):
+                    # The ledger takes fewer events per call: send the batch in parts that fit.
+                    log.warning("the ledger takes fewer events per call; batches follow", extra={"max_batch": fewer})
+                    self.batch_limit = int(fewer)
+                    for part in range(0, len(batch), self.batch_limit):
+                        await self._send(batch[part : part + self.batch_limit])
+                    return
                 # A refusal retrying cannot fix (a conflict, out of order): that entity rests,
                 # the others go on at once. Without an index the whole batch rests.
-                index = refused_index(exc, len(batch))
+                index = refused_index(metadata, len(batch))
                 refused = {batch[index].key} if index is not None else {e.key for e in batch}
                 log.error(
                     "the ledger refused a batch; its entity backs off",

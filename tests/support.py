@@ -107,7 +107,9 @@ class System:
         self.channels: list[grpc.aio.Channel] = []
 
     @classmethod
-    async def start(cls, database_url: str, sequencer_settings: Any, *, lock_strategy: str = "advisory") -> System:
+    async def start(
+        cls, database_url: str, sequencer_settings: Any, *, lock_strategy: str = "advisory", **ledger: Any
+    ) -> System:
         from ledger.config import Settings as LedgerSettings
         from ledger.server import build_server as build_ledger
 
@@ -118,6 +120,7 @@ class System:
                 listen_addr="127.0.0.1:0",
                 metrics_addr="127.0.0.1:0",
                 lock_strategy=lock_strategy,
+                **ledger,
             )
         )
         settings = dataclasses.replace(

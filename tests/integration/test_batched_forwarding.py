@@ -99,6 +99,27 @@ async def test_many_entities_share_a_batch(strategy_system: System) -> None:
         assert await on_hand(s, f"SKU-MANY-{n}") == (n + 1, 1)
 
 
+async def test_batches_follow_a_ledger_that_takes_fewer_events(database_url: str, sequencer_settings: Any) -> None:
+    """A ledger with LEDGER_MAX_BATCH 4 refuses the forwarder's larger batch naming its limit:
+    the forwarder sends it in parts that fit, and everything applies, in order."""
+    s = await System.start(database_url, sequencer_settings, max_batch=4)
+    try:
+        parked = [await s.submit(receive("SKU-FEW", n, quantity=n)) for n in range(2, 11)]
+        await s.submit(receive("SKU-FEW", 1, quantity=1))
+        items = [
+            sequencer_pb2.SubmitEventRequest(event=receive(f"SKU-FEW-{n}", 1, quantity=1), request_id=f"few-{n}")
+            for n in range(6)
+        ]
+        reply = await s.sequencer.SubmitEvents(sequencer_pb2.SubmitEventsRequest(requests=items), timeout=10)
+        for tx_id in [parked[-1].transaction_id, *(r.response.transaction_id for r in reply.results)]:
+            assert (await s.wait_terminal(tx_id)).state == APPLIED
+        assert [h.sequence for h in await s.history(INVENTORY, "SKU-FEW")] == list(range(1, 11))
+        assert await on_hand(s, "SKU-FEW") == (sum(range(1, 11)), 10)
+        assert s.sequencer_app.forwarder.batch_limit == 4
+    finally:
+        await s.stop()
+
+
 async def test_a_refused_entity_rests_while_the_others_go_on(system: System, caplog: pytest.LogCaptureFixture) -> None:
     """The ledger already holds MSI 1 of one SKU with another payload (sent to it directly):
     the batch that carries it is refused naming that item, and the other entities of the batch
