@@ -41,6 +41,10 @@ def is_serving(address: str, timeout: float = 2.0) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+class StartFailed(Exception):
+    """A service did not come up: everything started is stopped and `make up` fails."""
+
+
 class Child:
     """A service subprocess whose JSON log lines pass through to our stderr; its start-up line
     tells the ports it bound (so port 0 works too)."""
@@ -65,16 +69,22 @@ class Child:
                 self.listening.set()
 
     def wait_serving(self, timeout: float = 60.0) -> None:
+        """Until the start-up line: a service logs it once its server is started and its health
+        SERVING, whatever its transport (plaintext, TLS, mutual TLS), so no probe is needed."""
         deadline = time.monotonic() + timeout
         while not self.listening.wait(0.2):
             if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited with code {self.proc.returncode} during start-up (see above)")
+                raise StartFailed(f"{self.name} exited with code {self.proc.returncode} during start-up (see above)")
             if time.monotonic() > deadline:
-                raise SystemExit(f"{self.name} did not start within {timeout:.0f}s")
-        while not is_serving(f"127.0.0.1:{self.port}"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{self.name} did not become SERVING")
-            time.sleep(0.2)
+                raise StartFailed(f"{self.name} did not start within {timeout:.0f}s")
+
+
+def _buf_hint() -> str:
+    """buf comes from the project's node_modules (`make node`); npx must never fetch the
+    unrelated npm package of that name."""
+    if (ROOT / "node_modules" / ".bin" / "buf").exists():
+        return "buf from node_modules"
+    return "buf from node_modules: run `make node` once first"
 
 
 def _auth_line(env: dict[str, str]) -> str:
@@ -105,7 +115,7 @@ def main() -> None:
 
     children: list[Child] = []
 
-    def stop(_signum: int = 0, _frame: FrameType | None = None) -> None:
+    def shutdown() -> None:
         for child in reversed(children):
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
@@ -117,6 +127,10 @@ def main() -> None:
         if server is not None:
             server.cleanup()
         print("stopped", flush=True)
+
+    def stop(_signum: int = 0, _frame: FrameType | None = None) -> None:
+        """Ctrl-C or SIGTERM: a clean stop, exit status 0."""
+        shutdown()
         sys.exit(0)
 
     signal.signal(signal.SIGTERM, stop)
@@ -130,9 +144,9 @@ def main() -> None:
         sequencer = Child("sequencer", env)
         children.append(sequencer)
         sequencer.wait_serving()
-    except SystemExit:
-        stop()
-        raise
+    except StartFailed as failed:
+        shutdown()
+        raise SystemExit(f"make up failed: {failed}") from None
     sequencer_addr = f"127.0.0.1:{sequencer.port}"
     ledger_addr = f"127.0.0.1:{ledger.port}"
     print(
@@ -141,12 +155,12 @@ ready:
   sequencer  grpc://{sequencer_addr}   metrics http://127.0.0.1:{sequencer.metrics_port}/metrics
   ledger     grpc://{ledger_addr}   metrics http://127.0.0.1:{ledger.metrics_port}/metrics
 
-try it (buf from node_modules; grpcurl works the same with -plaintext):
-  npx buf curl --protocol grpc --http2-prior-knowledge -H 'idempotency-key: demo-1' \\
+try it ({_buf_hint()}; grpcurl works the same with -plaintext):
+  npx --no-install buf curl --protocol grpc --http2-prior-knowledge -H 'idempotency-key: demo-1' \\
     -d '{{"event": {{"entityType": "ENTITY_TYPE_SHIPMENT", "entityId": "SHP-1", "sequence": "1", \\
     "shipmentCreated": {{"orderId": "ORD-1"}}}}}}' \\
     http://{sequencer_addr}/logistics.sequencer.v1.SequencerService/SubmitEvent
-  npx buf curl --protocol grpc --http2-prior-knowledge -d '{{"shipmentId": "SHP-1"}}' \\
+  npx --no-install buf curl --protocol grpc --http2-prior-knowledge -d '{{"shipmentId": "SHP-1"}}' \\
     http://{ledger_addr}/logistics.ledger.v1.LedgerService/GetShipment
 
 {_auth_line(env)}
@@ -157,7 +171,8 @@ Ctrl-C stops everything.""",
         for child in children:
             if child.proc.poll() is not None:
                 print(f"{child.name} exited with code {child.proc.returncode}; stopping", flush=True)
-                stop()
+                shutdown()
+                sys.exit(1)
         time.sleep(0.5)
 
 

@@ -165,3 +165,26 @@ def test_make_up_runs_everything_from_nothing(data_dir: Path) -> None:
             again.kill()
     finally:
         up.kill()
+
+
+def test_a_failed_start_stops_everything_and_exits_non_zero(database_url: str) -> None:
+    """A misspelt setting stops the sequencer at start-up: `make up`'s runner says so, stops
+    the ledger it had started, and fails (it used to print a traceback and exit 0)."""
+    import sys
+
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "LEDGER_LISTEN_ADDR": "127.0.0.1:0",
+        "LEDGER_METRICS_ADDR": "127.0.0.1:0",
+        "SEQUENCER_METRICS_ADDR": "127.0.0.1:0",
+        "SEQUENCER_LISTEN_ADRR": "127.0.0.1:0",  # the typo
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "ops", "up"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "make up failed: sequencer exited with code" in done.stderr
+    assert "SEQUENCER_LISTEN_ADRR" in done.stderr
+    assert "stopped" in done.stdout and "ready:" not in done.stdout
+    assert "Traceback" not in done.stderr.split("make up failed")[-1]
