@@ -188,3 +188,69 @@ def test_a_failed_start_stops_everything_and_exits_non_zero(database_url: str) -
     assert "SEQUENCER_LISTEN_ADRR" in done.stderr
     assert "stopped" in done.stdout and "ready:" not in done.stdout
     assert "Traceback" not in done.stderr.split("make up failed")[-1]
+
+
+def test_a_ledger_on_tls_comes_up_and_takes_the_forwarded_events(database_url: str, tmp_path: Path) -> None:
+    """The ledger serves TLS and the sequencer reaches it with its CA: `make up`'s runner is
+    ready (it used to probe the ledger in plaintext for 60 s and give up), an event submitted to
+    the sequencer is applied over TLS, and Ctrl-C stops both with status 0."""
+    import sys
+
+    from tests.certs import make_certificates
+
+    certs = make_certificates(tmp_path / "certs", [])
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "LEDGER_LISTEN_ADDR": "127.0.0.1:0",
+        "LEDGER_METRICS_ADDR": "127.0.0.1:0",
+        "LEDGER_TLS_CERT": certs.server.cert,
+        "LEDGER_TLS_KEY": certs.server.key,
+        "SEQUENCER_LISTEN_ADDR": "127.0.0.1:0",
+        "SEQUENCER_METRICS_ADDR": "127.0.0.1:0",
+        "SEQUENCER_LEDGER_TLS_CA": certs.ca,
+        "SEQUENCER_LEDGER_TLS_SERVER_NAME": "localhost",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ops", "up"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        sequencer = ""
+        deadline = time.monotonic() + 90
+        for line in proc.stdout:
+            found = re.search(r"sequencer\s+grpc://(\S+)", line)
+            if found:
+                sequencer = found.group(1)
+            if "Ctrl-C stops everything" in line or time.monotonic() > deadline:
+                break
+        assert sequencer, "make up never became ready"
+        with grpc.insecure_channel(sequencer) as channel:
+            stub = sequencer_pb2_grpc.SequencerServiceStub(channel)
+            reply = stub.SubmitEvent(
+                sequencer_pb2.SubmitEventRequest(event=shipment_event("SHP-TLS", 1, "shipment_created")),
+                metadata=(("idempotency-key", "tls-1"),),
+                timeout=10,
+            )
+            until = time.monotonic() + 30
+            while True:
+                status = stub.GetEventStatus(
+                    sequencer_pb2.GetEventStatusRequest(transaction_id=reply.transaction_id), timeout=5
+                ).status
+                if status.state == events_pb2.EVENT_STATE_APPLIED or time.monotonic() > until:
+                    break
+                time.sleep(0.1)
+        assert status.state == events_pb2.EVENT_STATE_APPLIED
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
