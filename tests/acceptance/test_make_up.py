@@ -26,6 +26,26 @@ from tests.support import shipment_event
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def submit_until_terminal(address: str, shipment_id: str, key: str, timeout: float) -> int:
+    """Submits a shipment's first event and polls its status until it is applied or `timeout`
+    passes; returns the last state seen."""
+    with grpc.insecure_channel(address) as channel:
+        stub = sequencer_pb2_grpc.SequencerServiceStub(channel)
+        reply = stub.SubmitEvent(
+            sequencer_pb2.SubmitEventRequest(event=shipment_event(shipment_id, 1, "shipment_created")),
+            metadata=(("idempotency-key", key),),
+            timeout=10,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            status = stub.GetEventStatus(
+                sequencer_pb2.GetEventStatusRequest(transaction_id=reply.transaction_id), timeout=5
+            ).status
+            if status.state == events_pb2.EVENT_STATE_APPLIED or time.monotonic() > deadline:
+                return int(status.state)
+            time.sleep(0.05)
+
+
 class MakeUp:
     def __init__(self, data_dir: Path) -> None:
         env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
@@ -123,22 +143,7 @@ def test_make_up_runs_everything_from_nothing(data_dir: Path) -> None:
                 "grpc.reflection.v1alpha.ServerReflection",
             } <= reflection_services(sequencer_addr, version)
             assert "logistics.ledger.v1.LedgerService" in reflection_services(ledger_addr, version)
-        with grpc.insecure_channel(sequencer_addr) as channel:
-            stub = sequencer_pb2_grpc.SequencerServiceStub(channel)
-            reply = stub.SubmitEvent(
-                sequencer_pb2.SubmitEventRequest(event=shipment_event("SHP-UP", 1, "shipment_created")),
-                metadata=(("idempotency-key", "up-1"),),
-                timeout=5,
-            )
-            deadline = time.monotonic() + 15
-            while True:
-                status = stub.GetEventStatus(
-                    sequencer_pb2.GetEventStatusRequest(transaction_id=reply.transaction_id), timeout=5
-                ).status
-                if status.state == events_pb2.EVENT_STATE_APPLIED or time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            assert status.state == events_pb2.EVENT_STATE_APPLIED
+        assert submit_until_terminal(sequencer_addr, "SHP-UP", "up-1", 15) == events_pb2.EVENT_STATE_APPLIED
         with grpc.insecure_channel(ledger_addr) as channel:
             shipment = (
                 ledger_pb2_grpc.LedgerServiceStub(channel)
@@ -230,22 +235,7 @@ def test_a_ledger_on_tls_comes_up_and_takes_the_forwarded_events(database_url: s
             if "Ctrl-C stops everything" in line or time.monotonic() > deadline:
                 break
         assert sequencer, "make up never became ready"
-        with grpc.insecure_channel(sequencer) as channel:
-            stub = sequencer_pb2_grpc.SequencerServiceStub(channel)
-            reply = stub.SubmitEvent(
-                sequencer_pb2.SubmitEventRequest(event=shipment_event("SHP-TLS", 1, "shipment_created")),
-                metadata=(("idempotency-key", "tls-1"),),
-                timeout=10,
-            )
-            until = time.monotonic() + 30
-            while True:
-                status = stub.GetEventStatus(
-                    sequencer_pb2.GetEventStatusRequest(transaction_id=reply.transaction_id), timeout=5
-                ).status
-                if status.state == events_pb2.EVENT_STATE_APPLIED or time.monotonic() > until:
-                    break
-                time.sleep(0.1)
-        assert status.state == events_pb2.EVENT_STATE_APPLIED
+        assert submit_until_terminal(sequencer, "SHP-TLS", "tls-1", 30) == events_pb2.EVENT_STATE_APPLIED
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:
