@@ -125,9 +125,9 @@ class Forwarder:
         self.wanted[key] = None
         self.wake.set()
 
-    def kick(self, event: QueuedEvent) -> None:
-        """New queued work committed by this process: forward it now."""
-        self._want(event.key)
+    def kick(self, entity: EntityKey) -> None:
+        """New queued work for `entity` committed by this process: forward it now."""
+        self._want(entity)
 
     def _on_notification(self, message: Hint) -> None:
         """Another replica queued work (our own commits kick us directly)."""

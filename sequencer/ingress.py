@@ -44,9 +44,9 @@ from sequencer.errors import (
     Retryable,
     SequenceConflict,
 )
-from sequencer.forwarding import QueuedEvent
 from sequencer.idempotency import AnswerCache, StoredAnswer, Submission, replay, resolve_key
 from sequencer.metrics import SequencerMetrics
+from sequencer.repository import EntityKey
 from sequencer.rules import Decision, Entity, Verdict
 from sequencer.states import DUPLICATE, PARKED, QUEUED, SKIPPED, state_name
 from sequencer.validation import validate_event
@@ -74,7 +74,7 @@ class Pending:
     answer: asyncio.Future[Submission] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
-    def entity(self) -> mailbox.EntityKey:
+    def entity(self) -> EntityKey:
         return (self.event.entity_type, self.event.entity_id)
 
     def settle(self, result: Submission | BaseException) -> None:
@@ -95,7 +95,7 @@ class Committed:
     answers: list[tuple[Pending, Submission | DomainError]] = field(default_factory=list)
     remember: list[tuple[Pending, StoredAnswer]] = field(default_factory=list)
     states: list[int] = field(default_factory=list)
-    queued: list[QueuedEvent] = field(default_factory=list)
+    queued: list[EntityKey] = field(default_factory=list)
 
 
 class Ingress:
@@ -115,7 +115,7 @@ class Ingress:
         self.instance = instance
         self.answers = AnswerCache(settings.answer_cache_size)
         # Set by the server to the forwarder's kick: new queued work for an entity.
-        self.on_queued: Callable[[QueuedEvent], None] = lambda _event: None
+        self.on_queued: Callable[[EntityKey], None] = lambda _entity: None
         # Submissions waiting for a batch, one per key; a second submission of a key waiting or
         # in a batch follows the first and replays its answer once that batch commits.
         self._waiting: collections.deque[Pending] = collections.deque()
@@ -351,7 +351,7 @@ class Ingress:
     async def _run(self, conn: psycopg.AsyncConnection[Any], batch: list[Pending]) -> None:
         """One transaction for the batch, or one per entity with the row lock strategy."""
         if self.settings.lock_strategy == "row":
-            groups: dict[mailbox.EntityKey, list[Pending]] = {}
+            groups: dict[EntityKey, list[Pending]] = {}
             for pending in batch:
                 groups.setdefault(pending.entity, []).append(pending)
             for group in groups.values():
@@ -491,11 +491,7 @@ class Ingress:
             if state == PARKED:
                 writes.parked[pending.entity] = writes.parked.get(pending.entity, 0) + 1
             else:
-                committed.queued.append(
-                    QueuedEvent(
-                        *pending.entity, pending.event.sequence, tx, pending.event_bytes, pending.correlation_id, None
-                    )
-                )
+                committed.queued.append(pending.entity)
         writes.answer(pending.caller, pending.key, pending.fingerprint, pending.request, response_bytes, tx)
         if state != SKIPPED:
             committed.states.append(state)
@@ -529,5 +525,5 @@ class Ingress:
             self.metrics.events.labels(state_name(state)).inc()
         for pending, result in committed.answers:
             pending.settle(result)
-        for event in committed.queued:
-            self.on_queued(event)
+        for entity in committed.queued:
+            self.on_queued(entity)

@@ -19,9 +19,8 @@ import psycopg
 
 from sequencer import hints
 from sequencer.idempotency import StoredAnswer
+from sequencer.repository import EntityKey
 from sequencer.rules import Entity, HeldEvent
-
-EntityKey = tuple[int, str]
 
 # Every lock of the batch, in one sorted order (keys, then entities), and what the rules need,
 # read after them (sequencer/sql/lock_submissions_v2.sql): one statement.

@@ -35,8 +35,9 @@ class Outcome:
     entity_version: int
 
 
-def _entity(entity_type: int, entity_id: str) -> dict[str, Any]:
-    return {"entity_type": entity_type, "entity_id": entity_id}
+def _keys(keys: Sequence[EntityKey]) -> dict[str, list[Any]]:
+    """Entity keys as the statements' two arrays, `types` and `ids`."""
+    return {"types": [k[0] for k in keys], "ids": [k[1] for k in keys]}
 
 
 # --- idempotency keys -------------------------------------------------------------------------
@@ -81,7 +82,7 @@ async def sweep_expired_keys(conn: AsyncConnection, now: dt.datetime, batch: int
 async def forwardable(conn: AsyncConnection, keys: Sequence[EntityKey], per_entity: int) -> list[Row[Any]]:
     """Each entity's events right above its watermark (QUEUED first, then PARKED), at most
     `per_entity` each, in (entity, MSI) order, with the entity's watermark."""
-    params = {"types": [k[0] for k in keys], "ids": [k[1] for k in keys], "per_entity": per_entity}
+    params = {**_keys(keys), "per_entity": per_entity}
     return list((await conn.execute(queries.FORWARDABLE, params)).all())
 
 
@@ -133,20 +134,20 @@ async def claim_named(
     conn: AsyncConnection, keys: Sequence[EntityKey], owner: str, now: dt.datetime, until: dt.datetime
 ) -> list[EntityKey]:
     """Claims the named entities whose lease is free, expired or ours; returns those won."""
-    params = {"types": [k[0] for k in keys], "ids": [k[1] for k in keys], "owner": owner, "now": now, "until": until}
+    params = {**_keys(keys), "owner": owner, "now": now, "until": until}
     result = await conn.execute(queries.CLAIM_NAMED, params)
     return [(int(r.entity_type), str(r.entity_id)) for r in result]
 
 
 async def rest_leases(conn: AsyncConnection, keys: Sequence[EntityKey], owner: str, until: dt.datetime) -> None:
     """Our leases of `keys` end at `until`: the entities rest, then any replica may claim them."""
-    params = {"types": [k[0] for k in keys], "ids": [k[1] for k in keys], "owner": owner, "until": until}
+    params = {**_keys(keys), "owner": owner, "until": until}
     await conn.execute(queries.REST_LEASES, params)
 
 
 async def release_leases(conn: AsyncConnection, keys: Sequence[EntityKey], owner: str) -> None:
     """Hands our leases of `keys` back (at shutdown), so other replicas need not wait."""
-    params = {"types": [k[0] for k in keys], "ids": [k[1] for k in keys], "owner": owner}
+    params = {**_keys(keys), "owner": owner}
     await conn.execute(queries.RELEASE_LEASES, params)
 
 

@@ -23,9 +23,9 @@ from sequencer import repository as repo
 from sequencer.config import Settings
 from sequencer.convert import status_from_row
 from sequencer.errors import InvalidArgument, NotAGap
-from sequencer.forwarding import QueuedEvent
 from sequencer.idempotency import AnswerCache, StoredAnswer, Submission, replay
 from sequencer.metrics import SequencerMetrics
+from sequencer.repository import EntityKey
 from sequencer.rules import Entity, Verdict
 from sequencer.states import PARKED, QUEUED
 from sequencer.validation import validate_entity, validate_sequence
@@ -52,7 +52,7 @@ class Skips:
         self.metrics = metrics
         self.answers = answers
         self.instance = instance
-        self.on_queued: Callable[[QueuedEvent], None] = lambda _event: None
+        self.on_queued: Callable[[EntityKey], None] = lambda _entity: None
 
     async def skip_sequence(
         self,
@@ -81,7 +81,7 @@ class Skips:
         cached = self.answers.get(caller, key, self.clock.now())
         if cached is not None:
             return replayed(cached)
-        queued: list[QueuedEvent] = []
+        queued: list[EntityKey] = []
 
         async def work(conn: AsyncConnection) -> Submission:
             queued.clear()
@@ -119,8 +119,8 @@ class Skips:
             return Submission(response, False, now, expires_at)
 
         result = await db.transaction(self.engine, work)
-        for event in queued:
-            self.on_queued(event)
+        for entity in queued:
+            self.on_queued(entity)
         return result
 
     async def _skip(
@@ -133,7 +133,7 @@ class Skips:
         reason: str,
         correlation_id: str,
         now: dt.datetime,
-    ) -> tuple[sequencer_pb2.SkipSequenceResponse, list[QueuedEvent]]:
+    ) -> tuple[sequencer_pb2.SkipSequenceResponse, list[EntityKey]]:
         """Holds the skip marker where the rules allow it (rules.Entity.skip: only a gap), with
         the ingress's write statement, so parked counts and gap rows follow the one gap rule."""
         et, eid, seq = request.entity.entity_type, request.entity.entity_id, request.sequence
@@ -170,5 +170,4 @@ class Skips:
         status_row = await repo.status_by_transaction(conn, transaction_id)
         assert status_row is not None
         response = sequencer_pb2.SkipSequenceResponse(status=status_from_row(status_row), watermark=watermark)
-        forward = [QueuedEvent(et, eid, seq, transaction_id, marker_bytes, correlation_id, reason)]
-        return response, forward if state == QUEUED else []
+        return response, [(et, eid)] if state == QUEUED else []
