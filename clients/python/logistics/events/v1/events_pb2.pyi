@@ -55,9 +55,13 @@ class _EventStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventState
     """The same event (entity, MSI, payload) was already held or processed."""
     EVENT_STATE_SKIPPED: _EventState.ValueType  # 6
     """An operator skipped this MSI; it will never be applied."""
+    EVENT_STATE_BLOCKED: _EventState.ValueType  # 7
+    """The ledger refused it in a way retrying cannot fix (SEQUENCER_BLOCK_AFTER attempts); the
+    entity stops here until an operator retries (RetryBlockedEvent) or skips (SkipSequence) it.
+    """
 
 class EventState(_EventState, metaclass=_EventStateEnumTypeWrapper):
-    """Where an event stands. The sequencer reports PARKED, QUEUED and the terminal states;
+    """Where an event stands. The sequencer reports PARKED, QUEUED, BLOCKED and the terminal states;
     the ledger's outcome of an event is one of APPLIED, REJECTED or DUPLICATE.
     """
 
@@ -74,6 +78,10 @@ EVENT_STATE_DUPLICATE: EventState.ValueType  # 5
 """The same event (entity, MSI, payload) was already held or processed."""
 EVENT_STATE_SKIPPED: EventState.ValueType  # 6
 """An operator skipped this MSI; it will never be applied."""
+EVENT_STATE_BLOCKED: EventState.ValueType  # 7
+"""The ledger refused it in a way retrying cannot fix (SEQUENCER_BLOCK_AFTER attempts); the
+entity stops here until an operator retries (RetryBlockedEvent) or skips (SkipSequence) it.
+"""
 Global___EventState: _TypeAlias = EventState  # noqa: Y015
 
 @_typing.final

@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.rpc import status_pb2 as _status_pb2
 from logistics.events.v1 import events_pb2 as _events_pb2
 import builtins as _builtins
@@ -21,6 +22,50 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _WebhookSubscriptionState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookSubscriptionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookSubscriptionState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_SUBSCRIPTION_STATE_UNSPECIFIED: _WebhookSubscriptionState.ValueType  # 0
+    WEBHOOK_SUBSCRIPTION_STATE_ACTIVE: _WebhookSubscriptionState.ValueType  # 1
+    WEBHOOK_SUBSCRIPTION_STATE_DISABLED: _WebhookSubscriptionState.ValueType  # 2
+    """Disabled after the receiver answered 410, or failed for SEQUENCER_WEBHOOK_DISABLE_AFTER."""
+
+class WebhookSubscriptionState(_WebhookSubscriptionState, metaclass=_WebhookSubscriptionStateEnumTypeWrapper): ...
+
+WEBHOOK_SUBSCRIPTION_STATE_UNSPECIFIED: WebhookSubscriptionState.ValueType  # 0
+WEBHOOK_SUBSCRIPTION_STATE_ACTIVE: WebhookSubscriptionState.ValueType  # 1
+WEBHOOK_SUBSCRIPTION_STATE_DISABLED: WebhookSubscriptionState.ValueType  # 2
+"""Disabled after the receiver answered 410, or failed for SEQUENCER_WEBHOOK_DISABLE_AFTER."""
+Global___WebhookSubscriptionState: _TypeAlias = WebhookSubscriptionState  # noqa: Y015
+
+class _WebhookDeliveryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookDeliveryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookDeliveryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_DELIVERY_STATE_UNSPECIFIED: _WebhookDeliveryState.ValueType  # 0
+    WEBHOOK_DELIVERY_STATE_PENDING: _WebhookDeliveryState.ValueType  # 1
+    """Waiting for its next attempt (or for an earlier delivery of the same entity)."""
+    WEBHOOK_DELIVERY_STATE_DELIVERED: _WebhookDeliveryState.ValueType  # 2
+    """The receiver answered 2xx."""
+    WEBHOOK_DELIVERY_STATE_FAILED: _WebhookDeliveryState.ValueType  # 3
+    """Retries exhausted, or the subscription was disabled."""
+
+class WebhookDeliveryState(_WebhookDeliveryState, metaclass=_WebhookDeliveryStateEnumTypeWrapper): ...
+
+WEBHOOK_DELIVERY_STATE_UNSPECIFIED: WebhookDeliveryState.ValueType  # 0
+WEBHOOK_DELIVERY_STATE_PENDING: WebhookDeliveryState.ValueType  # 1
+"""Waiting for its next attempt (or for an earlier delivery of the same entity)."""
+WEBHOOK_DELIVERY_STATE_DELIVERED: WebhookDeliveryState.ValueType  # 2
+"""The receiver answered 2xx."""
+WEBHOOK_DELIVERY_STATE_FAILED: WebhookDeliveryState.ValueType  # 3
+"""Retries exhausted, or the subscription was disabled."""
+Global___WebhookDeliveryState: _TypeAlias = WebhookDeliveryState  # noqa: Y015
 
 @_typing.final
 class SubmitEventRequest(_message.Message):
@@ -181,13 +226,18 @@ class EventStatus(_message.Message):
     QUEUED_AT_FIELD_NUMBER: _builtins.int
     PROCESSED_AT_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    FORWARD_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    BLOCKED_AT_FIELD_NUMBER: _builtins.int
+    LEDGER_CODE_FIELD_NUMBER: _builtins.int
     transaction_id: _builtins.str
     sequence: _builtins.int
     state: _events_pb2.EventState.ValueType
     awaiting_sequence: _builtins.int
     """For PARKED: the lowest MSI the entity still waits for."""
     reason: _builtins.str
-    """For REJECTED: the ledger's reason code; for SKIPPED: the operator's reason."""
+    """For REJECTED: the ledger's reason code; for SKIPPED: the operator's reason; for BLOCKED:
+    the ErrorInfo reason of the ledger's refusal (e.g. SEQUENCE_CONFLICT).
+    """
     reason_detail: _builtins.str
     """A human-readable detail of the reason."""
     entity_version: _builtins.int
@@ -195,6 +245,12 @@ class EventStatus(_message.Message):
     correlation_id: _builtins.str
     idempotency_key: _builtins.str
     """The key the event was submitted with (within the caller's scope)."""
+    forward_attempts: _builtins.int
+    """Failed forwarding attempts since the event was last queued (refusals that are not
+    transient; a BLOCKED event shows the attempts that blocked it).
+    """
+    ledger_code: _builtins.str
+    """For BLOCKED: the gRPC status code name of the ledger's refusal (e.g. FAILED_PRECONDITION)."""
     @_builtins.property
     def entity(self) -> _events_pb2.EntityRef: ...
     @_builtins.property
@@ -203,6 +259,10 @@ class EventStatus(_message.Message):
     def queued_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def processed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def blocked_at(self) -> _timestamp_pb2.Timestamp:
+        """For BLOCKED: when the event was blocked."""
+
     def __init__(
         self,
         *,
@@ -219,10 +279,13 @@ class EventStatus(_message.Message):
         queued_at: _timestamp_pb2.Timestamp | None = ...,
         processed_at: _timestamp_pb2.Timestamp | None = ...,
         idempotency_key: _builtins.str = ...,
+        forward_attempts: _builtins.int = ...,
+        blocked_at: _timestamp_pb2.Timestamp | None = ...,
+        ledger_code: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "entity", b"entity", "processed_at", b"processed_at", "queued_at", b"queued_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "blocked_at", b"blocked_at", "entity", b"entity", "processed_at", b"processed_at", "queued_at", b"queued_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "awaiting_sequence", b"awaiting_sequence", "correlation_id", b"correlation_id", "entity", b"entity", "entity_version", b"entity_version", "idempotency_key", b"idempotency_key", "processed_at", b"processed_at", "queued_at", b"queued_at", "reason", b"reason", "reason_detail", b"reason_detail", "sequence", b"sequence", "state", b"state", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "awaiting_sequence", b"awaiting_sequence", "blocked_at", b"blocked_at", "correlation_id", b"correlation_id", "entity", b"entity", "entity_version", b"entity_version", "forward_attempts", b"forward_attempts", "idempotency_key", b"idempotency_key", "ledger_code", b"ledger_code", "processed_at", b"processed_at", "queued_at", b"queued_at", "reason", b"reason", "reason_detail", b"reason_detail", "sequence", b"sequence", "state", b"state", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -493,6 +556,9 @@ class Entity(_message.Message):
     LAST_OUTCOME_FIELD_NUMBER: _builtins.int
     LAST_OUTCOME_REASON_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    BLOCKED_SEQUENCE_FIELD_NUMBER: _builtins.int
+    BLOCKED_SINCE_FIELD_NUMBER: _builtins.int
+    BLOCKED_REASON_FIELD_NUMBER: _builtins.int
     watermark: _builtins.int
     """The last MSI processed (applied, rejected or skipped)."""
     parked_count: _builtins.int
@@ -500,12 +566,18 @@ class Entity(_message.Message):
     """The lowest missing MSI when a gap exists, else 0."""
     last_outcome: _events_pb2.EventState.ValueType
     last_outcome_reason: _builtins.str
+    blocked_sequence: _builtins.int
+    """The MSI the entity is stopped at when one of its events is BLOCKED, else 0."""
+    blocked_reason: _builtins.str
+    """The ErrorInfo reason of the refusal that blocked it."""
     @_builtins.property
     def entity(self) -> _events_pb2.EntityRef: ...
     @_builtins.property
     def oldest_gap_age(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def blocked_since(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -517,10 +589,13 @@ class Entity(_message.Message):
         last_outcome: _events_pb2.EventState.ValueType = ...,
         last_outcome_reason: _builtins.str = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        blocked_sequence: _builtins.int = ...,
+        blocked_since: _timestamp_pb2.Timestamp | None = ...,
+        blocked_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "oldest_gap_age", b"oldest_gap_age", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["blocked_since", b"blocked_since", "entity", b"entity", "oldest_gap_age", b"oldest_gap_age", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaiting_sequence", b"awaiting_sequence", "entity", b"entity", "last_outcome", b"last_outcome", "last_outcome_reason", b"last_outcome_reason", "oldest_gap_age", b"oldest_gap_age", "parked_count", b"parked_count", "updated_at", b"updated_at", "watermark", b"watermark"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaiting_sequence", b"awaiting_sequence", "blocked_reason", b"blocked_reason", "blocked_sequence", b"blocked_sequence", "blocked_since", b"blocked_since", "entity", b"entity", "last_outcome", b"last_outcome", "last_outcome_reason", b"last_outcome_reason", "oldest_gap_age", b"oldest_gap_age", "parked_count", b"parked_count", "updated_at", b"updated_at", "watermark", b"watermark"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -575,7 +650,7 @@ class SkipSequenceRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
-    """Must be the entity's lowest missing MSI (watermark + 1, not held)."""
+    """Must be the entity's lowest missing MSI (watermark + 1, not held), or its BLOCKED MSI."""
     reason: _builtins.str
     """Required; kept in the audit record."""
     request_id: _builtins.str
@@ -713,3 +788,439 @@ class GetIdempotencyRecordResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetIdempotencyRecordResponse: _TypeAlias = GetIdempotencyRecordResponse  # noqa: Y015
+
+@_typing.final
+class ListBlockedEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBlockedEventsRequest: _TypeAlias = ListBlockedEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListBlockedEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKED_EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def blocked_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventStatus]:
+        """Oldest blocked first."""
+
+    def __init__(
+        self,
+        *,
+        blocked_events: _abc.Iterable[Global___EventStatus] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["blocked_events", b"blocked_events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListBlockedEventsResponse: _TypeAlias = ListBlockedEventsResponse  # noqa: Y015
+
+@_typing.final
+class RetryBlockedEventRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTITY_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Must be the entity's BLOCKED MSI."""
+    reason: _builtins.str
+    """Required; kept in the audit record."""
+    request_id: _builtins.str
+    """The idempotency key, when metadata `idempotency-key` is absent."""
+    @_builtins.property
+    def entity(self) -> _events_pb2.EntityRef: ...
+    def __init__(
+        self,
+        *,
+        entity: _events_pb2.EntityRef | None = ...,
+        sequence: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity", b"entity", "reason", b"reason", "request_id", b"request_id", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryBlockedEventRequest: _TypeAlias = RetryBlockedEventRequest  # noqa: Y015
+
+@_typing.final
+class RetryBlockedEventResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> Global___EventStatus:
+        """The event, QUEUED again."""
+
+    def __init__(
+        self,
+        *,
+        status: Global___EventStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryBlockedEventResponse: _TypeAlias = RetryBlockedEventResponse  # noqa: Y015
+
+@_typing.final
+class WebhookSubscription(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    ENTITY_TYPE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    DISABLED_AT_FIELD_NUMBER: _builtins.int
+    DISABLED_REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    url: _builtins.str
+    """An https (or, in development mode, loopback http) URL on SEQUENCER_WEBHOOK_ALLOWED_HOSTS."""
+    entity_type: _events_pb2.EntityType.ValueType
+    """Only this entity type's events when set."""
+    description: _builtins.str
+    state: Global___WebhookSubscriptionState.ValueType
+    secret: _builtins.str
+    """The signing secret (`whsec_...`): set only in CreateWebhookSubscription's response."""
+    disabled_reason: _builtins.str
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_events_pb2.EventState.ValueType]:
+        """The states delivered; empty on create means the terminal states and BLOCKED."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def disabled_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        states: _abc.Iterable[_events_pb2.EventState.ValueType] | None = ...,
+        entity_type: _events_pb2.EntityType.ValueType = ...,
+        description: _builtins.str = ...,
+        state: Global___WebhookSubscriptionState.ValueType = ...,
+        secret: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        disabled_at: _timestamp_pb2.Timestamp | None = ...,
+        disabled_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "disabled_at", b"disabled_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "disabled_at", b"disabled_at", "disabled_reason", b"disabled_reason", "entity_type", b"entity_type", "id", b"id", "secret", b"secret", "state", b"state", "states", b"states", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookSubscription: _TypeAlias = WebhookSubscription  # noqa: Y015
+
+@_typing.final
+class CreateWebhookSubscriptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
+    ENTITY_TYPE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    entity_type: _events_pb2.EntityType.ValueType
+    description: _builtins.str
+    request_id: _builtins.str
+    """The idempotency key, when metadata `idempotency-key` is absent."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_events_pb2.EventState.ValueType]: ...
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        states: _abc.Iterable[_events_pb2.EventState.ValueType] | None = ...,
+        entity_type: _events_pb2.EntityType.ValueType = ...,
+        description: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "entity_type", b"entity_type", "request_id", b"request_id", "states", b"states", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateWebhookSubscriptionRequest: _TypeAlias = CreateWebhookSubscriptionRequest  # noqa: Y015
+
+@_typing.final
+class CreateWebhookSubscriptionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subscription(self) -> Global___WebhookSubscription: ...
+    def __init__(
+        self,
+        *,
+        subscription: Global___WebhookSubscription | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["subscription", b"subscription"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateWebhookSubscriptionResponse: _TypeAlias = CreateWebhookSubscriptionResponse  # noqa: Y015
+
+@_typing.final
+class ListWebhookSubscriptionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookSubscriptionsRequest: _TypeAlias = ListWebhookSubscriptionsRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookSubscriptionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def subscriptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookSubscription]: ...
+    def __init__(
+        self,
+        *,
+        subscriptions: _abc.Iterable[Global___WebhookSubscription] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "subscriptions", b"subscriptions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookSubscriptionsResponse: _TypeAlias = ListWebhookSubscriptionsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookSubscriptionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookSubscriptionRequest: _TypeAlias = DeleteWebhookSubscriptionRequest  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookSubscriptionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookSubscriptionResponse: _TypeAlias = DeleteWebhookSubscriptionResponse  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    TRANSACTION_ID_FIELD_NUMBER: _builtins.int
+    ENTITY_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _builtins.int
+    DELIVERED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Also the `webhook-id` header, stable across retries."""
+    subscription_id: _builtins.str
+    transaction_id: _builtins.str
+    sequence: _builtins.int
+    event_type: _builtins.str
+    """`event.applied`, `event.rejected`, `event.skipped`, `event.blocked`, ..."""
+    state: Global___WebhookDeliveryState.ValueType
+    attempts: _builtins.int
+    last_http_status: _builtins.int
+    """The last attempt's HTTP status (0 when no answer came)."""
+    last_error: _builtins.str
+    @_builtins.property
+    def entity(self) -> _events_pb2.EntityRef: ...
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def next_attempt_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def delivered_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        subscription_id: _builtins.str = ...,
+        transaction_id: _builtins.str = ...,
+        entity: _events_pb2.EntityRef | None = ...,
+        sequence: _builtins.int = ...,
+        event_type: _builtins.str = ...,
+        state: Global___WebhookDeliveryState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_http_status: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        next_attempt_at: _timestamp_pb2.Timestamp | None = ...,
+        delivered_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "delivered_at", b"delivered_at", "entity", b"entity", "next_attempt_at", b"next_attempt_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "delivered_at", b"delivered_at", "entity", b"entity", "event_type", b"event_type", "id", b"id", "last_error", b"last_error", "last_http_status", b"last_http_status", "next_attempt_at", b"next_attempt_at", "sequence", b"sequence", "state", b"state", "subscription_id", b"subscription_id", "transaction_id", b"transaction_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIPTION_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    subscription_id: _builtins.str
+    page_size: _builtins.int
+    page_token: _builtins.str
+    def __init__(
+        self,
+        *,
+        subscription_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "subscription_id", b"subscription_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesRequest: _TypeAlias = ListWebhookDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]: ...
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookRequest: _TypeAlias = RedeliverWebhookRequest  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delivery(self) -> Global___WebhookDelivery: ...
+    def __init__(
+        self,
+        *,
+        delivery: Global___WebhookDelivery | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookResponse: _TypeAlias = RedeliverWebhookResponse  # noqa: Y015

@@ -271,6 +271,41 @@ class SequencerAdminServiceStub:
                 request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SkipSequenceRequest.SerializeToString,
                 response_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SkipSequenceResponse.FromString,
                 _registered_method=True)
+        self.ListBlockedEvents = channel.unary_unary(
+                '/logistics.sequencer.v1.SequencerAdminService/ListBlockedEvents',
+                request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListBlockedEventsRequest.SerializeToString,
+                response_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListBlockedEventsResponse.FromString,
+                _registered_method=True)
+        self.RetryBlockedEvent = channel.unary_unary(
+                '/logistics.sequencer.v1.SequencerAdminService/RetryBlockedEvent',
+                request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RetryBlockedEventRequest.SerializeToString,
+                response_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RetryBlockedEventResponse.FromString,
+                _registered_method=True)
+        self.CreateWebhookSubscription = channel.unary_unary(
+                '/logistics.sequencer.v1.SequencerAdminService/CreateWebhookSubscription',
+                request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.CreateWebhookSubscriptionRequest.SerializeToString,
+                response_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.CreateWebhookSubscriptionResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookSubscriptions = channel.unary_unary(
+                '/logistics.sequencer.v1.SequencerAdminService/ListWebhookSubscriptions',
+                request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookSubscriptionsRequest.SerializeToString,
+                response_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookSubscriptionsResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhookSubscription = channel.unary_unary(
+                '/logistics.sequencer.v1.SequencerAdminService/DeleteWebhookSubscription',
+                request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.DeleteWebhookSubscriptionRequest.SerializeToString,
+                response_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.DeleteWebhookSubscriptionResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/logistics.sequencer.v1.SequencerAdminService/ListWebhookDeliveries',
+                request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RedeliverWebhook = channel.unary_unary(
+                '/logistics.sequencer.v1.SequencerAdminService/RedeliverWebhook',
+                request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RedeliverWebhookRequest.SerializeToString,
+                response_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RedeliverWebhookResponse.FromString,
+                _registered_method=True)
         self.GetIdempotencyRecord = channel.unary_unary(
                 '/logistics.sequencer.v1.SequencerAdminService/GetIdempotencyRecord',
                 request_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.GetIdempotencyRecordRequest.SerializeToString,
@@ -304,7 +339,59 @@ class SequencerAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SkipSequence(self, request, context):
-        """Gives up on one missing MSI (audited) and releases its successors. Needs an idempotency key.
+        """Gives up on one missing or BLOCKED MSI (audited) and releases its successors. Needs an
+        idempotency key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBlockedEvents(self, request, context):
+        """Events the ledger refused in a way retrying cannot fix, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryBlockedEvent(self, request, context):
+        """Sends a BLOCKED event to the ledger again (QUEUED, attempts reset; audited). Needs an
+        idempotency key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateWebhookSubscription(self, request, context):
+        """Subscribes a URL to event outcomes (signed per Standard Webhooks). The secret is shown in
+        this response only. Needs an idempotency key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookSubscriptions(self, request, context):
+        """Every subscription, newest first (secrets are never shown here).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhookSubscription(self, request, context):
+        """Removes a subscription; its undelivered deliveries are dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """A subscription's deliveries, newest first, with their attempts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverWebhook(self, request, context):
+        """Sends a delivery again (after it failed, or to replay one that was delivered).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -339,6 +426,41 @@ def add_SequencerAdminServiceServicer_to_server(servicer, server):
                     servicer.SkipSequence,
                     request_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SkipSequenceRequest.FromString,
                     response_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SkipSequenceResponse.SerializeToString,
+            ),
+            'ListBlockedEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBlockedEvents,
+                    request_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListBlockedEventsRequest.FromString,
+                    response_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListBlockedEventsResponse.SerializeToString,
+            ),
+            'RetryBlockedEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryBlockedEvent,
+                    request_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RetryBlockedEventRequest.FromString,
+                    response_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RetryBlockedEventResponse.SerializeToString,
+            ),
+            'CreateWebhookSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhookSubscription,
+                    request_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.CreateWebhookSubscriptionRequest.FromString,
+                    response_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.CreateWebhookSubscriptionResponse.SerializeToString,
+            ),
+            'ListWebhookSubscriptions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookSubscriptions,
+                    request_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookSubscriptionsRequest.FromString,
+                    response_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookSubscriptionsResponse.SerializeToString,
+            ),
+            'DeleteWebhookSubscription': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhookSubscription,
+                    request_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.DeleteWebhookSubscriptionRequest.FromString,
+                    response_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.DeleteWebhookSubscriptionResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'RedeliverWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverWebhook,
+                    request_deserializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RedeliverWebhookRequest.FromString,
+                    response_serializer=logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RedeliverWebhookResponse.SerializeToString,
             ),
             'GetIdempotencyRecord': grpc.unary_unary_rpc_method_handler(
                     servicer.GetIdempotencyRecord,
@@ -455,6 +577,195 @@ class SequencerAdminService:
             '/logistics.sequencer.v1.SequencerAdminService/SkipSequence',
             logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SkipSequenceRequest.SerializeToString,
             logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.SkipSequenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBlockedEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logistics.sequencer.v1.SequencerAdminService/ListBlockedEvents',
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListBlockedEventsRequest.SerializeToString,
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListBlockedEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryBlockedEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logistics.sequencer.v1.SequencerAdminService/RetryBlockedEvent',
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RetryBlockedEventRequest.SerializeToString,
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RetryBlockedEventResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebhookSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logistics.sequencer.v1.SequencerAdminService/CreateWebhookSubscription',
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.CreateWebhookSubscriptionRequest.SerializeToString,
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.CreateWebhookSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookSubscriptions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logistics.sequencer.v1.SequencerAdminService/ListWebhookSubscriptions',
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookSubscriptionsRequest.SerializeToString,
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookSubscriptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhookSubscription(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logistics.sequencer.v1.SequencerAdminService/DeleteWebhookSubscription',
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.DeleteWebhookSubscriptionRequest.SerializeToString,
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.DeleteWebhookSubscriptionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logistics.sequencer.v1.SequencerAdminService/ListWebhookDeliveries',
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/logistics.sequencer.v1.SequencerAdminService/RedeliverWebhook',
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RedeliverWebhookRequest.SerializeToString,
+            logistics_dot_sequencer_dot_v1_dot_sequencer__pb2.RedeliverWebhookResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -134,7 +134,27 @@ class SequencerAdminServiceStub:
     GetEntity: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.GetEntityRequest, _sequencer_pb2.GetEntityResponse]
     """An entity's watermark, parked count, oldest gap age and last outcome."""
     SkipSequence: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.SkipSequenceRequest, _sequencer_pb2.SkipSequenceResponse]
-    """Gives up on one missing MSI (audited) and releases its successors. Needs an idempotency key."""
+    """Gives up on one missing or BLOCKED MSI (audited) and releases its successors. Needs an
+    idempotency key.
+    """
+    ListBlockedEvents: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.ListBlockedEventsRequest, _sequencer_pb2.ListBlockedEventsResponse]
+    """Events the ledger refused in a way retrying cannot fix, oldest first."""
+    RetryBlockedEvent: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.RetryBlockedEventRequest, _sequencer_pb2.RetryBlockedEventResponse]
+    """Sends a BLOCKED event to the ledger again (QUEUED, attempts reset; audited). Needs an
+    idempotency key.
+    """
+    CreateWebhookSubscription: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.CreateWebhookSubscriptionRequest, _sequencer_pb2.CreateWebhookSubscriptionResponse]
+    """Subscribes a URL to event outcomes (signed per Standard Webhooks). The secret is shown in
+    this response only. Needs an idempotency key.
+    """
+    ListWebhookSubscriptions: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.ListWebhookSubscriptionsRequest, _sequencer_pb2.ListWebhookSubscriptionsResponse]
+    """Every subscription, newest first (secrets are never shown here)."""
+    DeleteWebhookSubscription: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.DeleteWebhookSubscriptionRequest, _sequencer_pb2.DeleteWebhookSubscriptionResponse]
+    """Removes a subscription; its undelivered deliveries are dropped."""
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.ListWebhookDeliveriesRequest, _sequencer_pb2.ListWebhookDeliveriesResponse]
+    """A subscription's deliveries, newest first, with their attempts."""
+    RedeliverWebhook: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.RedeliverWebhookRequest, _sequencer_pb2.RedeliverWebhookResponse]
+    """Sends a delivery again (after it failed, or to replay one that was delivered)."""
     GetIdempotencyRecord: _grpc.UnaryUnaryMultiCallable[_sequencer_pb2.GetIdempotencyRecordRequest, _sequencer_pb2.GetIdempotencyRecordResponse]
     """Looks up an idempotency key's record within the caller's scope (admins: any caller's)."""
 
@@ -150,7 +170,27 @@ class SequencerAdminServiceAsyncStub(SequencerAdminServiceStub):
     GetEntity: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.GetEntityRequest, _sequencer_pb2.GetEntityResponse]  # type: ignore[assignment]
     """An entity's watermark, parked count, oldest gap age and last outcome."""
     SkipSequence: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.SkipSequenceRequest, _sequencer_pb2.SkipSequenceResponse]  # type: ignore[assignment]
-    """Gives up on one missing MSI (audited) and releases its successors. Needs an idempotency key."""
+    """Gives up on one missing or BLOCKED MSI (audited) and releases its successors. Needs an
+    idempotency key.
+    """
+    ListBlockedEvents: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.ListBlockedEventsRequest, _sequencer_pb2.ListBlockedEventsResponse]  # type: ignore[assignment]
+    """Events the ledger refused in a way retrying cannot fix, oldest first."""
+    RetryBlockedEvent: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.RetryBlockedEventRequest, _sequencer_pb2.RetryBlockedEventResponse]  # type: ignore[assignment]
+    """Sends a BLOCKED event to the ledger again (QUEUED, attempts reset; audited). Needs an
+    idempotency key.
+    """
+    CreateWebhookSubscription: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.CreateWebhookSubscriptionRequest, _sequencer_pb2.CreateWebhookSubscriptionResponse]  # type: ignore[assignment]
+    """Subscribes a URL to event outcomes (signed per Standard Webhooks). The secret is shown in
+    this response only. Needs an idempotency key.
+    """
+    ListWebhookSubscriptions: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.ListWebhookSubscriptionsRequest, _sequencer_pb2.ListWebhookSubscriptionsResponse]  # type: ignore[assignment]
+    """Every subscription, newest first (secrets are never shown here)."""
+    DeleteWebhookSubscription: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.DeleteWebhookSubscriptionRequest, _sequencer_pb2.DeleteWebhookSubscriptionResponse]  # type: ignore[assignment]
+    """Removes a subscription; its undelivered deliveries are dropped."""
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.ListWebhookDeliveriesRequest, _sequencer_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """A subscription's deliveries, newest first, with their attempts."""
+    RedeliverWebhook: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.RedeliverWebhookRequest, _sequencer_pb2.RedeliverWebhookResponse]  # type: ignore[assignment]
+    """Sends a delivery again (after it failed, or to replay one that was delivered)."""
     GetIdempotencyRecord: _aio.UnaryUnaryMultiCallable[_sequencer_pb2.GetIdempotencyRecordRequest, _sequencer_pb2.GetIdempotencyRecordResponse]  # type: ignore[assignment]
     """Looks up an idempotency key's record within the caller's scope (admins: any caller's)."""
 
@@ -187,7 +227,69 @@ class SequencerAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _sequencer_pb2.SkipSequenceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_sequencer_pb2.SkipSequenceResponse, _abc.Awaitable[_sequencer_pb2.SkipSequenceResponse]]:
-        """Gives up on one missing MSI (audited) and releases its successors. Needs an idempotency key."""
+        """Gives up on one missing or BLOCKED MSI (audited) and releases its successors. Needs an
+        idempotency key.
+        """
+
+    @_abc_1.abstractmethod
+    def ListBlockedEvents(
+        self,
+        request: _sequencer_pb2.ListBlockedEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sequencer_pb2.ListBlockedEventsResponse, _abc.Awaitable[_sequencer_pb2.ListBlockedEventsResponse]]:
+        """Events the ledger refused in a way retrying cannot fix, oldest first."""
+
+    @_abc_1.abstractmethod
+    def RetryBlockedEvent(
+        self,
+        request: _sequencer_pb2.RetryBlockedEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sequencer_pb2.RetryBlockedEventResponse, _abc.Awaitable[_sequencer_pb2.RetryBlockedEventResponse]]:
+        """Sends a BLOCKED event to the ledger again (QUEUED, attempts reset; audited). Needs an
+        idempotency key.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateWebhookSubscription(
+        self,
+        request: _sequencer_pb2.CreateWebhookSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sequencer_pb2.CreateWebhookSubscriptionResponse, _abc.Awaitable[_sequencer_pb2.CreateWebhookSubscriptionResponse]]:
+        """Subscribes a URL to event outcomes (signed per Standard Webhooks). The secret is shown in
+        this response only. Needs an idempotency key.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhookSubscriptions(
+        self,
+        request: _sequencer_pb2.ListWebhookSubscriptionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sequencer_pb2.ListWebhookSubscriptionsResponse, _abc.Awaitable[_sequencer_pb2.ListWebhookSubscriptionsResponse]]:
+        """Every subscription, newest first (secrets are never shown here)."""
+
+    @_abc_1.abstractmethod
+    def DeleteWebhookSubscription(
+        self,
+        request: _sequencer_pb2.DeleteWebhookSubscriptionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sequencer_pb2.DeleteWebhookSubscriptionResponse, _abc.Awaitable[_sequencer_pb2.DeleteWebhookSubscriptionResponse]]:
+        """Removes a subscription; its undelivered deliveries are dropped."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _sequencer_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sequencer_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_sequencer_pb2.ListWebhookDeliveriesResponse]]:
+        """A subscription's deliveries, newest first, with their attempts."""
+
+    @_abc_1.abstractmethod
+    def RedeliverWebhook(
+        self,
+        request: _sequencer_pb2.RedeliverWebhookRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_sequencer_pb2.RedeliverWebhookResponse, _abc.Awaitable[_sequencer_pb2.RedeliverWebhookResponse]]:
+        """Sends a delivery again (after it failed, or to replay one that was delivered)."""
 
     @_abc_1.abstractmethod
     def GetIdempotencyRecord(

@@ -2,13 +2,13 @@
 // @generated from file logistics/sequencer/v1/sequencer.proto (package logistics.sequencer.v1, syntax proto3)
 /* eslint-disable */
 
-import type { GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
-import { fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
+import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
 import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Status } from "../../../google/rpc/status_pb.js";
 import { file_google_rpc_status } from "../../../google/rpc/status_pb.js";
-import type { EntityRef, Event, EventState } from "../../events/v1/events_pb.js";
+import type { EntityRef, EntityType, Event, EventState } from "../../events/v1/events_pb.js";
 import { file_logistics_events_v1_events } from "../../events/v1/events_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
@@ -16,7 +16,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file logistics/sequencer/v1/sequencer.proto.
  */
 export const file_logistics_sequencer_v1_sequencer: GenFile = /*@__PURE__*/
-  fileDesc("CiZsb2dpc3RpY3Mvc2VxdWVuY2VyL3YxL3NlcXVlbmNlci5wcm90bxIWbG9naXN0aWNzLnNlcXVlbmNlci52MSKJAQoSU3VibWl0RXZlbnRSZXF1ZXN0EikKBWV2ZW50GAEgASgLMhoubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudBISCgpyZXF1ZXN0X2lkGAIgASgJEjQKEXdhaXRfZm9yX3Rlcm1pbmFsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIpABChNTdWJtaXRFdmVudFJlc3BvbnNlEhYKDnRyYW5zYWN0aW9uX2lkGAEgASgJEi4KBXN0YXRlGAIgASgOMh8ubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudFN0YXRlEhkKEWF3YWl0aW5nX3NlcXVlbmNlGAMgASgEEhYKDmNvcnJlbGF0aW9uX2lkGAQgASgJIlMKE1N1Ym1pdEV2ZW50c1JlcXVlc3QSPAoIcmVxdWVzdHMYASADKAsyKi5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLlN1Ym1pdEV2ZW50UmVxdWVzdCJTChRTdWJtaXRFdmVudHNSZXNwb25zZRI7CgdyZXN1bHRzGAEgAygLMioubG9naXN0aWNzLnNlcXVlbmNlci52MS5TdWJtaXRFdmVudHNSZXN1bHQilwEKElN1Ym1pdEV2ZW50c1Jlc3VsdBI/CghyZXNwb25zZRgBIAEoCzIrLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRSZXNwb25zZUgAEiMKBWVycm9yGAIgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXNIABIQCghyZXBsYXllZBgDIAEoCEIJCgdvdXRjb21lIrQDCgtFdmVudFN0YXR1cxIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIuCgZlbnRpdHkYAiABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZhIQCghzZXF1ZW5jZRgDIAEoBBIuCgVzdGF0ZRgEIAEoDjIfLmxvZ2lzdGljcy5ldmVudHMudjEuRXZlbnRTdGF0ZRIZChFhd2FpdGluZ19zZXF1ZW5jZRgFIAEoBBIOCgZyZWFzb24YBiABKAkSFQoNcmVhc29uX2RldGFpbBgHIAEoCRIWCg5lbnRpdHlfdmVyc2lvbhgIIAEoBBIWCg5jb3JyZWxhdGlvbl9pZBgJIAEoCRIvCgthY2NlcHRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcXVldWVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxwcm9jZXNzZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD2lkZW1wb3RlbmN5X2tleRgNIAEoCSJIChVHZXRFdmVudFN0YXR1c1JlcXVlc3QSFgoOdHJhbnNhY3Rpb25faWQYASABKAkSFwoPaWRlbXBvdGVuY3lfa2V5GAIgASgJIk0KFkdldEV2ZW50U3RhdHVzUmVzcG9uc2USMwoGc3RhdHVzGAEgASgLMiMubG9naXN0aWNzLnNlcXVlbmNlci52MS5FdmVudFN0YXR1cyJvChdXYXRjaEV2ZW50U3RhdHVzUmVxdWVzdBIYCg50cmFuc2FjdGlvbl9pZBgBIAEoCUgAEjAKBmVudGl0eRgCIAEoCzIeLmxvZ2lzdGljcy5ldmVudHMudjEuRW50aXR5UmVmSABCCAoGdGFyZ2V0Ik8KGFdhdGNoRXZlbnRTdGF0dXNSZXNwb25zZRIzCgZzdGF0dXMYASABKAsyIy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkV2ZW50U3RhdHVzItMBCgNHYXASLgoGZW50aXR5GAEgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWYSGQoRYXdhaXRpbmdfc2VxdWVuY2UYAiABKAQSFAoMcGFya2VkX2NvdW50GAMgASgNEjEKDWZpcnN0X3NlZW5fYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKA2FnZRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIQCghhbGVydGluZxgGIAEoCCI4Cg9MaXN0R2Fwc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkiVgoQTGlzdEdhcHNSZXNwb25zZRIpCgRnYXBzGAEgAygLMhsubG9naXN0aWNzLnNlcXVlbmNlci52MS5HYXASFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIpcBCgtQYXJrZWRFdmVudBIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIpCgVldmVudBgCIAEoCzIaLmxvZ2lzdGljcy5ldmVudHMudjEuRXZlbnQSFgoOY29ycmVsYXRpb25faWQYAyABKAkSLQoJcGFya2VkX2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJwChdMaXN0UGFya2VkRXZlbnRzUmVxdWVzdBIuCgZlbnRpdHkYASABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZhIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJvChhMaXN0UGFya2VkRXZlbnRzUmVzcG9uc2USOgoNcGFya2VkX2V2ZW50cxgBIAMoCzIjLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuUGFya2VkRXZlbnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIrMCCgZFbnRpdHkSLgoGZW50aXR5GAEgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWYSEQoJd2F0ZXJtYXJrGAIgASgEEhQKDHBhcmtlZF9jb3VudBgDIAEoDRIZChFhd2FpdGluZ19zZXF1ZW5jZRgEIAEoBBIxCg5vbGRlc3RfZ2FwX2FnZRgFIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhI1CgxsYXN0X291dGNvbWUYBiABKA4yHy5sb2dpc3RpY3MuZXZlbnRzLnYxLkV2ZW50U3RhdGUSGwoTbGFzdF9vdXRjb21lX3JlYXNvbhgHIAEoCRIuCgp1cGRhdGVkX2F0GAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJCChBHZXRFbnRpdHlSZXF1ZXN0Ei4KBmVudGl0eRgBIAEoCzIeLmxvZ2lzdGljcy5ldmVudHMudjEuRW50aXR5UmVmIkMKEUdldEVudGl0eVJlc3BvbnNlEi4KBmVudGl0eRgBIAEoCzIeLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuRW50aXR5InsKE1NraXBTZXF1ZW5jZVJlcXVlc3QSLgoGZW50aXR5GAEgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWYSEAoIc2VxdWVuY2UYAiABKAQSDgoGcmVhc29uGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkiXgoUU2tpcFNlcXVlbmNlUmVzcG9uc2USMwoGc3RhdHVzGAEgASgLMiMubG9naXN0aWNzLnNlcXVlbmNlci52MS5FdmVudFN0YXR1cxIRCgl3YXRlcm1hcmsYAiABKAQioQIKEUlkZW1wb3RlbmN5UmVjb3JkEhcKD2lkZW1wb3RlbmN5X2tleRgBIAEoCRIRCgljYWxsZXJfaWQYAiABKAkSDgoGbWV0aG9kGAMgASgJEhYKDnRyYW5zYWN0aW9uX2lkGAQgASgJEjEKDWZpcnN0X3NlZW5fYXQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmV4cGlyZXNfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC3N0YXR1c19jb2RlGAcgASgFEhAKCHJlc3BvbnNlGAggASgMEi4KBXN0YXRlGAkgASgOMh8ubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudFN0YXRlIkkKG0dldElkZW1wb3RlbmN5UmVjb3JkUmVxdWVzdBIXCg9pZGVtcG90ZW5jeV9rZXkYASABKAkSEQoJY2FsbGVyX2lkGAIgASgJIlkKHEdldElkZW1wb3RlbmN5UmVjb3JkUmVzcG9uc2USOQoGcmVjb3JkGAEgASgLMikubG9naXN0aWNzLnNlcXVlbmNlci52MS5JZGVtcG90ZW5jeVJlY29yZDLPAwoQU2VxdWVuY2VyU2VydmljZRJmCgtTdWJtaXRFdmVudBIqLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRSZXF1ZXN0GisubG9naXN0aWNzLnNlcXVlbmNlci52MS5TdWJtaXRFdmVudFJlc3BvbnNlEmkKDFN1Ym1pdEV2ZW50cxIrLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRzUmVxdWVzdBosLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRzUmVzcG9uc2USbwoOR2V0RXZlbnRTdGF0dXMSLS5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkdldEV2ZW50U3RhdHVzUmVxdWVzdBouLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuR2V0RXZlbnRTdGF0dXNSZXNwb25zZRJ3ChBXYXRjaEV2ZW50U3RhdHVzEi8ubG9naXN0aWNzLnNlcXVlbmNlci52MS5XYXRjaEV2ZW50U3RhdHVzUmVxdWVzdBowLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuV2F0Y2hFdmVudFN0YXR1c1Jlc3BvbnNlMAEyvgQKFVNlcXVlbmNlckFkbWluU2VydmljZRJdCghMaXN0R2FwcxInLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuTGlzdEdhcHNSZXF1ZXN0GigubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0R2Fwc1Jlc3BvbnNlEnUKEExpc3RQYXJrZWRFdmVudHMSLy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkxpc3RQYXJrZWRFdmVudHNSZXF1ZXN0GjAubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0UGFya2VkRXZlbnRzUmVzcG9uc2USYAoJR2V0RW50aXR5EigubG9naXN0aWNzLnNlcXVlbmNlci52MS5HZXRFbnRpdHlSZXF1ZXN0GikubG9naXN0aWNzLnNlcXVlbmNlci52MS5HZXRFbnRpdHlSZXNwb25zZRJpCgxTa2lwU2VxdWVuY2USKy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLlNraXBTZXF1ZW5jZVJlcXVlc3QaLC5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLlNraXBTZXF1ZW5jZVJlc3BvbnNlEoEBChRHZXRJZGVtcG90ZW5jeVJlY29yZBIzLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuR2V0SWRlbXBvdGVuY3lSZWNvcmRSZXF1ZXN0GjQubG9naXN0aWNzLnNlcXVlbmNlci52MS5HZXRJZGVtcG90ZW5jeVJlY29yZFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_rpc_status, file_logistics_events_v1_events]);
+  fileDesc("CiZsb2dpc3RpY3Mvc2VxdWVuY2VyL3YxL3NlcXVlbmNlci5wcm90bxIWbG9naXN0aWNzLnNlcXVlbmNlci52MSKJAQoSU3VibWl0RXZlbnRSZXF1ZXN0EikKBWV2ZW50GAEgASgLMhoubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudBISCgpyZXF1ZXN0X2lkGAIgASgJEjQKEXdhaXRfZm9yX3Rlcm1pbmFsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIpABChNTdWJtaXRFdmVudFJlc3BvbnNlEhYKDnRyYW5zYWN0aW9uX2lkGAEgASgJEi4KBXN0YXRlGAIgASgOMh8ubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudFN0YXRlEhkKEWF3YWl0aW5nX3NlcXVlbmNlGAMgASgEEhYKDmNvcnJlbGF0aW9uX2lkGAQgASgJIlMKE1N1Ym1pdEV2ZW50c1JlcXVlc3QSPAoIcmVxdWVzdHMYASADKAsyKi5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLlN1Ym1pdEV2ZW50UmVxdWVzdCJTChRTdWJtaXRFdmVudHNSZXNwb25zZRI7CgdyZXN1bHRzGAEgAygLMioubG9naXN0aWNzLnNlcXVlbmNlci52MS5TdWJtaXRFdmVudHNSZXN1bHQilwEKElN1Ym1pdEV2ZW50c1Jlc3VsdBI/CghyZXNwb25zZRgBIAEoCzIrLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRSZXNwb25zZUgAEiMKBWVycm9yGAIgASgLMhIuZ29vZ2xlLnJwYy5TdGF0dXNIABIQCghyZXBsYXllZBgDIAEoCEIJCgdvdXRjb21lIpMECgtFdmVudFN0YXR1cxIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIuCgZlbnRpdHkYAiABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZhIQCghzZXF1ZW5jZRgDIAEoBBIuCgVzdGF0ZRgEIAEoDjIfLmxvZ2lzdGljcy5ldmVudHMudjEuRXZlbnRTdGF0ZRIZChFhd2FpdGluZ19zZXF1ZW5jZRgFIAEoBBIOCgZyZWFzb24YBiABKAkSFQoNcmVhc29uX2RldGFpbBgHIAEoCRIWCg5lbnRpdHlfdmVyc2lvbhgIIAEoBBIWCg5jb3JyZWxhdGlvbl9pZBgJIAEoCRIvCgthY2NlcHRlZF9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLQoJcXVldWVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIwCgxwcm9jZXNzZWRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhcKD2lkZW1wb3RlbmN5X2tleRgNIAEoCRIYChBmb3J3YXJkX2F0dGVtcHRzGA4gASgNEi4KCmJsb2NrZWRfYXQYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhMKC2xlZGdlcl9jb2RlGBAgASgJIkgKFUdldEV2ZW50U3RhdHVzUmVxdWVzdBIWCg50cmFuc2FjdGlvbl9pZBgBIAEoCRIXCg9pZGVtcG90ZW5jeV9rZXkYAiABKAkiTQoWR2V0RXZlbnRTdGF0dXNSZXNwb25zZRIzCgZzdGF0dXMYASABKAsyIy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkV2ZW50U3RhdHVzIm8KF1dhdGNoRXZlbnRTdGF0dXNSZXF1ZXN0EhgKDnRyYW5zYWN0aW9uX2lkGAEgASgJSAASMAoGZW50aXR5GAIgASgLMh4ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlSZWZIAEIICgZ0YXJnZXQiTwoYV2F0Y2hFdmVudFN0YXR1c1Jlc3BvbnNlEjMKBnN0YXR1cxgBIAEoCzIjLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuRXZlbnRTdGF0dXMi0wEKA0dhcBIuCgZlbnRpdHkYASABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZhIZChFhd2FpdGluZ19zZXF1ZW5jZRgCIAEoBBIUCgxwYXJrZWRfY291bnQYAyABKA0SMQoNZmlyc3Rfc2Vlbl9hdBgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJgoDYWdlGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhAKCGFsZXJ0aW5nGAYgASgIIjgKD0xpc3RHYXBzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCSJWChBMaXN0R2Fwc1Jlc3BvbnNlEikKBGdhcHMYASADKAsyGy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkdhcBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkilwEKC1BhcmtlZEV2ZW50EhYKDnRyYW5zYWN0aW9uX2lkGAEgASgJEikKBWV2ZW50GAIgASgLMhoubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudBIWCg5jb3JyZWxhdGlvbl9pZBgDIAEoCRItCglwYXJrZWRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wInAKF0xpc3RQYXJrZWRFdmVudHNSZXF1ZXN0Ei4KBmVudGl0eRgBIAEoCzIeLmxvZ2lzdGljcy5ldmVudHMudjEuRW50aXR5UmVmEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJIm8KGExpc3RQYXJrZWRFdmVudHNSZXNwb25zZRI6Cg1wYXJrZWRfZXZlbnRzGAEgAygLMiMubG9naXN0aWNzLnNlcXVlbmNlci52MS5QYXJrZWRFdmVudBIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkimAMKBkVudGl0eRIuCgZlbnRpdHkYASABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZhIRCgl3YXRlcm1hcmsYAiABKAQSFAoMcGFya2VkX2NvdW50GAMgASgNEhkKEWF3YWl0aW5nX3NlcXVlbmNlGAQgASgEEjEKDm9sZGVzdF9nYXBfYWdlGAUgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjUKDGxhc3Rfb3V0Y29tZRgGIAEoDjIfLmxvZ2lzdGljcy5ldmVudHMudjEuRXZlbnRTdGF0ZRIbChNsYXN0X291dGNvbWVfcmVhc29uGAcgASgJEi4KCnVwZGF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGJsb2NrZWRfc2VxdWVuY2UYCSABKAQSMQoNYmxvY2tlZF9zaW5jZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFgoOYmxvY2tlZF9yZWFzb24YCyABKAkiQgoQR2V0RW50aXR5UmVxdWVzdBIuCgZlbnRpdHkYASABKAsyHi5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVJlZiJDChFHZXRFbnRpdHlSZXNwb25zZRIuCgZlbnRpdHkYASABKAsyHi5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkVudGl0eSJ7ChNTa2lwU2VxdWVuY2VSZXF1ZXN0Ei4KBmVudGl0eRgBIAEoCzIeLmxvZ2lzdGljcy5ldmVudHMudjEuRW50aXR5UmVmEhAKCHNlcXVlbmNlGAIgASgEEg4KBnJlYXNvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJIl4KFFNraXBTZXF1ZW5jZVJlc3BvbnNlEjMKBnN0YXR1cxgBIAEoCzIjLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuRXZlbnRTdGF0dXMSEQoJd2F0ZXJtYXJrGAIgASgEIqECChFJZGVtcG90ZW5jeVJlY29yZBIXCg9pZGVtcG90ZW5jeV9rZXkYASABKAkSEQoJY2FsbGVyX2lkGAIgASgJEg4KBm1ldGhvZBgDIAEoCRIWCg50cmFuc2FjdGlvbl9pZBgEIAEoCRIxCg1maXJzdF9zZWVuX2F0GAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpleHBpcmVzX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBITCgtzdGF0dXNfY29kZRgHIAEoBRIQCghyZXNwb25zZRgIIAEoDBIuCgVzdGF0ZRgJIAEoDjIfLmxvZ2lzdGljcy5ldmVudHMudjEuRXZlbnRTdGF0ZSJJChtHZXRJZGVtcG90ZW5jeVJlY29yZFJlcXVlc3QSFwoPaWRlbXBvdGVuY3lfa2V5GAEgASgJEhEKCWNhbGxlcl9pZBgCIAEoCSJZChxHZXRJZGVtcG90ZW5jeVJlY29yZFJlc3BvbnNlEjkKBnJlY29yZBgBIAEoCzIpLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuSWRlbXBvdGVuY3lSZWNvcmQiQQoYTGlzdEJsb2NrZWRFdmVudHNSZXF1ZXN0EhEKCXBhZ2Vfc2l6ZRgBIAEoBRISCgpwYWdlX3Rva2VuGAIgASgJInEKGUxpc3RCbG9ja2VkRXZlbnRzUmVzcG9uc2USOwoOYmxvY2tlZF9ldmVudHMYASADKAsyIy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkV2ZW50U3RhdHVzEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKAAQoYUmV0cnlCbG9ja2VkRXZlbnRSZXF1ZXN0Ei4KBmVudGl0eRgBIAEoCzIeLmxvZ2lzdGljcy5ldmVudHMudjEuRW50aXR5UmVmEhAKCHNlcXVlbmNlGAIgASgEEg4KBnJlYXNvbhgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJIlAKGVJldHJ5QmxvY2tlZEV2ZW50UmVzcG9uc2USMwoGc3RhdHVzGAEgASgLMiMubG9naXN0aWNzLnNlcXVlbmNlci52MS5FdmVudFN0YXR1cyL1AgoTV2ViaG9va1N1YnNjcmlwdGlvbhIKCgJpZBgBIAEoCRILCgN1cmwYAiABKAkSLwoGc3RhdGVzGAMgAygOMh8ubG9naXN0aWNzLmV2ZW50cy52MS5FdmVudFN0YXRlEjQKC2VudGl0eV90eXBlGAQgASgOMh8ubG9naXN0aWNzLmV2ZW50cy52MS5FbnRpdHlUeXBlEhMKC2Rlc2NyaXB0aW9uGAUgASgJEj8KBXN0YXRlGAYgASgOMjAubG9naXN0aWNzLnNlcXVlbmNlci52MS5XZWJob29rU3Vic2NyaXB0aW9uU3RhdGUSDgoGc2VjcmV0GAcgASgJEi4KCmNyZWF0ZWRfYXQYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC2Rpc2FibGVkX2F0GAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIXCg9kaXNhYmxlZF9yZWFzb24YCiABKAkivwEKIENyZWF0ZVdlYmhvb2tTdWJzY3JpcHRpb25SZXF1ZXN0EgsKA3VybBgBIAEoCRIvCgZzdGF0ZXMYAiADKA4yHy5sb2dpc3RpY3MuZXZlbnRzLnYxLkV2ZW50U3RhdGUSNAoLZW50aXR5X3R5cGUYAyABKA4yHy5sb2dpc3RpY3MuZXZlbnRzLnYxLkVudGl0eVR5cGUSEwoLZGVzY3JpcHRpb24YBCABKAkSEgoKcmVxdWVzdF9pZBgFIAEoCSJmCiFDcmVhdGVXZWJob29rU3Vic2NyaXB0aW9uUmVzcG9uc2USQQoMc3Vic2NyaXB0aW9uGAEgASgLMisubG9naXN0aWNzLnNlcXVlbmNlci52MS5XZWJob29rU3Vic2NyaXB0aW9uIkgKH0xpc3RXZWJob29rU3Vic2NyaXB0aW9uc1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkifwogTGlzdFdlYmhvb2tTdWJzY3JpcHRpb25zUmVzcG9uc2USQgoNc3Vic2NyaXB0aW9ucxgBIAMoCzIrLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuV2ViaG9va1N1YnNjcmlwdGlvbhIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkiLgogRGVsZXRlV2ViaG9va1N1YnNjcmlwdGlvblJlcXVlc3QSCgoCaWQYASABKAkiIwohRGVsZXRlV2ViaG9va1N1YnNjcmlwdGlvblJlc3BvbnNlIrgDCg9XZWJob29rRGVsaXZlcnkSCgoCaWQYASABKAkSFwoPc3Vic2NyaXB0aW9uX2lkGAIgASgJEhYKDnRyYW5zYWN0aW9uX2lkGAMgASgJEi4KBmVudGl0eRgEIAEoCzIeLmxvZ2lzdGljcy5ldmVudHMudjEuRW50aXR5UmVmEhAKCHNlcXVlbmNlGAUgASgEEhIKCmV2ZW50X3R5cGUYBiABKAkSOwoFc3RhdGUYByABKA4yLC5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLldlYmhvb2tEZWxpdmVyeVN0YXRlEhAKCGF0dGVtcHRzGAggASgNEhgKEGxhc3RfaHR0cF9zdGF0dXMYCSABKAUSEgoKbGFzdF9lcnJvchgKIAEoCRIuCgpjcmVhdGVkX2F0GAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9uZXh0X2F0dGVtcHRfYXQYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGRlbGl2ZXJlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiXgocTGlzdFdlYmhvb2tEZWxpdmVyaWVzUmVxdWVzdBIXCg9zdWJzY3JpcHRpb25faWQYASABKAkSEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkidQodTGlzdFdlYmhvb2tEZWxpdmVyaWVzUmVzcG9uc2USOwoKZGVsaXZlcmllcxgBIAMoCzInLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuV2ViaG9va0RlbGl2ZXJ5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIuChdSZWRlbGl2ZXJXZWJob29rUmVxdWVzdBITCgtkZWxpdmVyeV9pZBgBIAEoCSJVChhSZWRlbGl2ZXJXZWJob29rUmVzcG9uc2USOQoIZGVsaXZlcnkYASABKAsyJy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLldlYmhvb2tEZWxpdmVyeSqWAQoYV2ViaG9va1N1YnNjcmlwdGlvblN0YXRlEioKJldFQkhPT0tfU1VCU0NSSVBUSU9OX1NUQVRFX1VOU1BFQ0lGSUVEEAASJQohV0VCSE9PS19TVUJTQ1JJUFRJT05fU1RBVEVfQUNUSVZFEAESJwojV0VCSE9PS19TVUJTQ1JJUFRJT05fU1RBVEVfRElTQUJMRUQQAiqrAQoUV2ViaG9va0RlbGl2ZXJ5U3RhdGUSJgoiV0VCSE9PS19ERUxJVkVSWV9TVEFURV9VTlNQRUNJRklFRBAAEiIKHldFQkhPT0tfREVMSVZFUllfU1RBVEVfUEVORElORxABEiQKIFdFQkhPT0tfREVMSVZFUllfU1RBVEVfREVMSVZFUkVEEAISIQodV0VCSE9PS19ERUxJVkVSWV9TVEFURV9GQUlMRUQQAzLPAwoQU2VxdWVuY2VyU2VydmljZRJmCgtTdWJtaXRFdmVudBIqLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRSZXF1ZXN0GisubG9naXN0aWNzLnNlcXVlbmNlci52MS5TdWJtaXRFdmVudFJlc3BvbnNlEmkKDFN1Ym1pdEV2ZW50cxIrLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRzUmVxdWVzdBosLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuU3VibWl0RXZlbnRzUmVzcG9uc2USbwoOR2V0RXZlbnRTdGF0dXMSLS5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkdldEV2ZW50U3RhdHVzUmVxdWVzdBouLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuR2V0RXZlbnRTdGF0dXNSZXNwb25zZRJ3ChBXYXRjaEV2ZW50U3RhdHVzEi8ubG9naXN0aWNzLnNlcXVlbmNlci52MS5XYXRjaEV2ZW50U3RhdHVzUmVxdWVzdBowLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuV2F0Y2hFdmVudFN0YXR1c1Jlc3BvbnNlMAEy5gsKFVNlcXVlbmNlckFkbWluU2VydmljZRJdCghMaXN0R2FwcxInLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuTGlzdEdhcHNSZXF1ZXN0GigubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0R2Fwc1Jlc3BvbnNlEnUKEExpc3RQYXJrZWRFdmVudHMSLy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkxpc3RQYXJrZWRFdmVudHNSZXF1ZXN0GjAubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0UGFya2VkRXZlbnRzUmVzcG9uc2USYAoJR2V0RW50aXR5EigubG9naXN0aWNzLnNlcXVlbmNlci52MS5HZXRFbnRpdHlSZXF1ZXN0GikubG9naXN0aWNzLnNlcXVlbmNlci52MS5HZXRFbnRpdHlSZXNwb25zZRJpCgxTa2lwU2VxdWVuY2USKy5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLlNraXBTZXF1ZW5jZVJlcXVlc3QaLC5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLlNraXBTZXF1ZW5jZVJlc3BvbnNlEngKEUxpc3RCbG9ja2VkRXZlbnRzEjAubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0QmxvY2tlZEV2ZW50c1JlcXVlc3QaMS5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkxpc3RCbG9ja2VkRXZlbnRzUmVzcG9uc2USeAoRUmV0cnlCbG9ja2VkRXZlbnQSMC5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLlJldHJ5QmxvY2tlZEV2ZW50UmVxdWVzdBoxLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuUmV0cnlCbG9ja2VkRXZlbnRSZXNwb25zZRKQAQoZQ3JlYXRlV2ViaG9va1N1YnNjcmlwdGlvbhI4LmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuQ3JlYXRlV2ViaG9va1N1YnNjcmlwdGlvblJlcXVlc3QaOS5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkNyZWF0ZVdlYmhvb2tTdWJzY3JpcHRpb25SZXNwb25zZRKNAQoYTGlzdFdlYmhvb2tTdWJzY3JpcHRpb25zEjcubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0V2ViaG9va1N1YnNjcmlwdGlvbnNSZXF1ZXN0GjgubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0V2ViaG9va1N1YnNjcmlwdGlvbnNSZXNwb25zZRKQAQoZRGVsZXRlV2ViaG9va1N1YnNjcmlwdGlvbhI4LmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuRGVsZXRlV2ViaG9va1N1YnNjcmlwdGlvblJlcXVlc3QaOS5sb2dpc3RpY3Muc2VxdWVuY2VyLnYxLkRlbGV0ZVdlYmhvb2tTdWJzY3JpcHRpb25SZXNwb25zZRKEAQoVTGlzdFdlYmhvb2tEZWxpdmVyaWVzEjQubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0V2ViaG9va0RlbGl2ZXJpZXNSZXF1ZXN0GjUubG9naXN0aWNzLnNlcXVlbmNlci52MS5MaXN0V2ViaG9va0RlbGl2ZXJpZXNSZXNwb25zZRJ1ChBSZWRlbGl2ZXJXZWJob29rEi8ubG9naXN0aWNzLnNlcXVlbmNlci52MS5SZWRlbGl2ZXJXZWJob29rUmVxdWVzdBowLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuUmVkZWxpdmVyV2ViaG9va1Jlc3BvbnNlEoEBChRHZXRJZGVtcG90ZW5jeVJlY29yZBIzLmxvZ2lzdGljcy5zZXF1ZW5jZXIudjEuR2V0SWRlbXBvdGVuY3lSZWNvcmRSZXF1ZXN0GjQubG9naXN0aWNzLnNlcXVlbmNlci52MS5HZXRJZGVtcG90ZW5jeVJlY29yZFJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_google_rpc_status, file_logistics_events_v1_events]);
 
 /**
  * @generated from message logistics.sequencer.v1.SubmitEventRequest
@@ -198,7 +198,8 @@ export type EventStatus = Message<"logistics.sequencer.v1.EventStatus"> & {
   awaitingSequence: bigint;
 
   /**
-   * For REJECTED: the ledger's reason code; for SKIPPED: the operator's reason.
+   * For REJECTED: the ledger's reason code; for SKIPPED: the operator's reason; for BLOCKED:
+   * the ErrorInfo reason of the ledger's refusal (e.g. SEQUENCE_CONFLICT).
    *
    * @generated from field: string reason = 6;
    */
@@ -244,6 +245,28 @@ export type EventStatus = Message<"logistics.sequencer.v1.EventStatus"> & {
    * @generated from field: string idempotency_key = 13;
    */
   idempotencyKey: string;
+
+  /**
+   * Failed forwarding attempts since the event was last queued (refusals that are not
+   * transient; a BLOCKED event shows the attempts that blocked it).
+   *
+   * @generated from field: uint32 forward_attempts = 14;
+   */
+  forwardAttempts: number;
+
+  /**
+   * For BLOCKED: when the event was blocked.
+   *
+   * @generated from field: google.protobuf.Timestamp blocked_at = 15;
+   */
+  blockedAt?: Timestamp | undefined;
+
+  /**
+   * For BLOCKED: the gRPC status code name of the ledger's refusal (e.g. FAILED_PRECONDITION).
+   *
+   * @generated from field: string ledger_code = 16;
+   */
+  ledgerCode: string;
 };
 
 /**
@@ -560,6 +583,25 @@ export type Entity = Message<"logistics.sequencer.v1.Entity"> & {
    * @generated from field: google.protobuf.Timestamp updated_at = 8;
    */
   updatedAt?: Timestamp | undefined;
+
+  /**
+   * The MSI the entity is stopped at when one of its events is BLOCKED, else 0.
+   *
+   * @generated from field: uint64 blocked_sequence = 9;
+   */
+  blockedSequence: bigint;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp blocked_since = 10;
+   */
+  blockedSince?: Timestamp | undefined;
+
+  /**
+   * The ErrorInfo reason of the refusal that blocked it.
+   *
+   * @generated from field: string blocked_reason = 11;
+   */
+  blockedReason: string;
 };
 
 /**
@@ -613,7 +655,7 @@ export type SkipSequenceRequest = Message<"logistics.sequencer.v1.SkipSequenceRe
   entity?: EntityRef | undefined;
 
   /**
-   * Must be the entity's lowest missing MSI (watermark + 1, not held).
+   * Must be the entity's lowest missing MSI (watermark + 1, not held), or its BLOCKED MSI.
    *
    * @generated from field: uint64 sequence = 2;
    */
@@ -772,6 +814,540 @@ export const GetIdempotencyRecordResponseSchema: GenMessage<GetIdempotencyRecord
   messageDesc(file_logistics_sequencer_v1_sequencer, 23);
 
 /**
+ * @generated from message logistics.sequencer.v1.ListBlockedEventsRequest
+ */
+export type ListBlockedEventsRequest = Message<"logistics.sequencer.v1.ListBlockedEventsRequest"> & {
+  /**
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.ListBlockedEventsRequest.
+ * Use `create(ListBlockedEventsRequestSchema)` to create a new message.
+ */
+export const ListBlockedEventsRequestSchema: GenMessage<ListBlockedEventsRequest> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 24);
+
+/**
+ * @generated from message logistics.sequencer.v1.ListBlockedEventsResponse
+ */
+export type ListBlockedEventsResponse = Message<"logistics.sequencer.v1.ListBlockedEventsResponse"> & {
+  /**
+   * Oldest blocked first.
+   *
+   * @generated from field: repeated logistics.sequencer.v1.EventStatus blocked_events = 1;
+   */
+  blockedEvents: EventStatus[];
+
+  /**
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.ListBlockedEventsResponse.
+ * Use `create(ListBlockedEventsResponseSchema)` to create a new message.
+ */
+export const ListBlockedEventsResponseSchema: GenMessage<ListBlockedEventsResponse> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 25);
+
+/**
+ * @generated from message logistics.sequencer.v1.RetryBlockedEventRequest
+ */
+export type RetryBlockedEventRequest = Message<"logistics.sequencer.v1.RetryBlockedEventRequest"> & {
+  /**
+   * @generated from field: logistics.events.v1.EntityRef entity = 1;
+   */
+  entity?: EntityRef | undefined;
+
+  /**
+   * Must be the entity's BLOCKED MSI.
+   *
+   * @generated from field: uint64 sequence = 2;
+   */
+  sequence: bigint;
+
+  /**
+   * Required; kept in the audit record.
+   *
+   * @generated from field: string reason = 3;
+   */
+  reason: string;
+
+  /**
+   * The idempotency key, when metadata `idempotency-key` is absent.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.RetryBlockedEventRequest.
+ * Use `create(RetryBlockedEventRequestSchema)` to create a new message.
+ */
+export const RetryBlockedEventRequestSchema: GenMessage<RetryBlockedEventRequest> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 26);
+
+/**
+ * @generated from message logistics.sequencer.v1.RetryBlockedEventResponse
+ */
+export type RetryBlockedEventResponse = Message<"logistics.sequencer.v1.RetryBlockedEventResponse"> & {
+  /**
+   * The event, QUEUED again.
+   *
+   * @generated from field: logistics.sequencer.v1.EventStatus status = 1;
+   */
+  status?: EventStatus | undefined;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.RetryBlockedEventResponse.
+ * Use `create(RetryBlockedEventResponseSchema)` to create a new message.
+ */
+export const RetryBlockedEventResponseSchema: GenMessage<RetryBlockedEventResponse> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 27);
+
+/**
+ * @generated from message logistics.sequencer.v1.WebhookSubscription
+ */
+export type WebhookSubscription = Message<"logistics.sequencer.v1.WebhookSubscription"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * An https (or, in development mode, loopback http) URL on SEQUENCER_WEBHOOK_ALLOWED_HOSTS.
+   *
+   * @generated from field: string url = 2;
+   */
+  url: string;
+
+  /**
+   * The states delivered; empty on create means the terminal states and BLOCKED.
+   *
+   * @generated from field: repeated logistics.events.v1.EventState states = 3;
+   */
+  states: EventState[];
+
+  /**
+   * Only this entity type's events when set.
+   *
+   * @generated from field: logistics.events.v1.EntityType entity_type = 4;
+   */
+  entityType: EntityType;
+
+  /**
+   * @generated from field: string description = 5;
+   */
+  description: string;
+
+  /**
+   * @generated from field: logistics.sequencer.v1.WebhookSubscriptionState state = 6;
+   */
+  state: WebhookSubscriptionState;
+
+  /**
+   * The signing secret (`whsec_...`): set only in CreateWebhookSubscription's response.
+   *
+   * @generated from field: string secret = 7;
+   */
+  secret: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 8;
+   */
+  createdAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp disabled_at = 9;
+   */
+  disabledAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: string disabled_reason = 10;
+   */
+  disabledReason: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.WebhookSubscription.
+ * Use `create(WebhookSubscriptionSchema)` to create a new message.
+ */
+export const WebhookSubscriptionSchema: GenMessage<WebhookSubscription> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 28);
+
+/**
+ * @generated from message logistics.sequencer.v1.CreateWebhookSubscriptionRequest
+ */
+export type CreateWebhookSubscriptionRequest = Message<"logistics.sequencer.v1.CreateWebhookSubscriptionRequest"> & {
+  /**
+   * @generated from field: string url = 1;
+   */
+  url: string;
+
+  /**
+   * @generated from field: repeated logistics.events.v1.EventState states = 2;
+   */
+  states: EventState[];
+
+  /**
+   * @generated from field: logistics.events.v1.EntityType entity_type = 3;
+   */
+  entityType: EntityType;
+
+  /**
+   * @generated from field: string description = 4;
+   */
+  description: string;
+
+  /**
+   * The idempotency key, when metadata `idempotency-key` is absent.
+   *
+   * @generated from field: string request_id = 5;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.CreateWebhookSubscriptionRequest.
+ * Use `create(CreateWebhookSubscriptionRequestSchema)` to create a new message.
+ */
+export const CreateWebhookSubscriptionRequestSchema: GenMessage<CreateWebhookSubscriptionRequest> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 29);
+
+/**
+ * @generated from message logistics.sequencer.v1.CreateWebhookSubscriptionResponse
+ */
+export type CreateWebhookSubscriptionResponse = Message<"logistics.sequencer.v1.CreateWebhookSubscriptionResponse"> & {
+  /**
+   * @generated from field: logistics.sequencer.v1.WebhookSubscription subscription = 1;
+   */
+  subscription?: WebhookSubscription | undefined;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.CreateWebhookSubscriptionResponse.
+ * Use `create(CreateWebhookSubscriptionResponseSchema)` to create a new message.
+ */
+export const CreateWebhookSubscriptionResponseSchema: GenMessage<CreateWebhookSubscriptionResponse> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 30);
+
+/**
+ * @generated from message logistics.sequencer.v1.ListWebhookSubscriptionsRequest
+ */
+export type ListWebhookSubscriptionsRequest = Message<"logistics.sequencer.v1.ListWebhookSubscriptionsRequest"> & {
+  /**
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.ListWebhookSubscriptionsRequest.
+ * Use `create(ListWebhookSubscriptionsRequestSchema)` to create a new message.
+ */
+export const ListWebhookSubscriptionsRequestSchema: GenMessage<ListWebhookSubscriptionsRequest> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 31);
+
+/**
+ * @generated from message logistics.sequencer.v1.ListWebhookSubscriptionsResponse
+ */
+export type ListWebhookSubscriptionsResponse = Message<"logistics.sequencer.v1.ListWebhookSubscriptionsResponse"> & {
+  /**
+   * @generated from field: repeated logistics.sequencer.v1.WebhookSubscription subscriptions = 1;
+   */
+  subscriptions: WebhookSubscription[];
+
+  /**
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.ListWebhookSubscriptionsResponse.
+ * Use `create(ListWebhookSubscriptionsResponseSchema)` to create a new message.
+ */
+export const ListWebhookSubscriptionsResponseSchema: GenMessage<ListWebhookSubscriptionsResponse> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 32);
+
+/**
+ * @generated from message logistics.sequencer.v1.DeleteWebhookSubscriptionRequest
+ */
+export type DeleteWebhookSubscriptionRequest = Message<"logistics.sequencer.v1.DeleteWebhookSubscriptionRequest"> & {
+  /**
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.DeleteWebhookSubscriptionRequest.
+ * Use `create(DeleteWebhookSubscriptionRequestSchema)` to create a new message.
+ */
+export const DeleteWebhookSubscriptionRequestSchema: GenMessage<DeleteWebhookSubscriptionRequest> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 33);
+
+/**
+ * @generated from message logistics.sequencer.v1.DeleteWebhookSubscriptionResponse
+ */
+export type DeleteWebhookSubscriptionResponse = Message<"logistics.sequencer.v1.DeleteWebhookSubscriptionResponse"> & {
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.DeleteWebhookSubscriptionResponse.
+ * Use `create(DeleteWebhookSubscriptionResponseSchema)` to create a new message.
+ */
+export const DeleteWebhookSubscriptionResponseSchema: GenMessage<DeleteWebhookSubscriptionResponse> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 34);
+
+/**
+ * @generated from message logistics.sequencer.v1.WebhookDelivery
+ */
+export type WebhookDelivery = Message<"logistics.sequencer.v1.WebhookDelivery"> & {
+  /**
+   * Also the `webhook-id` header, stable across retries.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+
+  /**
+   * @generated from field: string subscription_id = 2;
+   */
+  subscriptionId: string;
+
+  /**
+   * @generated from field: string transaction_id = 3;
+   */
+  transactionId: string;
+
+  /**
+   * @generated from field: logistics.events.v1.EntityRef entity = 4;
+   */
+  entity?: EntityRef | undefined;
+
+  /**
+   * @generated from field: uint64 sequence = 5;
+   */
+  sequence: bigint;
+
+  /**
+   * `event.applied`, `event.rejected`, `event.skipped`, `event.blocked`, ...
+   *
+   * @generated from field: string event_type = 6;
+   */
+  eventType: string;
+
+  /**
+   * @generated from field: logistics.sequencer.v1.WebhookDeliveryState state = 7;
+   */
+  state: WebhookDeliveryState;
+
+  /**
+   * @generated from field: uint32 attempts = 8;
+   */
+  attempts: number;
+
+  /**
+   * The last attempt's HTTP status (0 when no answer came).
+   *
+   * @generated from field: int32 last_http_status = 9;
+   */
+  lastHttpStatus: number;
+
+  /**
+   * @generated from field: string last_error = 10;
+   */
+  lastError: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 11;
+   */
+  createdAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp next_attempt_at = 12;
+   */
+  nextAttemptAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp delivered_at = 13;
+   */
+  deliveredAt?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.WebhookDelivery.
+ * Use `create(WebhookDeliverySchema)` to create a new message.
+ */
+export const WebhookDeliverySchema: GenMessage<WebhookDelivery> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 35);
+
+/**
+ * @generated from message logistics.sequencer.v1.ListWebhookDeliveriesRequest
+ */
+export type ListWebhookDeliveriesRequest = Message<"logistics.sequencer.v1.ListWebhookDeliveriesRequest"> & {
+  /**
+   * @generated from field: string subscription_id = 1;
+   */
+  subscriptionId: string;
+
+  /**
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.ListWebhookDeliveriesRequest.
+ * Use `create(ListWebhookDeliveriesRequestSchema)` to create a new message.
+ */
+export const ListWebhookDeliveriesRequestSchema: GenMessage<ListWebhookDeliveriesRequest> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 36);
+
+/**
+ * @generated from message logistics.sequencer.v1.ListWebhookDeliveriesResponse
+ */
+export type ListWebhookDeliveriesResponse = Message<"logistics.sequencer.v1.ListWebhookDeliveriesResponse"> & {
+  /**
+   * @generated from field: repeated logistics.sequencer.v1.WebhookDelivery deliveries = 1;
+   */
+  deliveries: WebhookDelivery[];
+
+  /**
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.ListWebhookDeliveriesResponse.
+ * Use `create(ListWebhookDeliveriesResponseSchema)` to create a new message.
+ */
+export const ListWebhookDeliveriesResponseSchema: GenMessage<ListWebhookDeliveriesResponse> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 37);
+
+/**
+ * @generated from message logistics.sequencer.v1.RedeliverWebhookRequest
+ */
+export type RedeliverWebhookRequest = Message<"logistics.sequencer.v1.RedeliverWebhookRequest"> & {
+  /**
+   * @generated from field: string delivery_id = 1;
+   */
+  deliveryId: string;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.RedeliverWebhookRequest.
+ * Use `create(RedeliverWebhookRequestSchema)` to create a new message.
+ */
+export const RedeliverWebhookRequestSchema: GenMessage<RedeliverWebhookRequest> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 38);
+
+/**
+ * @generated from message logistics.sequencer.v1.RedeliverWebhookResponse
+ */
+export type RedeliverWebhookResponse = Message<"logistics.sequencer.v1.RedeliverWebhookResponse"> & {
+  /**
+   * @generated from field: logistics.sequencer.v1.WebhookDelivery delivery = 1;
+   */
+  delivery?: WebhookDelivery | undefined;
+};
+
+/**
+ * Describes the message logistics.sequencer.v1.RedeliverWebhookResponse.
+ * Use `create(RedeliverWebhookResponseSchema)` to create a new message.
+ */
+export const RedeliverWebhookResponseSchema: GenMessage<RedeliverWebhookResponse> = /*@__PURE__*/
+  messageDesc(file_logistics_sequencer_v1_sequencer, 39);
+
+/**
+ * @generated from enum logistics.sequencer.v1.WebhookSubscriptionState
+ */
+export enum WebhookSubscriptionState {
+  /**
+   * @generated from enum value: WEBHOOK_SUBSCRIPTION_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * @generated from enum value: WEBHOOK_SUBSCRIPTION_STATE_ACTIVE = 1;
+   */
+  ACTIVE = 1,
+
+  /**
+   * Disabled after the receiver answered 410, or failed for SEQUENCER_WEBHOOK_DISABLE_AFTER.
+   *
+   * @generated from enum value: WEBHOOK_SUBSCRIPTION_STATE_DISABLED = 2;
+   */
+  DISABLED = 2,
+}
+
+/**
+ * Describes the enum logistics.sequencer.v1.WebhookSubscriptionState.
+ */
+export const WebhookSubscriptionStateSchema: GenEnum<WebhookSubscriptionState> = /*@__PURE__*/
+  enumDesc(file_logistics_sequencer_v1_sequencer, 0);
+
+/**
+ * @generated from enum logistics.sequencer.v1.WebhookDeliveryState
+ */
+export enum WebhookDeliveryState {
+  /**
+   * @generated from enum value: WEBHOOK_DELIVERY_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Waiting for its next attempt (or for an earlier delivery of the same entity).
+   *
+   * @generated from enum value: WEBHOOK_DELIVERY_STATE_PENDING = 1;
+   */
+  PENDING = 1,
+
+  /**
+   * The receiver answered 2xx.
+   *
+   * @generated from enum value: WEBHOOK_DELIVERY_STATE_DELIVERED = 2;
+   */
+  DELIVERED = 2,
+
+  /**
+   * Retries exhausted, or the subscription was disabled.
+   *
+   * @generated from enum value: WEBHOOK_DELIVERY_STATE_FAILED = 3;
+   */
+  FAILED = 3,
+}
+
+/**
+ * Describes the enum logistics.sequencer.v1.WebhookDeliveryState.
+ */
+export const WebhookDeliveryStateSchema: GenEnum<WebhookDeliveryState> = /*@__PURE__*/
+  enumDesc(file_logistics_sequencer_v1_sequencer, 1);
+
+/**
  * Ingress: validates, records and acknowledges events at once; the ledger applies them later,
  * in MSI order, exactly once.
  *
@@ -863,7 +1439,8 @@ export const SequencerAdminService: GenService<{
     output: typeof GetEntityResponseSchema;
   },
   /**
-   * Gives up on one missing MSI (audited) and releases its successors. Needs an idempotency key.
+   * Gives up on one missing or BLOCKED MSI (audited) and releases its successors. Needs an
+   * idempotency key.
    *
    * @generated from rpc logistics.sequencer.v1.SequencerAdminService.SkipSequence
    */
@@ -871,6 +1448,78 @@ export const SequencerAdminService: GenService<{
     methodKind: "unary";
     input: typeof SkipSequenceRequestSchema;
     output: typeof SkipSequenceResponseSchema;
+  },
+  /**
+   * Events the ledger refused in a way retrying cannot fix, oldest first.
+   *
+   * @generated from rpc logistics.sequencer.v1.SequencerAdminService.ListBlockedEvents
+   */
+  listBlockedEvents: {
+    methodKind: "unary";
+    input: typeof ListBlockedEventsRequestSchema;
+    output: typeof ListBlockedEventsResponseSchema;
+  },
+  /**
+   * Sends a BLOCKED event to the ledger again (QUEUED, attempts reset; audited). Needs an
+   * idempotency key.
+   *
+   * @generated from rpc logistics.sequencer.v1.SequencerAdminService.RetryBlockedEvent
+   */
+  retryBlockedEvent: {
+    methodKind: "unary";
+    input: typeof RetryBlockedEventRequestSchema;
+    output: typeof RetryBlockedEventResponseSchema;
+  },
+  /**
+   * Subscribes a URL to event outcomes (signed per Standard Webhooks). The secret is shown in
+   * this response only. Needs an idempotency key.
+   *
+   * @generated from rpc logistics.sequencer.v1.SequencerAdminService.CreateWebhookSubscription
+   */
+  createWebhookSubscription: {
+    methodKind: "unary";
+    input: typeof CreateWebhookSubscriptionRequestSchema;
+    output: typeof CreateWebhookSubscriptionResponseSchema;
+  },
+  /**
+   * Every subscription, newest first (secrets are never shown here).
+   *
+   * @generated from rpc logistics.sequencer.v1.SequencerAdminService.ListWebhookSubscriptions
+   */
+  listWebhookSubscriptions: {
+    methodKind: "unary";
+    input: typeof ListWebhookSubscriptionsRequestSchema;
+    output: typeof ListWebhookSubscriptionsResponseSchema;
+  },
+  /**
+   * Removes a subscription; its undelivered deliveries are dropped.
+   *
+   * @generated from rpc logistics.sequencer.v1.SequencerAdminService.DeleteWebhookSubscription
+   */
+  deleteWebhookSubscription: {
+    methodKind: "unary";
+    input: typeof DeleteWebhookSubscriptionRequestSchema;
+    output: typeof DeleteWebhookSubscriptionResponseSchema;
+  },
+  /**
+   * A subscription's deliveries, newest first, with their attempts.
+   *
+   * @generated from rpc logistics.sequencer.v1.SequencerAdminService.ListWebhookDeliveries
+   */
+  listWebhookDeliveries: {
+    methodKind: "unary";
+    input: typeof ListWebhookDeliveriesRequestSchema;
+    output: typeof ListWebhookDeliveriesResponseSchema;
+  },
+  /**
+   * Sends a delivery again (after it failed, or to replay one that was delivered).
+   *
+   * @generated from rpc logistics.sequencer.v1.SequencerAdminService.RedeliverWebhook
+   */
+  redeliverWebhook: {
+    methodKind: "unary";
+    input: typeof RedeliverWebhookRequestSchema;
+    output: typeof RedeliverWebhookResponseSchema;
   },
   /**
    * Looks up an idempotency key's record within the caller's scope (admins: any caller's).
