@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python
 
-.PHONY: up test install node lint typecheck protos-check ts-check buf-lint buf-breaking gen gen-ts pytest migrate bench soak chaos lock clean
+.PHONY: up test install node system-deps lint typecheck protos-check ts-check buf-lint buf-breaking gen gen-ts pytest migrate bench soak chaos lock clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ node_modules/.installed: package.json package-lock.json
 	@touch $@
 
 node: node_modules/.installed
+
+# Debian packages some tests drive (space-separated); installed only when missing.
+SYSTEM_PACKAGES :=
+
+system-deps:
+	@bash scripts/system_deps.sh $(SYSTEM_PACKAGES)
 
 up: install
 	@$(PY) -m ops up
@@ -66,7 +72,7 @@ chaos: install
 pytest: install
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test: install node lint typecheck buf-lint buf-breaking protos-check ts-check pytest
+test: install node system-deps lint typecheck buf-lint buf-breaking protos-check ts-check pytest
 
 lock:
 	@$(UV) pip compile pyproject.toml --group dev --python-version 3.11 --generate-hashes -q -o requirements.lock
