@@ -7,8 +7,73 @@ from dataclasses import dataclass, field
 
 from common.auth import SecuritySettings
 from common.settings import ConfigError, Env, database_url
+from sequencer.idempotency import CALLER_PATTERN
 
 LOCK_STRATEGIES = ("advisory", "row")
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """The broker doors (SPEC 16), each off while its URL is empty: the ingress bridges and, in
+    the same processes, the outcome publishers (docs/brokers.md)."""
+
+    amqp_url: str = ""
+    amqp_queue: str = "logistics.events"
+    amqp_dead_queue: str = "logistics.events.dead"
+    # Unacknowledged deliveries the broker hands the bridge at once (basic_qos): the memory bound
+    # of a burst, and how many submissions one group commit can gather from the broker.
+    amqp_prefetch: int = 256
+    nats_url: str = ""
+    nats_stream: str = "LOGISTICS_EVENTS"
+    nats_subjects: str = "logistics.events.>"
+    nats_consumer: str = "sequencer"
+    nats_dead_stream: str = "LOGISTICS_DEAD"
+    # A dead letter of `logistics.events.X` goes to `<prefix>.X`.
+    nats_dead_subject: str = "logistics.dead"
+    # The consumer's max_ack_pending and the most messages one pull asks for.
+    nats_prefetch: int = 256
+    # A NATS message not acknowledged within this long is redelivered (the consumer's ack_wait).
+    nats_ack_wait: float = 60.0
+    # The idempotency scope of every bridged message: (caller, message key).
+    bridge_caller: str = "bridge"
+    # Back-off before a transiently failed message is handed back, doubling per consecutive
+    # failure up to the maximum.
+    bridge_backoff: float = 0.5
+    bridge_backoff_max: float = 15.0
+
+    @classmethod
+    def from_env(cls, env: Env) -> BrokerSettings:
+        settings = cls(
+            amqp_url=env.str("AMQP_URL", ""),
+            amqp_queue=env.str("AMQP_QUEUE", "logistics.events"),
+            amqp_dead_queue=env.str("AMQP_DEAD_QUEUE", "logistics.events.dead"),
+            amqp_prefetch=env.int("AMQP_PREFETCH", 256, minimum=1, maximum=65_535),
+            nats_url=env.str("NATS_URL", ""),
+            nats_stream=env.str("NATS_STREAM", "LOGISTICS_EVENTS"),
+            nats_subjects=env.str("NATS_SUBJECTS", "logistics.events.>"),
+            nats_consumer=env.str("NATS_CONSUMER", "sequencer"),
+            nats_dead_stream=env.str("NATS_DEAD_STREAM", "LOGISTICS_DEAD"),
+            nats_dead_subject=env.str("NATS_DEAD_SUBJECT", "logistics.dead"),
+            nats_prefetch=env.int("NATS_PREFETCH", 256, minimum=1, maximum=10_000),
+            nats_ack_wait=env.seconds("NATS_ACK_WAIT", 60.0, minimum=1.0),
+            bridge_caller=env.str("BRIDGE_CALLER", "bridge"),
+            bridge_backoff=env.seconds("BRIDGE_BACKOFF", 0.5, minimum=0.01),
+            bridge_backoff_max=env.seconds("BRIDGE_BACKOFF_MAX", 15.0, minimum=0.01),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not CALLER_PATTERN.fullmatch(self.bridge_caller):
+            raise ConfigError("SEQUENCER_BRIDGE_CALLER may contain only letters, digits and . _ : @ - (1-128)")
+        if not self.nats_subjects.endswith(".>") or len(self.nats_subjects) < 3:
+            raise ConfigError(f"SEQUENCER_NATS_SUBJECTS must end with '.>', got {self.nats_subjects!r}")
+        if self.nats_dead_subject.endswith(".") or "*" in self.nats_dead_subject or ">" in self.nats_dead_subject:
+            raise ConfigError(
+                f"SEQUENCER_NATS_DEAD_SUBJECT must be a plain subject prefix, got {self.nats_dead_subject!r}"
+            )
+        if self.amqp_dead_queue == self.amqp_queue:
+            raise ConfigError("SEQUENCER_AMQP_DEAD_QUEUE must differ from SEQUENCER_AMQP_QUEUE")
 
 
 @dataclass(frozen=True)
@@ -54,6 +119,7 @@ class Settings:
     shutdown_grace: float = 5.0
     log_level: str = "INFO"
     security: SecuritySettings = field(default_factory=SecuritySettings)
+    brokers: BrokerSettings = field(default_factory=BrokerSettings)
     # The channel to the ledger: TLS roots (enables TLS), an optional client certificate for
     # mutual TLS, an optional server-name override, and the bearer token file it presents.
     ledger_tls_ca: str = ""
@@ -92,6 +158,7 @@ class Settings:
             shutdown_grace=env.seconds("SHUTDOWN_GRACE", 5.0),
             log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
             security=SecuritySettings.from_env(env),
+            brokers=BrokerSettings.from_env(env),
             ledger_tls_ca=env.str("LEDGER_TLS_CA", ""),
             ledger_tls_cert=env.str("LEDGER_TLS_CERT", ""),
             ledger_tls_key=env.str("LEDGER_TLS_KEY", ""),

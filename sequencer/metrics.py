@@ -35,3 +35,37 @@ class SequencerMetrics:
         self.keys_swept = Counter(
             "sequencer_idempotency_keys_swept", "Expired idempotency records deleted", registry=registry
         )
+        # The broker doors (SPEC 16), by broker (`amqp`, `nats`).
+        self.bridge_consumed = Counter(
+            "sequencer_bridge_messages_consumed",
+            "Messages taken from a broker queue or stream",
+            ["broker"],
+            registry=registry,
+        )
+        self.bridge_acked = Counter(
+            "sequencer_bridge_messages_acked",
+            "Messages acknowledged to the broker after the sequencer's commit (replays included)",
+            ["broker"],
+            registry=registry,
+        )
+        self.bridge_dead_lettered = Counter(
+            "sequencer_bridge_messages_dead_lettered",
+            "Messages refused for good and moved to the dead-letter destination, by ErrorInfo reason",
+            ["broker", "reason"],
+            registry=registry,
+        )
+        self.bridge_redelivered = Counter(
+            "sequencer_bridge_messages_redelivered",
+            "Messages the broker delivered again (after a crash, a lost connection or a requeue)",
+            ["broker"],
+            registry=registry,
+        )
+        self.bridge_requeued = Counter(
+            "sequencer_bridge_messages_requeued",
+            "Messages handed back to the broker after a back-off, on a transient failure",
+            ["broker"],
+            registry=registry,
+        )
+        for broker in ("amqp", "nats"):
+            for series in (self.bridge_consumed, self.bridge_acked, self.bridge_redelivered, self.bridge_requeued):
+                series.labels(broker)

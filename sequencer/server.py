@@ -1,5 +1,5 @@
 """Builds and runs the sequencer's grpc.aio server: servicers, health, reflection, interceptors,
-and the background work (forwarder, key sweeper, gap monitor)."""
+and the background work (forwarder, key sweeper, gap monitor, broker bridges)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from common.db import make_engine, require_migrated
 from common.grpc_server import add_health_and_reflection, bind, bounded, channel, new_server, serve, set_serving
 from logistics.ledger.v1 import ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
+from sequencer.bridges import Bridges
 from sequencer.config import Settings
 from sequencer.forwarder import Forwarder
 from sequencer.forwarding import ForwardingStore
@@ -56,6 +57,7 @@ class App:
     metrics: SequencerMetrics
     ledger_channel: grpc.aio.Channel
     authenticator: Authenticator
+    bridges: Bridges = field(default_factory=Bridges)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -64,6 +66,9 @@ class App:
         await self.close()
 
     async def close(self) -> None:
+        # The broker doors first: deliveries not yet committed go back to the broker, instead
+        # of being refused by a closing ingress.
+        await bounded(self.bridges.close(), 10, "broker bridges")
         for task in self.tasks:
             task.cancel()
         await bounded(asyncio.gather(*self.tasks, return_exceptions=True), 5, "background tasks")
@@ -142,6 +147,8 @@ async def build_server(
     app.tasks.append(asyncio.create_task(gaps.run(), name="gap-monitor"))
     if run_forwarder:
         app.tasks.append(asyncio.create_task(forwarder.run(), name="forwarder"))
+    app.bridges = Bridges.build(ingress, settings.brokers, metrics)
+    app.bridges.start()
     await set_serving(health_servicer, SERVICE_NAMES, True)
     return app
 
