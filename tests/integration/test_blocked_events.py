@@ -39,7 +39,7 @@ def receive(sku: str, sequence: int, quantity: int) -> events_pb2.Event:
 
 
 def ref(sku: str) -> events_pb2.EntityRef:
-    return events_pb2.EntityRef(entity_type=INVENTORY, entity_id=sku)  # type: ignore[arg-type]
+    return events_pb2.EntityRef(entity_type=INVENTORY, entity_id=sku)
 
 
 async def wait_state(system: System, transaction_id: str, state: int, timeout: float) -> sequencer_pb2.EventStatus:
