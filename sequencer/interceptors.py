@@ -18,6 +18,10 @@ ERROR_TABLE: ErrorTable = {
     errors.IdempotencyKeyInvalid: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InvalidEvent: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.WebhookTargetNotAllowed: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.WebhookSubscriptionDisabled: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.WebhookSubscriptionNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.WebhookDeliveryNotFound: grpc.StatusCode.NOT_FOUND,
     errors.IdempotencyKeyReused: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SequenceConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.NotAGap: grpc.StatusCode.FAILED_PRECONDITION,
@@ -47,6 +51,11 @@ POLICY: dict[str, frozenset[str]] = {
     _ADMIN + "GetEntity": frozenset({"admin"}),
     _ADMIN + "SkipSequence": frozenset({"admin"}),
     _ADMIN + "GetIdempotencyRecord": ANYONE_KNOWN,
+    _ADMIN + "CreateWebhookSubscription": frozenset({"admin"}),
+    _ADMIN + "ListWebhookSubscriptions": frozenset({"admin"}),
+    _ADMIN + "DeleteWebhookSubscription": frozenset({"admin"}),
+    _ADMIN + "ListWebhookDeliveries": frozenset({"admin"}),
+    _ADMIN + "RedeliverWebhook": frozenset({"admin"}),
 }
 
 

@@ -1,5 +1,5 @@
 """Builds and runs the sequencer's grpc.aio server: servicers, health, reflection, interceptors,
-and the background work (forwarder, key sweeper, gap monitor)."""
+and the background work (forwarder, webhook dispatcher, key sweeper, gap monitor)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from common.grpc_server import add_health_and_reflection, bind, bounded, channel
 from logistics.ledger.v1 import ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.config import Settings
+from sequencer.dispatcher import Dispatcher
 from sequencer.forwarder import Forwarder
 from sequencer.forwarding import ForwardingStore
 from sequencer.gaps import GapMonitor
@@ -32,6 +33,7 @@ from sequencer.servicer import AdminServicer, SequencerServicer
 from sequencer.skips import Skips
 from sequencer.sweeper import Sweeper
 from sequencer.watch import Watches
+from sequencer.webhooks import Webhooks
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SERVICE_NAMES = (
@@ -56,6 +58,7 @@ class App:
     metrics: SequencerMetrics
     ledger_channel: grpc.aio.Channel
     authenticator: Authenticator
+    dispatcher: Dispatcher
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -69,6 +72,7 @@ class App:
         await bounded(asyncio.gather(*self.tasks, return_exceptions=True), 5, "background tasks")
         await bounded(self.ingress.close(), 5, "ingress")
         await bounded(self.forwarder.close(), 5, "forwarder")
+        await bounded(self.dispatcher.close(), 5, "webhook dispatcher")
         await bounded(self.notifier.close(), 5, "notification listener")
         await bounded(self.ledger_channel.close(), 5, "ledger channel")
         await self.engine.dispose()
@@ -80,6 +84,7 @@ async def build_server(
     clock: Clock | None = None,
     registry: CollectorRegistry | None = None,
     run_forwarder: bool = True,
+    run_dispatcher: bool = True,
 ) -> App:
     """Builds, starts and returns the server (no globals: tests run several on port 0)."""
     clock = clock or SystemClock()
@@ -112,13 +117,16 @@ async def build_server(
     forwarder = Forwarder(ledger, store, notifier, settings, clock, metrics)
     if run_forwarder:
         ingress.on_queued = skips.on_queued = forwarder.kick
+    webhooks = Webhooks(engine, settings, clock, ingress.answers, development=authenticator.development)
+    dispatcher = Dispatcher(engine, settings, clock, metrics, notifier, instance)
+    webhooks.on_work = dispatcher.kick
 
     server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
     watches = Watches(reads, notifier, settings.watchers_per_caller)
     sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(
         SequencerServicer(ingress, reads, watches, settings), server
     )
-    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(reads, skips), server)
+    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(reads, skips, webhooks), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.listen_addr, settings.security)
     await notifier.start()
@@ -137,11 +145,14 @@ async def build_server(
         metrics,
         ledger_channel,
         authenticator,
+        dispatcher,
     )
     app.tasks.append(asyncio.create_task(Sweeper(engine, settings, clock).run(), name="key-sweeper"))
     app.tasks.append(asyncio.create_task(gaps.run(), name="gap-monitor"))
     if run_forwarder:
         app.tasks.append(asyncio.create_task(forwarder.run(), name="forwarder"))
+    if run_dispatcher:
+        app.tasks.append(asyncio.create_task(dispatcher.run(), name="webhook-dispatcher"))
     await set_serving(health_servicer, SERVICE_NAMES, True)
     return app
 
