@@ -4,6 +4,9 @@ signed and in MSI order; retries, a receiver that is away, 410; the admin RPCs' 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import logging
 import uuid
 from typing import Any
@@ -12,6 +15,7 @@ import grpc
 import pytest
 from sqlalchemy import create_engine, text
 
+from common.auth import SecuritySettings
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 from tests.receiver import Receiver
@@ -22,8 +26,6 @@ APPLIED, REJECTED, SKIPPED = "event.applied", "event.rejected", "event.skipped"
 
 
 def fast(settings: Any, **overrides: Any) -> Any:
-    import dataclasses
-
     values = {"webhook_retry_schedule": (0.0, 0.2, 0.2, 0.2, 0.2), "webhook_poll_interval": 0.1, "webhook_timeout": 2.0}
     return dataclasses.replace(settings, **{**values, **overrides})
 
@@ -341,3 +343,48 @@ async def test_states_outside_the_outcomes_are_refused(system: System) -> None:
         await subscribe(system, "http://127.0.0.1:9/h", states=[events_pb2.EVENT_STATE_QUEUED])
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(refused.value).reason == "INVALID_ARGUMENT"
+
+
+async def test_with_credentials_only_admins_subscribe_and_only_listed_hosts(
+    database_url: str, sequencer_settings: Any, tmp_path: Any
+) -> None:
+    tokens = {"ops": ("ops-token-1", ["admin"]), "erp": ("erp-token-2", ["submitter", "reader"])}
+    identities = tmp_path / "identities.json"
+    identities.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {"caller": c, "roles": roles, "token_sha256": hashlib.sha256(t.encode()).hexdigest()}
+                    for c, (t, roles) in tokens.items()
+                ]
+            }
+        )
+    )
+    settings = dataclasses.replace(
+        sequencer_settings,
+        security=SecuritySettings(identities_file=str(identities)),
+        webhook_allowed_hosts=("hooks.example.com",),
+    )
+    system = System()
+    await system.start_sequencer(settings, run_forwarder=False, run_dispatcher=False)
+    try:
+
+        async def create(caller: str, url: str) -> Any:
+            return await system.admin.CreateWebhookSubscription(
+                sequencer_pb2.CreateWebhookSubscriptionRequest(url=url),
+                metadata=(("authorization", f"Bearer {tokens[caller][0]}"), ("idempotency-key", uuid.uuid4().hex)),
+                **ADMIN,
+            )
+
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await create("erp", "https://hooks.example.com/h")
+        assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # Outside development mode loopback is not special: only the listed hosts.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await create("ops", "http://127.0.0.1:9/h")
+        assert error_info(refused.value).reason == "WEBHOOK_TARGET_NOT_ALLOWED"
+        created = await create("ops", "https://hooks.example.com/h")
+        assert created.subscription.url == "https://hooks.example.com/h"
+        assert rows(database_url, "SELECT count(*) FROM sequencer.outbox_subscriptions") == [(1,)]
+    finally:
+        await system.stop()
