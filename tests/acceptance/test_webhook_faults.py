@@ -18,15 +18,21 @@ from tests.processes import ServiceProcess, start_ledger, start_sequencer
 from tests.receiver import Receiver
 from tests.support import SHIPMENT, shipment_event
 
-WEBHOOK_ENV = {
-    "SEQUENCER_WEBHOOK_RETRY_SCHEDULE": ",".join(["0"] + ["0.2"] * 30),
-    "SEQUENCER_WEBHOOK_POLL_INTERVAL": "0.2",
-    # A held request outlasts neither: the killed replica's claim runs out 3 s after it was taken.
-    "SEQUENCER_WEBHOOK_TIMEOUT": "2",
-    "SEQUENCER_WEBHOOK_LEASE": "3",
-    # The killed replica's forwarding leases run out soon too.
-    "SEQUENCER_FORWARDER_LEASE": "2",
-}
+
+def start(database_url: str, ledger_port: int) -> ServiceProcess:
+    return start_sequencer(
+        database_url,
+        ledger_port,
+        SEQUENCER_WEBHOOK_RETRY_SCHEDULE=",".join(["0"] + ["0.2"] * 30),
+        SEQUENCER_WEBHOOK_POLL_INTERVAL="0.2",
+        # The killed replica's claim runs out 3 s after it was taken (an attempt's limit is shorter).
+        SEQUENCER_WEBHOOK_TIMEOUT="2",
+        SEQUENCER_WEBHOOK_LEASE="3",
+        # The killed replica's forwarding leases run out soon too.
+        SEQUENCER_FORWARDER_LEASE="2",
+    )
+
+
 KINDS = ["shipment_created", "shipment_picked", "shipment_packed", "shipment_loaded", "shipment_shipped"]
 ENTITIES = [f"KILL-{n}" for n in range(4)]
 HOLD_AT = 6
@@ -58,7 +64,7 @@ async def test_kill_9_mid_delivery_loses_nothing(database_url: str, ledger: Serv
         return 200, {}
 
     receiver = await Receiver(answer=answer).start()
-    first = start_sequencer(database_url, ledger.port, **WEBHOOK_ENV)
+    first = start(database_url, ledger.port)
     second: ServiceProcess | None = None
     channel, sequencer, admin = stubs(first)
     try:
@@ -81,7 +87,7 @@ async def test_kill_9_mid_delivery_loses_nothing(database_url: str, ledger: Serv
         in_flight = receiver.received[HOLD_AT - 1].webhook_id
         await asyncio.to_thread(first.kill)
         await channel.close()
-        second = start_sequencer(database_url, ledger.port, **WEBHOOK_ENV)
+        second = start(database_url, ledger.port)
         release.set()
         await receiver.wait_for(lambda r: {x.key for x in r.received} == expected, timeout=60)
         distinct = receiver.distinct()
