@@ -49,7 +49,8 @@ CLAIM = text(
     "  AND s.id = d.subscription_id AND s.state = 1 "
     "  AND e.entity_type = d.entity_type AND e.entity_id = d.entity_id AND e.sequence = d.sequence "
     "RETURNING d.id, d.subscription_id, d.entity_type, d.entity_id, d.sequence, d.transaction_id, d.event_state, "
-    "  d.reason, d.reason_detail, d.entity_version, d.processed_at, d.attempts, d.step, d.created_at, "
+    "  d.reason, d.reason_detail, d.entity_version, d.processed_at, d.forward_attempts, d.blocked_at, d.ledger_code, "
+    "  d.attempts, d.step, d.created_at, "
     "  s.target, s.secret, e.correlation_id, e.idempotency_key, e.accepted_at, e.queued_at"
 )
 

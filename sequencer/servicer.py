@@ -15,8 +15,8 @@ from sequencer.errors import InvalidArgument
 from sequencer.idempotency import CALLER_HEADER, KEY_HEADERS, Submission, resolve_caller, resolve_key, validate_key
 from sequencer.ingress import Ingress
 from sequencer.interceptors import item_status
+from sequencer.interventions import Interventions
 from sequencer.reads import Reads
-from sequencer.skips import Skips
 from sequencer.watch import Watches
 from sequencer.webhooks import Webhooks
 
@@ -142,9 +142,9 @@ class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
 
 
 class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
-    def __init__(self, reads: Reads, skips: Skips, webhooks: Webhooks) -> None:
+    def __init__(self, reads: Reads, interventions: Interventions, webhooks: Webhooks) -> None:
         self.service = reads
-        self.skips = skips
+        self.interventions = interventions
         self.webhooks = webhooks
 
     async def ListGaps(
@@ -170,7 +170,7 @@ class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
         self, request: sequencer_pb2.SkipSequenceRequest, context: Context
     ) -> sequencer_pb2.SkipSequenceResponse:
         key = resolve_key(_metadata(context, KEY_HEADERS), request.request_id)
-        result = await self.skips.skip_sequence(
+        result = await self.interventions.skip_sequence(
             caller=_caller(context),
             key=key,
             request=request,
@@ -180,6 +180,24 @@ class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
         _publish(context, result)
         response = result.response
         assert isinstance(response, sequencer_pb2.SkipSequenceResponse)
+        return response
+
+    async def ListBlockedEvents(
+        self, request: sequencer_pb2.ListBlockedEventsRequest, context: Context
+    ) -> sequencer_pb2.ListBlockedEventsResponse:
+        blocked, token = await self.service.list_blocked(request.page_size, request.page_token)
+        return sequencer_pb2.ListBlockedEventsResponse(blocked_events=blocked, next_page_token=token)
+
+    async def RetryBlockedEvent(
+        self, request: sequencer_pb2.RetryBlockedEventRequest, context: Context
+    ) -> sequencer_pb2.RetryBlockedEventResponse:
+        key = resolve_key(_metadata(context, KEY_HEADERS), request.request_id)
+        result = await self.interventions.retry_blocked(
+            caller=_caller(context), key=key, request=request, timeout=context.time_remaining()
+        )
+        _publish(context, result)
+        response = result.response
+        assert isinstance(response, sequencer_pb2.RetryBlockedEventResponse)
         return response
 
     async def GetIdempotencyRecord(

@@ -40,13 +40,12 @@ from sequencer.errors import (
 )
 from sequencer.idempotency import AnswerCache, StoredAnswer, Submission, replay
 from sequencer.sealing import SecretBox
-from sequencer.states import APPLIED, DUPLICATE, REJECTED, SKIPPED
+from sequencer.states import APPLIED, BLOCKED, DUPLICATE, REJECTED, SKIPPED
 
 log = logging.getLogger(__name__)
 
 SINK = "webhook"
 CREATE_METHOD = "/logistics.sequencer.v1.SequencerAdminService/CreateWebhookSubscription"
-BLOCKED = 7  # events_pb2.EVENT_STATE_BLOCKED (SPEC 11)
 # The states a subscription may ask for (the outbox trigger reports these), and the default.
 REPORTABLE = frozenset({APPLIED, REJECTED, DUPLICATE, SKIPPED, BLOCKED})
 DEFAULT_STATES = (APPLIED, REJECTED, SKIPPED, BLOCKED)

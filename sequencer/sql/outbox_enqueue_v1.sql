@@ -16,9 +16,11 @@ BEGIN
     END IF;
     IF TG_OP = 'UPDATE' THEN
         INSERT INTO sequencer.outbox_deliveries (subscription_id, entity_type, entity_id, sequence, transaction_id,
-            event_state, reason, reason_detail, entity_version, processed_at, next_attempt_at, created_at)
+            event_state, reason, reason_detail, entity_version, processed_at, forward_attempts, blocked_at, ledger_code,
+            next_attempt_at, created_at)
         SELECT s.id, n.entity_type, n.entity_id, n.sequence, n.transaction_id, n.state,
-            coalesce(n.reason, n.skip_reason), n.reason_detail, n.entity_version, n.processed_at, now(), now()
+            coalesce(n.reason, n.skip_reason), n.reason_detail, n.entity_version, n.processed_at, n.forward_attempts,
+            n.blocked_at, n.ledger_code, now(), now()
         FROM changed_rows n
         JOIN previous_rows o ON o.entity_type = n.entity_type AND o.entity_id = n.entity_id AND o.sequence = n.sequence
         JOIN sequencer.outbox_subscriptions s ON s.state = 1 AND n.state = ANY (s.states)
@@ -27,9 +29,11 @@ BEGIN
         ORDER BY n.entity_type, n.entity_id, n.sequence, s.id;
     ELSE
         INSERT INTO sequencer.outbox_deliveries (subscription_id, entity_type, entity_id, sequence, transaction_id,
-            event_state, reason, reason_detail, entity_version, processed_at, next_attempt_at, created_at)
+            event_state, reason, reason_detail, entity_version, processed_at, forward_attempts, blocked_at, ledger_code,
+            next_attempt_at, created_at)
         SELECT s.id, n.entity_type, n.entity_id, n.sequence, n.transaction_id, n.state,
-            coalesce(n.reason, n.skip_reason), n.reason_detail, n.entity_version, n.processed_at, now(), now()
+            coalesce(n.reason, n.skip_reason), n.reason_detail, n.entity_version, n.processed_at, n.forward_attempts,
+            n.blocked_at, n.ledger_code, now(), now()
         FROM inserted_rows n
         JOIN sequencer.outbox_subscriptions s ON s.state = 1 AND n.state = ANY (s.states)
             AND (s.entity_type IS NULL OR s.entity_type = n.entity_type)

@@ -6,7 +6,7 @@ reported state gets its deliveries in the transaction of the change (docs/webhoo
 Additive only: the write paths of the previous release keep working and are covered too.
 
 Revision ID: c3b8e1f0a6d2
-Revises: a4e7c2d91f35
+Revises: b5d2f8e3c1a7
 """
 
 from pathlib import Path
@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql
 from common.migrate import sql_function
 
 revision = "c3b8e1f0a6d2"
-down_revision = "a4e7c2d91f35"
+down_revision = "b5d2f8e3c1a7"
 branch_labels = None
 depends_on = None
 
@@ -60,6 +60,9 @@ def upgrade() -> None:
         sa.Column("reason_detail", sa.Text(), nullable=True),
         sa.Column("entity_version", sa.BigInteger(), nullable=True),
         sa.Column("processed_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("forward_attempts", sa.Integer(), nullable=True),
+        sa.Column("blocked_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("ledger_code", sa.Text(), nullable=True),
         sa.Column("status", sa.SmallInteger(), server_default=sa.text("1"), nullable=False),
         sa.Column("attempts", sa.Integer(), server_default=sa.text("0"), nullable=False),
         sa.Column("step", sa.Integer(), server_default=sa.text("0"), nullable=False),
