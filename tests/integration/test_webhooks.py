@@ -17,9 +17,10 @@ from sqlalchemy import create_engine, text
 
 from common.auth import SecuritySettings
 from logistics.events.v1 import events_pb2
+from logistics.ledger.v1 import ledger_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 from tests.receiver import Receiver
-from tests.support import SHIPMENT, System, error_info, inventory_event, shipment_event, trailing
+from tests.support import INVENTORY, SHIPMENT, System, error_info, inventory_event, shipment_event, trailing
 
 ADMIN = {"timeout": 10}
 APPLIED, REJECTED, SKIPPED = "event.applied", "event.rejected", "event.skipped"
@@ -386,5 +387,42 @@ async def test_with_credentials_only_admins_subscribe_and_only_listed_hosts(
         created = await create("ops", "https://hooks.example.com/h")
         assert created.subscription.url == "https://hooks.example.com/h"
         assert rows(database_url, "SELECT count(*) FROM sequencer.outbox_subscriptions") == [(1,)]
+    finally:
+        await system.stop()
+
+
+async def test_a_blocked_event_is_pushed_then_its_skip_and_successor_in_order(
+    database_url: str, sequencer_settings: Any, receiver: Receiver
+) -> None:
+    system = await System.start(database_url, fast(sequencer_settings, block_after=1))
+    try:
+        sub, _ = await subscribe(system, receiver.url, entity_type=INVENTORY)
+        receiver.secret = sub.secret
+        sku = "SKU-WH-BLOCK"
+        # MSI 1 applied straight at the ledger, then MSI 1 with another payload: SEQUENCE_CONFLICT.
+        direct = inventory_event(sku, 1, "inventory_received", location="DOCK", quantity=7)
+        await system.ledger.ApplyEvent(
+            ledger_pb2.ApplyEventRequest(event=direct, transaction_id=str(uuid.uuid4())), timeout=5
+        )
+        await system.submit(inventory_event(sku, 1, "inventory_received", location="DOCK", quantity=1))
+        await system.submit(inventory_event(sku, 2, "inventory_received", location="DOCK", quantity=2))
+        await receiver.wait_for(lambda r: len(r.received) >= 1)
+        blocked = receiver.received[0]
+        assert blocked.key == (INVENTORY, sku, 1, "event.blocked") and blocked.verified
+        assert blocked.body["data"]["ledgerCode"] and blocked.body["data"]["reason"] == "SEQUENCE_CONFLICT"
+        await system.admin.SkipSequence(
+            sequencer_pb2.SkipSequenceRequest(
+                entity=events_pb2.EntityRef(entity_type=INVENTORY, entity_id=sku), sequence=1, reason="applied twice"
+            ),
+            metadata=(("idempotency-key", "skip-blocked-wh"),),
+            **ADMIN,
+        )
+        await receiver.wait_for(lambda r: len(r.distinct()) >= 3)
+        assert [r.key for r in receiver.distinct().values()] == [
+            (INVENTORY, sku, 1, "event.blocked"),
+            (INVENTORY, sku, 1, "event.skipped"),
+            (INVENTORY, sku, 2, "event.applied"),
+        ]
+        assert in_msi_order(receiver)
     finally:
         await system.stop()
