@@ -92,11 +92,13 @@ DISABLE = text(
     ") SELECT (SELECT count(*) FROM off), (SELECT count(*) FROM dropped)"
 )
 
-# When the oldest delivery still pending for :sink's active subscriptions was written (the gauge).
-OLDEST_PENDING = text(
-    "SELECT min(d.created_at) FROM sequencer.outbox_deliveries d "
-    "JOIN sequencer.outbox_subscriptions s ON s.id = d.subscription_id AND s.sink = :sink AND s.state = 1 "
-    "WHERE d.status = 1"
+# Whether :sink has an active subscription at all (a dispatcher without one ignores wake-ups),
+# and when the oldest delivery still pending for them was written (the gauge).
+SINK_SUMMARY = text(
+    "SELECT EXISTS (SELECT 1 FROM sequencer.outbox_subscriptions WHERE sink = :sink AND state = 1), "
+    "(SELECT min(d.created_at) FROM sequencer.outbox_deliveries d "
+    "  JOIN sequencer.outbox_subscriptions s ON s.id = d.subscription_id AND s.sink = :sink AND s.state = 1 "
+    "  WHERE d.status = 1)"
 )
 
 SUBSCRIPTION_COLUMNS = (
@@ -160,9 +162,10 @@ async def disable(conn: AsyncConnection, subscription_id: uuid.UUID, at: dt.date
     return int(row[0]), int(row[1])
 
 
-async def oldest_pending(conn: AsyncConnection, sink: str) -> dt.datetime | None:
-    value = (await conn.execute(OLDEST_PENDING, {"sink": sink})).scalar()
-    return value if isinstance(value, dt.datetime) else None
+async def sink_summary(conn: AsyncConnection, sink: str) -> tuple[bool, dt.datetime | None]:
+    """(any active subscription, the oldest pending delivery's creation time)."""
+    active, oldest = (await conn.execute(SINK_SUMMARY, {"sink": sink})).one()
+    return bool(active), oldest if isinstance(oldest, dt.datetime) else None
 
 
 # --- subscriptions and the admin reads -----------------------------------------------------------

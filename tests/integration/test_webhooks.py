@@ -214,7 +214,10 @@ async def test_a_receiver_that_is_down_for_a_while_gets_everything_once_it_is_ba
 async def test_410_disables_the_subscription_with_an_alert(
     database_url: str, sequencer_settings: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    both_done = asyncio.Event()
+
     async def gone(_n: int, _id: str) -> tuple[int, dict[str, str]]:
+        await both_done.wait()  # answered once both deliveries exist
         return 410, {}
 
     receiver = await Receiver(answer=gone).start()
@@ -224,7 +227,9 @@ async def test_410_disables_the_subscription_with_an_alert(
         receiver.secret = sub.secret
         with caplog.at_level(logging.ERROR, logger="sequencer.dispatcher"):
             await system.submit(shipment_event("GONE", 1, "shipment_created"))
-            await system.submit(shipment_event("GONE", 2, "shipment_picked"))
+            second = await system.submit(shipment_event("GONE", 2, "shipment_picked"))
+            await system.wait_terminal(second.transaction_id)
+            both_done.set()
             await receiver.wait_for(lambda r: len(r.received) >= 1)
             listed: list[Any] = []
             for _ in range(200):
@@ -251,6 +256,7 @@ async def test_410_disables_the_subscription_with_an_alert(
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error_info(refused.value).reason == "WEBHOOK_SUBSCRIPTION_DISABLED"
     finally:
+        both_done.set()
         await system.stop()
         await receiver.stop()
 
