@@ -94,6 +94,9 @@ class Settings:
     # Deliveries in flight per replica, and how long a replica's claim on one lasts.
     webhook_concurrency: int = 8
     webhook_lease: float = 60.0
+    # Finished (delivered or failed) outbox deliveries older than this are deleted, with their
+    # attempts, by the sweeper (every sink's).
+    outbox_retention: float = 7 * 86400.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -141,6 +144,7 @@ class Settings:
             webhook_poll_interval=env.seconds("WEBHOOK_POLL_INTERVAL", 1.0, minimum=0.01),
             webhook_concurrency=env.int("WEBHOOK_CONCURRENCY", 8, minimum=1, maximum=256),
             webhook_lease=env.seconds("WEBHOOK_LEASE", 60.0, minimum=1.0),
+            outbox_retention=env.seconds("OUTBOX_RETENTION", 7 * 86400.0, minimum=1.0),
         )
         env.reject_unknown()
         if bool(settings.ledger_tls_cert) != bool(settings.ledger_tls_key):

@@ -217,6 +217,8 @@ outbox_deliveries = Table(
         postgresql_where=text("status = 1"),
     ),
     Index("ix_outbox_deliveries_subscription_id_position", "subscription_id", "position"),
+    # The retention sweep's work list: finished deliveries, oldest first.
+    Index("ix_outbox_deliveries_finished", "created_at", postgresql_where=text("status <> 1")),
 )
 
 # Every attempt of a delivery: when, what came back, how long it took.

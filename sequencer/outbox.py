@@ -101,6 +101,14 @@ SINK_SUMMARY = text(
     "  WHERE d.status = 1)"
 )
 
+# Deletes up to :batch finished deliveries written before :before (their attempts cascade).
+SWEEP_FINISHED = text(
+    "DELETE FROM sequencer.outbox_deliveries d USING ("
+    "  SELECT id FROM sequencer.outbox_deliveries WHERE status <> 1 AND created_at < :before"
+    "  ORDER BY created_at LIMIT :batch FOR UPDATE SKIP LOCKED"
+    ") f WHERE d.id = f.id"
+)
+
 SUBSCRIPTION_COLUMNS = (
     "id, sink, target, states, entity_type, description, state, created_by, created_at, failing_since, "
     "disabled_at, disabled_reason"
@@ -166,6 +174,10 @@ async def sink_summary(conn: AsyncConnection, sink: str) -> tuple[bool, dt.datet
     """(any active subscription, the oldest pending delivery's creation time)."""
     active, oldest = (await conn.execute(SINK_SUMMARY, {"sink": sink})).one()
     return bool(active), oldest if isinstance(oldest, dt.datetime) else None
+
+
+async def sweep_finished(conn: AsyncConnection, before: dt.datetime, batch: int) -> int:
+    return int((await conn.execute(SWEEP_FINISHED, {"before": before, "batch": batch})).rowcount)
 
 
 # --- subscriptions and the admin reads -----------------------------------------------------------

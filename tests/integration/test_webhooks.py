@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -16,9 +17,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from common.auth import SecuritySettings
+from common.clock import ManualClock
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2
 from logistics.sequencer.v1 import sequencer_pb2
+from sequencer.sweeper import Sweeper
 from tests.receiver import Receiver
 from tests.support import INVENTORY, SHIPMENT, System, error_info, inventory_event, shipment_event, trailing
 
@@ -432,3 +435,33 @@ async def test_a_blocked_event_is_pushed_then_its_skip_and_successor_in_order(
         assert in_msi_order(receiver)
     finally:
         await system.stop()
+
+
+async def test_the_sweeper_deletes_finished_deliveries_past_retention_and_keeps_pending_ones(
+    database_url: str, sequencer_settings: Any, receiver: Receiver
+) -> None:
+    down = Receiver().bind()
+    system = await System.start(database_url, fast(sequencer_settings, outbox_retention=60.0))
+    try:
+        live, _ = await subscribe(system, receiver.url)
+        away, _ = await subscribe(system, down.url)
+        await system.submit(shipment_event("SWEEP", 1, "shipment_created"))
+        await _until_delivered(system, live.id, 1)
+        for _ in range(200):  # the receiver that is away has refused an attempt
+            (waiting,) = await deliveries(system, away.id)
+            if waiting.attempts:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting.attempts >= 1
+        sweeper = Sweeper(system.sequencer_app.engine, system.sequencer_settings, ManualClock(dt.datetime.now(dt.UTC)))
+        assert await sweeper.sweep_outbox_once() == 0  # nothing is past its retention yet
+        later = ManualClock(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120))
+        sweeper = Sweeper(system.sequencer_app.engine, system.sequencer_settings, later)
+        assert await sweeper.sweep_outbox_once() == 1
+        assert await deliveries(system, live.id) == []
+        (pending,) = await deliveries(system, away.id)
+        assert pending.state == sequencer_pb2.WEBHOOK_DELIVERY_STATE_PENDING
+        assert rows(database_url, "SELECT count(DISTINCT delivery_id) FROM sequencer.outbox_attempts") == [(1,)]
+    finally:
+        await system.stop()
+        await down.stop()

@@ -44,7 +44,7 @@ LANDED = {
         "2983007e283fa2c554de53809a04a1fcedf9175e869d2d25f1b00aed6d86f66d"
     ),
     "sequencer/migrations/versions/c3b8e1f0a6d2_outbox.py": (
-        "877ca092ab03bfc3e3401991af2ed36395a84236463cb504a24ffe764b173292"
+        "f068be63e6af50d80fa11ea55ac2f8c6b0ef638daa99fcbbb66f8594ad2b75e0"
     ),
     "sequencer/sql/lock_submissions_v2.sql": "3f8198512585c37e0b9775e685c25869f11b3a74f7062887d2e22b3e250f6b49",
     "sequencer/sql/lock_submissions_v3.sql": "8efaddd0b8ae4c9869a16e685c8ed198b73d548832eebb8edf7105d8de22371b",

@@ -96,6 +96,13 @@ def upgrade() -> None:
         ["subscription_id", "position"],
         schema=S,
     )
+    op.create_index(
+        "ix_outbox_deliveries_finished",
+        "outbox_deliveries",
+        ["created_at"],
+        schema=S,
+        postgresql_where=sa.text("status <> 1"),
+    )
     op.create_table(
         "outbox_attempts",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=True), nullable=False),
