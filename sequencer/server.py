@@ -1,5 +1,6 @@
 """Builds and runs the sequencer's grpc.aio server: servicers, health, reflection, interceptors,
-and the background work (forwarder, key sweeper, gap monitor, broker bridges)."""
+and the background work (forwarder, webhook dispatcher, key sweeper, gap monitor, broker bridges,
+outcome publishers)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from common.db import make_engine, require_migrated
 from common.grpc_server import add_health_and_reflection, bind, bounded, channel, new_server, serve, set_serving
 from logistics.ledger.v1 import ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
+from sequencer import outcomes
 from sequencer.bridges import Bridges
 from sequencer.config import Settings
+from sequencer.dispatcher import Dispatcher
 from sequencer.forwarder import Forwarder
 from sequencer.forwarding import ForwardingStore
 from sequencer.gaps import GapMonitor
@@ -29,10 +32,12 @@ from sequencer.interceptors import build_interceptor
 from sequencer.interventions import Interventions
 from sequencer.metrics import SequencerMetrics
 from sequencer.notifications import Notifier
+from sequencer.outcomes import OutcomePublisher
 from sequencer.reads import Reads
 from sequencer.servicer import AdminServicer, SequencerServicer
 from sequencer.sweeper import Sweeper
 from sequencer.watch import Watches
+from sequencer.webhooks import Webhooks
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 SERVICE_NAMES = (
@@ -57,7 +62,9 @@ class App:
     metrics: SequencerMetrics
     ledger_channel: grpc.aio.Channel
     authenticator: Authenticator
+    dispatcher: Dispatcher
     bridges: Bridges = field(default_factory=Bridges)
+    publishers: list[OutcomePublisher] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -74,6 +81,9 @@ class App:
         await bounded(asyncio.gather(*self.tasks, return_exceptions=True), 5, "background tasks")
         await bounded(self.ingress.close(), 5, "ingress")
         await bounded(self.forwarder.close(), 5, "forwarder")
+        await bounded(self.dispatcher.close(), 5, "webhook dispatcher")
+        for publisher in self.publishers:
+            await bounded(publisher.close(), 5, f"outcome publisher {publisher.sink.name}")
         await bounded(self.notifier.close(), 5, "notification listener")
         await bounded(self.ledger_channel.close(), 5, "ledger channel")
         await self.engine.dispose()
@@ -85,6 +95,7 @@ async def build_server(
     clock: Clock | None = None,
     registry: CollectorRegistry | None = None,
     run_forwarder: bool = True,
+    run_dispatcher: bool = True,
 ) -> App:
     """Builds, starts and returns the server (no globals: tests run several on port 0)."""
     clock = clock or SystemClock()
@@ -117,13 +128,18 @@ async def build_server(
     forwarder = Forwarder(ledger, store, notifier, settings, clock, metrics)
     if run_forwarder:
         ingress.on_queued = interventions.on_queued = forwarder.kick
+    webhooks = Webhooks(engine, settings, clock, ingress.answers, development=authenticator.development)
+    dispatcher = Dispatcher(engine, settings, clock, metrics, notifier, instance)
+    webhooks.on_work = dispatcher.kick
 
     server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
     watches = Watches(reads, notifier, settings.watchers_per_caller)
     sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(
         SequencerServicer(ingress, reads, watches, settings), server
     )
-    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(reads, interventions), server)
+    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(
+        AdminServicer(reads, interventions, webhooks), server
+    )
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.listen_addr, settings.security)
     await notifier.start()
@@ -142,13 +158,19 @@ async def build_server(
         metrics,
         ledger_channel,
         authenticator,
+        dispatcher,
     )
     app.tasks.append(asyncio.create_task(Sweeper(engine, settings, clock).run(), name="key-sweeper"))
     app.tasks.append(asyncio.create_task(gaps.run(), name="gap-monitor"))
     if run_forwarder:
         app.tasks.append(asyncio.create_task(forwarder.run(), name="forwarder"))
+    if run_dispatcher:
+        app.tasks.append(asyncio.create_task(dispatcher.run(), name="webhook-dispatcher"))
     app.bridges = Bridges.build(ingress, settings.brokers, metrics)
     app.bridges.start()
+    app.publishers = outcomes.build(settings.brokers, engine, clock, metrics, notifier, instance)
+    for publisher in app.publishers:
+        app.tasks.append(asyncio.create_task(publisher.run(), name=f"outcomes-{publisher.sink.name}"))
     await set_serving(health_servicer, SERVICE_NAMES, True)
     return app
 

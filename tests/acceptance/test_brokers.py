@@ -229,3 +229,29 @@ async def test_kill_9_of_the_sequencer_while_it_consumes_loses_nothing(
     finally:
         await channel.close()
         await asyncio.to_thread(ledger.terminate)
+
+
+async def test_a_database_outage_hands_messages_back_until_it_ends(
+    database_url: str, sequencer_settings: Any, broker: BrokerUnderTest
+) -> None:
+    load = workload(f"{broker.kind}-db", shipments=3, skus=3, per_sku=10, duplicate_share=0.1, seed=5)
+    # The sequencer reaches PostgreSQL through a proxy the test cuts: a real outage for it alone.
+    proxy = TcpProxy.to_url(database_url)
+    await proxy.start()
+    settings = with_overrides(sequencer_settings, database_url=proxy.url_for(database_url))
+    system = await start_system(database_url, settings, broker)
+    try:
+        metrics = system.sequencer_app.metrics
+        await proxy.cut()
+        for message in load.messages:
+            await broker.publish(message.body, key=message.key, content_type=message.content_type)
+        # Consumed while the database is away: handed back to the broker, nothing dead-lettered.
+        await wait_until(lambda: count(metrics.bridge_requeued, broker=broker.kind) >= 1)
+        await proxy.restore()
+        await wait_processed(system.ledger, load.streams)
+        await assert_in_order_state(system.ledger, load.streams)
+        assert count(metrics.bridge_redelivered, broker=broker.kind) >= 1
+        assert count(metrics.bridge_dead_lettered, broker=broker.kind) == 0
+    finally:
+        await system.stop()
+        await proxy.close()
