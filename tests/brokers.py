@@ -29,6 +29,13 @@ JSON = "application/json"
 
 
 @dataclass
+class Outcome:
+    msg_id: str
+    where: str  # the subject or routing key
+    body: bytes
+
+
+@dataclass
 class DeadLetter:
     body: bytes
     headers: dict[str, str]
@@ -42,7 +49,7 @@ class BrokerUnderTest:
 
     kind: str
 
-    def broker_settings(self, url: str | None = None) -> BrokerSettings:
+    def broker_settings(self, url: str | None = None, *, outcomes: bool = False) -> BrokerSettings:
         raise NotImplementedError
 
     def env(self, url: str | None = None) -> dict[str, str]:
@@ -60,6 +67,10 @@ class BrokerUnderTest:
         raise NotImplementedError
 
     async def dead_letters(self, count: int, timeout: float = 30.0) -> list[DeadLetter]:
+        raise NotImplementedError
+
+    async def outcomes(self, until: Any, timeout: float = 120.0) -> list[Outcome]:
+        """Outcome messages in arrival order, read until `until(messages)` holds."""
         raise NotImplementedError
 
     async def close(self) -> None:
@@ -85,9 +96,22 @@ class RabbitBroker(BrokerUnderTest):
     def dead_queue(self) -> str:
         return f"test.{self.suffix}.events.dead"
 
-    def broker_settings(self, url: str | None = None) -> BrokerSettings:
+    @property
+    def outcomes_exchange(self) -> str:
+        return f"test.{self.suffix}.outcomes"
+
+    @property
+    def outcomes_queue(self) -> str:
+        return f"test.{self.suffix}.outcomes.all"
+
+    def broker_settings(self, url: str | None = None, *, outcomes: bool = False) -> BrokerSettings:
         return BrokerSettings(
-            amqp_url=url or AMQP_URL, amqp_queue=self.queue, amqp_dead_queue=self.dead_queue, bridge_backoff=0.1
+            amqp_url=url or AMQP_URL,
+            amqp_queue=self.queue,
+            amqp_dead_queue=self.dead_queue,
+            bridge_backoff=0.1,
+            outcomes_amqp=outcomes,
+            outcomes_amqp_exchange=self.outcomes_exchange,
         )
 
     def env(self, url: str | None = None) -> dict[str, str]:
@@ -104,6 +128,13 @@ class RabbitBroker(BrokerUnderTest):
         # Declared here as the bridge declares them, so publishing may start before it runs.
         await self.channel.declare_queue(self.queue, durable=True)
         await self.channel.declare_queue(self.dead_queue, durable=True)
+        # A reader of every outcome, bound before any is published (a topic exchange drops what
+        # no binding wants).
+        exchange = await self.channel.declare_exchange(
+            self.outcomes_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        outcomes = await self.channel.declare_queue(self.outcomes_queue, durable=True)
+        await outcomes.bind(exchange, routing_key="#")
 
     async def publish(self, body: bytes, *, key: str | None, content_type: str | None = PROTOBUF) -> None:
         assert self.channel is not None
@@ -131,11 +162,28 @@ class RabbitBroker(BrokerUnderTest):
             found.append(DeadLetter(message.body, headers, message.message_id, self.dead_queue))
         return found
 
+    async def outcomes(self, until: Any, timeout: float = 120.0) -> list[Outcome]:
+        assert self.channel is not None
+        queue = await self.channel.declare_queue(self.outcomes_queue, durable=True)
+        found: list[Outcome] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not until(found):
+            message = await queue.get(no_ack=True, fail=False)
+            if message is None:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise AssertionError(f"{len(found)} outcomes in {self.outcomes_queue} before the timeout")
+                await asyncio.sleep(0.1)
+                continue
+            found.append(Outcome(message.message_id or "", message.routing_key or "", message.body))
+        return found
+
     async def close(self) -> None:
         if self.channel is not None:
-            for name in (self.queue, self.dead_queue):
+            for name in (self.queue, self.dead_queue, self.outcomes_queue):
                 with contextlib.suppress(Exception):
                     await self.channel.queue_delete(name)
+            with contextlib.suppress(Exception):
+                await self.channel.exchange_delete(self.outcomes_exchange)
         if self.connection is not None:
             await self.connection.close()
 
@@ -167,8 +215,19 @@ class JetStreamBroker(BrokerUnderTest):
     def dead_subject(self) -> str:
         return f"test{self.suffix}.dead"
 
-    def broker_settings(self, url: str | None = None) -> BrokerSettings:
+    @property
+    def outcomes_stream(self) -> str:
+        return f"TEST_{self.suffix.upper()}_OUTCOMES"
+
+    @property
+    def outcomes_subject(self) -> str:
+        return f"test{self.suffix}.outcomes"
+
+    def broker_settings(self, url: str | None = None, *, outcomes: bool = False) -> BrokerSettings:
         return BrokerSettings(
+            outcomes_nats=outcomes,
+            outcomes_nats_stream=self.outcomes_stream,
+            outcomes_nats_subject=self.outcomes_subject,
             nats_url=url or NATS_URL,
             nats_stream=self.stream,
             nats_subjects=self.subjects,
@@ -201,6 +260,9 @@ class JetStreamBroker(BrokerUnderTest):
         )
         await self.js.add_stream(
             api.StreamConfig(name=self.dead_stream, subjects=[f"{self.dead_subject}.>"], max_age=3600)
+        )
+        await self.js.add_stream(
+            api.StreamConfig(name=self.outcomes_stream, subjects=[f"{self.outcomes_subject}.>"], max_age=3600)
         )
 
     async def publish(self, body: bytes, *, key: str | None, content_type: str | None = PROTOBUF) -> None:
@@ -241,9 +303,31 @@ class JetStreamBroker(BrokerUnderTest):
             await sub.unsubscribe()
         return found
 
+    async def outcomes(self, until: Any, timeout: float = 120.0) -> list[Outcome]:
+        assert self.js is not None
+        sub = await self.js.pull_subscribe(f"{self.outcomes_subject}.>", stream=self.outcomes_stream)
+        found: list[Outcome] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while not until(found):
+                try:
+                    messages = await sub.fetch(100, timeout=1)
+                except nats.errors.TimeoutError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise AssertionError(
+                            f"{len(found)} outcomes in {self.outcomes_stream} before the timeout"
+                        ) from None
+                    continue
+                for message in messages:
+                    await message.ack()
+                    found.append(Outcome((message.headers or {}).get("Nats-Msg-Id", ""), message.subject, message.data))
+        finally:
+            await sub.unsubscribe()
+        return found
+
     async def close(self) -> None:
         if self.js is not None:
-            for name in (self.stream, self.dead_stream):
+            for name in (self.stream, self.dead_stream, self.outcomes_stream):
                 with contextlib.suppress(Exception):
                     await self.js.delete_stream(name)
         if self.nc is not None:
