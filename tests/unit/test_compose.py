@@ -24,7 +24,18 @@ def container_ports(service: dict[str, Any]) -> set[int]:
 
 def test_services_and_dependencies() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "migrate", "ledger", "sequencer"}
+    # Without a profile: the four of SPEC 7; the brokers only under their profile.
+    assert {name for name, s in services.items() if not s.get("profiles")} == {
+        "postgres",
+        "migrate",
+        "ledger",
+        "sequencer",
+    }
+    assert {name for name, s in services.items() if "brokers" in s.get("profiles", [])} == {
+        "rabbitmq",
+        "nats",
+        "sequencer-brokers",
+    }
     assert services["postgres"]["image"] == "postgres:16"
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -67,3 +78,21 @@ def test_dockerfile_copies_every_package() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for package in ("common", "sequencer", "ledger", "ops", "clients/python"):
         assert f"COPY {package} " in dockerfile
+
+
+def test_the_brokers_profile_runs_a_replica_with_both_doors() -> None:
+    services = compose()["services"]
+    replica = services["sequencer-brokers"]
+    brokers = SequencerSettings.from_env(replica["environment"]).brokers
+    assert brokers.amqp_url.startswith("amqp://") and "@rabbitmq:5672" in brokers.amqp_url
+    assert brokers.nats_url == "nats://nats:4222"
+    assert brokers.outcomes_amqp and brokers.outcomes_nats
+    # The user in the URL is the one the broker is given (RabbitMQ refuses `guest` off loopback).
+    rabbit = services["rabbitmq"]["environment"]
+    assert f"{rabbit['RABBITMQ_DEFAULT_USER']}:{rabbit['RABBITMQ_DEFAULT_PASS']}@" in brokers.amqp_url
+    assert "-js" in services["nats"]["command"]
+    for name in ("rabbitmq", "nats", "ledger", "migrate"):
+        assert name in replica["depends_on"]
+    # The default sequencer has no broker doors: `make up` and plain compose need no broker.
+    default = SequencerSettings.from_env(services["sequencer"]["environment"]).brokers
+    assert (default.amqp_url, default.nats_url) == ("", "")
