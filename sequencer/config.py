@@ -64,6 +64,9 @@ class BrokerSettings:
     outcomes_nats_subject: str = "logistics.outcomes"
     outcomes_amqp: bool = False
     outcomes_amqp_exchange: str = "logistics.outcomes"
+    # A replica's claim on an outcome delivery: a publisher killed mid-publish leaves it, and
+    # another publishes the delivery again once it has run out. Far above a publish's 5 s limit.
+    outcomes_lease: float = 30.0
 
     @classmethod
     def from_env(cls, env: Env) -> BrokerSettings:
@@ -88,6 +91,7 @@ class BrokerSettings:
             outcomes_nats_subject=env.str("OUTCOMES_NATS_SUBJECT", "logistics.outcomes"),
             outcomes_amqp=env.bool("OUTCOMES_AMQP", False),
             outcomes_amqp_exchange=env.str("OUTCOMES_AMQP_EXCHANGE", "logistics.outcomes"),
+            outcomes_lease=env.seconds("OUTCOMES_LEASE", 30.0, minimum=1.0),
         )
         settings.check()
         return settings

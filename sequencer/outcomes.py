@@ -67,8 +67,6 @@ ENTITY_TYPE_NAMES = {
 SUBSCRIPTION_NAMESPACE = uuid.UUID("5b0c4f0e-8a43-4c3e-9f4a-2f7c1b6d9e18")
 # Deliveries published at once per sink and replica (each of another entity).
 CONCURRENCY = 64
-# A replica's claim on a delivery; far above a publish's timeout.
-LEASE = 30.0
 PUBLISH_TIMEOUT = 5.0
 POLL_INTERVAL = 1.0
 # Back-off of a failed publish: doubling from the first, capped.
@@ -193,6 +191,7 @@ class OutcomePublisher:
     def __init__(
         self,
         sink: Sink,
+        lease: float,
         engine: AsyncEngine,
         clock: Clock,
         metrics: SequencerMetrics,
@@ -200,6 +199,7 @@ class OutcomePublisher:
         instance: str,
     ) -> None:
         self.sink = sink
+        self.lease = lease
         self.engine = engine
         self.clock = clock
         self.metrics = metrics
@@ -253,6 +253,9 @@ class OutcomePublisher:
                 claimed = await self._claim()
             except DATABASE_TROUBLE:
                 log.warning("claiming outcome deliveries failed; will retry", exc_info=True)
+            except Exception:
+                # Never a silent end of the stream: logged, and the next round tries again.
+                log.exception("claiming outcome deliveries failed unexpectedly; will retry")
             if claimed and len(self.in_flight) < CONCURRENCY:
                 continue
             with contextlib.suppress(TimeoutError):
@@ -270,7 +273,7 @@ class OutcomePublisher:
         if room <= 0:
             return 0
         now = self.clock.now()
-        until = now + dt.timedelta(seconds=LEASE)
+        until = now + dt.timedelta(seconds=self.lease)
 
         async def work(conn: AsyncConnection) -> list[Row[Any]]:
             return await outbox.claim(conn, sink=self.sink.name, owner=self.owner, now=now, until=until, limit=room)
@@ -347,4 +350,6 @@ def build(
         sinks.append(NatsSink(settings))
     if settings.outcomes_amqp:
         sinks.append(AmqpSink(settings))
-    return [OutcomePublisher(sink, engine, clock, metrics, notifier, instance) for sink in sinks]
+    return [
+        OutcomePublisher(sink, settings.outcomes_lease, engine, clock, metrics, notifier, instance) for sink in sinks
+    ]

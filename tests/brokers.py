@@ -56,6 +56,14 @@ class BrokerUnderTest:
         """The same configuration as SEQUENCER_* variables (for subprocesses)."""
         raise NotImplementedError
 
+    def outcomes_env(self) -> dict[str, str]:
+        """The outcome publisher's SEQUENCER_* variables, beside `env()`."""
+        raise NotImplementedError
+
+    async def outcomes_stored(self) -> int:
+        """How many outcome messages the broker holds (without reading them)."""
+        raise NotImplementedError
+
     @property
     def url(self) -> str:
         raise NotImplementedError
@@ -121,6 +129,14 @@ class RabbitBroker(BrokerUnderTest):
             "SEQUENCER_AMQP_DEAD_QUEUE": self.dead_queue,
             "SEQUENCER_BRIDGE_BACKOFF": "0.1",
         }
+
+    def outcomes_env(self) -> dict[str, str]:
+        return {"SEQUENCER_OUTCOMES_AMQP": "true", "SEQUENCER_OUTCOMES_AMQP_EXCHANGE": self.outcomes_exchange}
+
+    async def outcomes_stored(self) -> int:
+        assert self.channel is not None
+        queue = await self.channel.declare_queue(self.outcomes_queue, durable=True)
+        return int(queue.declaration_result.message_count or 0)
 
     async def open(self) -> None:
         self.connection = await aio_pika.connect(AMQP_URL)
@@ -248,6 +264,18 @@ class JetStreamBroker(BrokerUnderTest):
             "SEQUENCER_NATS_ACK_WAIT": "5",
             "SEQUENCER_BRIDGE_BACKOFF": "0.1",
         }
+
+    def outcomes_env(self) -> dict[str, str]:
+        return {
+            "SEQUENCER_OUTCOMES_NATS": "true",
+            "SEQUENCER_OUTCOMES_NATS_STREAM": self.outcomes_stream,
+            "SEQUENCER_OUTCOMES_NATS_SUBJECT": self.outcomes_subject,
+        }
+
+    async def outcomes_stored(self) -> int:
+        assert self.js is not None
+        info = await self.js.stream_info(self.outcomes_stream)
+        return int(info.state.messages)
 
     async def open(self) -> None:
         self.nc = await nats.connect(NATS_URL)

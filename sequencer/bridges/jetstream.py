@@ -151,9 +151,10 @@ class NatsBridge:
             except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except nats.errors.Error as exc:
-                # Disconnected or reconnecting: the client reconnects; pull again shortly.
-                log.debug("nats pull failed; pulling again", extra={"error": repr(exc)})
-                await asyncio.sleep(0.2)
+                # Disconnected or reconnecting (the client reconnects by itself), or the consumer
+                # or stream is gone (an operator's doing): pull again shortly, and say so.
+                log.warning("nats pull failed; pulling again", extra={"error": repr(exc)})
+                await asyncio.sleep(1.0)
                 continue
             for message in messages:
                 task = asyncio.create_task(self._handle(message), name="nats-bridge-message")
