@@ -141,7 +141,10 @@ class Bridged:
             return Outcome(Verdict.RETRY, exc.reason, exc.message)
         except DomainError as exc:
             self._failures = 0
-            log.info("bridged message refused; dead-lettered", extra={"reason": exc.reason, "detail": exc.message})
+            log.info(
+                "bridged message refused; to the dead-letter destination",
+                extra={"reason": exc.reason, "detail": exc.message},
+            )
             return Outcome(Verdict.DEAD, exc.reason, exc.message)
         except asyncio.CancelledError:
             raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from google.protobuf import json_format
 
@@ -91,3 +93,32 @@ def test_a_dead_letter_subject_keeps_the_rest_of_the_original_subject() -> None:
     bridge = NatsBridge(None, BrokerSettings())  # type: ignore[arg-type]
     assert bridge.dead_subject("logistics.events.shipment.S-1") == "logistics.dead.shipment.S-1"
     assert bridge.dead_subject("logistics.events.x") == "logistics.dead.x"
+
+
+def test_outcome_names_follow_the_documented_form() -> None:
+    import uuid
+    from types import SimpleNamespace
+
+    from logistics.events.v1 import events_pb2
+    from sequencer import outcomes
+
+    tx = uuid.uuid4()
+    row: Any = SimpleNamespace(
+        transaction_id=tx,
+        entity_type=events_pb2.ENTITY_TYPE_INVENTORY_ITEM,
+        entity_id="SKU.1/a",
+        event_state=events_pb2.EVENT_STATE_REJECTED,
+    )
+    assert outcomes.message_id(row) == f"{tx}:rejected"
+    assert outcomes.nats_subject("logistics.outcomes", row) == "logistics.outcomes.inventory_item.SKU%2E1/a"
+    assert outcomes.routing_key(row) == "inventory_item.SKU%2E1/a.rejected"
+    # One subscription row per (sink, target), the same on every replica.
+    assert outcomes.subscription_id("nats", "a") == outcomes.subscription_id("nats", "a")
+    assert outcomes.subscription_id("nats", "a") != outcomes.subscription_id("amqp", "a")
+    assert [outcomes.retry_delay(step) for step in (1, 2, 3, 20)] == [0.5, 1.0, 2.0, 30.0]
+
+
+@pytest.mark.parametrize("name", ["SEQUENCER_OUTCOMES_NATS", "SEQUENCER_OUTCOMES_AMQP"])
+def test_an_outcome_stream_needs_its_brokers_url(name: str) -> None:
+    with pytest.raises(ConfigError):
+        Settings.from_env({**BASE, name: "true"})
