@@ -465,3 +465,32 @@ async def test_the_sweeper_deletes_finished_deliveries_past_retention_and_keeps_
     finally:
         await system.stop()
         await down.stop()
+
+
+async def test_a_stopping_sequencer_hands_back_its_claims(database_url: str, sequencer_settings: Any) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_n: int, _id: str) -> tuple[int, dict[str, str]]:
+        arrived.set()
+        await release.wait()
+        return 200, {}
+
+    receiver = await Receiver(answer=hold).start()
+    system = await System.start(database_url, fast(sequencer_settings, webhook_timeout=30.0))
+    try:
+        await subscribe(system, receiver.url)
+        await system.submit(shipment_event("HANDBACK", 1, "shipment_created"))
+        await asyncio.wait_for(arrived.wait(), 30)
+        assert rows(database_url, "SELECT count(*) FROM sequencer.outbox_deliveries WHERE claimed_by IS NOT NULL") == [
+            (1,)
+        ]
+        app, system.sequencer_app = system.sequencer_app, None
+        await app.stop(0)
+        # Pending, unclaimed: any replica sends it now, not after the lease.
+        assert rows(database_url, "SELECT status, claimed_by, attempts FROM sequencer.outbox_deliveries") == [
+            (1, None, 0)
+        ]
+    finally:
+        release.set()
+        await system.stop()
+        await receiver.stop()
