@@ -494,3 +494,44 @@ async def test_a_stopping_sequencer_hands_back_its_claims(database_url: str, seq
         release.set()
         await system.stop()
         await receiver.stop()
+
+
+async def test_two_replicas_send_each_delivery_once_and_one_per_entity_at_a_time(
+    database_url: str, sequencer_settings: Any
+) -> None:
+    from sequencer.server import build_server
+
+    in_flight: dict[tuple[int, str], int] = {}
+    most: dict[tuple[int, str], int] = {}
+    receiver = Receiver()
+
+    async def slow(n: int, _id: str) -> tuple[int, dict[str, str]]:
+        entity = receiver.received[n - 1].key[:2]
+        in_flight[entity] = in_flight.get(entity, 0) + 1
+        most[entity] = max(most.get(entity, 0), in_flight[entity])
+        await asyncio.sleep(0.02)
+        in_flight[entity] -= 1
+        return 200, {}
+
+    receiver.answer = slow
+    await receiver.start()
+    settings = fast(sequencer_settings)
+    system = await System.start(database_url, settings)
+    other = await build_server(system.sequencer_settings, run_forwarder=False)
+    try:
+        sub, _ = await subscribe(system, receiver.url)
+        receiver.secret = sub.secret
+        expected = set()
+        for seq, kind in enumerate(["shipment_created", "shipment_picked", "shipment_packed"], start=1):
+            for n in range(6):
+                await system.submit(shipment_event(f"TWO-{n}", seq, kind))
+                expected.add((SHIPMENT, f"TWO-{n}", seq, APPLIED))
+        await receiver.wait_for(lambda r: {x.key for x in r.received} == expected)
+        await _until_delivered(system, sub.id, len(expected))
+        assert len(receiver.received) == len(expected)  # no delivery sent twice
+        assert set(most.values()) == {1}  # one per entity at a time, across both replicas
+        assert in_msi_order(receiver)
+    finally:
+        await other.stop(0)
+        await system.stop()
+        await receiver.stop()
