@@ -50,6 +50,11 @@ class Settings:
     # How long one claim keeps retrying a failing ledger before letting go and backing off.
     forwarder_retry_budget: float = 20.0
     watchers_per_caller: int = 100
+    # Flow control (SPEC 12): requests one caller may have in flight, accepted events not yet
+    # processed (PARKED + QUEUED) before submissions are refused, and how often that is counted.
+    max_inflight_per_caller: int = 512
+    max_backlog: int = 100_000
+    backlog_refresh_interval: float = 1.0
     db_pool_size: int = 10
     shutdown_grace: float = 5.0
     log_level: str = "INFO"
@@ -88,6 +93,9 @@ class Settings:
             forwarder_lease_max_hold=env.seconds("FORWARDER_LEASE_MAX_HOLD", 60.0, minimum=0.0),
             forwarder_retry_budget=env.seconds("FORWARDER_RETRY_BUDGET", 20.0, minimum=0.1),
             watchers_per_caller=env.int("WATCHERS_PER_CALLER", 100, minimum=1),
+            max_inflight_per_caller=env.int("MAX_INFLIGHT_PER_CALLER", 512, minimum=1, maximum=1_000_000),
+            max_backlog=env.int("MAX_BACKLOG", 100_000, minimum=1, maximum=1_000_000_000),
+            backlog_refresh_interval=env.seconds("BACKLOG_REFRESH_INTERVAL", 1.0, minimum=0.05),
             db_pool_size=env.int("DB_POOL_SIZE", 10, minimum=1, maximum=500),
             shutdown_grace=env.seconds("SHUTDOWN_GRACE", 5.0),
             log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -77,6 +77,9 @@ events = Table(
     Index("ix_events_transaction_id", "transaction_id"),
     # The forwarder's work list: only QUEUED rows, so it stays tiny.
     Index("ix_events_queued", "queued_at", postgresql_where=text("state = 2")),
+    # The backlog count of admission (SPEC 12): held rows only (PARKED, QUEUED), so it stays as
+    # small as the backlog itself.
+    Index("ix_events_held", "state", postgresql_where=text("state IN (1, 2)")),
 )
 
 # Entities waiting for a missing MSI: at most one row per entity (its lowest missing MSI).

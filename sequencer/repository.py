@@ -251,3 +251,8 @@ async def get_entity(conn: AsyncConnection, entity_type: int, entity_id: str) ->
         .where(entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
     )
     return (await conn.execute(stmt)).first()
+
+
+async def count_held(conn: AsyncConnection, cap: int) -> int:
+    """Held events (PARKED or QUEUED), at most `cap`: the backlog figure of admission."""
+    return int((await conn.execute(queries.COUNT_HELD, {"cap": cap})).scalar_one())
