@@ -11,8 +11,9 @@ stored (the key stays usable):
 
 The backlog figure is never counted per request. A background task counts the held rows with one
 statement over a partial index (ix_events_held) every `refresh_interval`, capped just past the
-bound so a huge backlog costs no more than a full one; between counts, every event this process
-admits is added, so a burst between two counts cannot overshoot. Other replicas' admissions are
+bound so a huge backlog costs no more than a full one; on top of it, every event this process
+admitted that the count may not have seen (its submission still in hand, or finished after the
+count began) is added, so a burst between two counts cannot overshoot. Other replicas' admissions are
 seen at the next count: the figure lags by at most one interval plus the count's own time.
 No I/O here besides the count the server hands in; no grpc.
 """
@@ -44,9 +45,11 @@ class Admission:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.inflight: collections.Counter[str] = collections.Counter()
-        # The last count of held events, and what this process admitted since that count began.
+        # The last count of held events; events of submissions being handled; events of those
+        # finished since the last count began (committed or not, it may not have seen them).
         self.counted = 0
-        self.admitted_since = 0
+        self.unsettled = 0
+        self.settled_since = 0
         self.counted_once = False
 
     # --- per caller ---------------------------------------------------------------------------
@@ -73,14 +76,16 @@ class Admission:
 
     @property
     def backlog(self) -> int:
-        """Held events as last counted, plus what this process admitted since."""
-        return self.counted + self.admitted_since
+        """Held events as last counted, plus what this process admitted that the count may not
+        have seen: submissions still being handled, and those finished since the count began."""
+        return self.counted + self.unsettled + self.settled_since
 
-    def admit_events(self, count: int) -> None:
-        """Admits a submission of `count` events, or raises BacklogFull. A call is admitted while
-        the backlog is under the bound, so it may overshoot by one call's items (SEQUENCER_MAX_BATCH
-        at most); every admitted event counts until the next count sees it (or not: a DUPLICATE
-        adds no row)."""
+    @contextlib.contextmanager
+    def admitting(self, count: int) -> Iterator[None]:
+        """Admits a submission of `count` events for the block (its handling), or raises
+        BacklogFull. A call is admitted while the backlog is under the bound, so it may overshoot
+        by one call's items (SEQUENCER_MAX_BATCH at most). Its events count until a count that
+        began after the block ended has seen them (a DUPLICATE adds no row: it counts until then)."""
         limit = self.limits.max_backlog
         if self.backlog >= limit:
             raise BacklogFull(
@@ -90,25 +95,31 @@ class Admission:
                 limit=limit,
                 retry_after=max(1.0, 2 * self.limits.refresh_interval),
             )
-        self.admitted_since += count
+        self.unsettled += count
+        try:
+            yield
+        finally:
+            self.unsettled -= count
+            self.settled_since += count
 
-    def counted_now(self, held: int, admitted_before: int) -> None:
-        """Records a count of `held` events that began when `admitted_before` had been admitted
-        since the previous count: what was admitted while it ran is kept on top of it."""
+    def counted_now(self, held: int, settled_before: int) -> None:
+        """Records a count of `held` events that began when `settled_before` submissions had
+        finished since the previous one: those it saw; the rest stay on top of it."""
         self.counted = held
-        self.admitted_since = max(0, self.admitted_since - admitted_before)
+        self.settled_since = max(0, self.settled_since - settled_before)
         self.counted_once = True
 
+    async def refresh(self, count: Callable[[int], Awaitable[int]]) -> None:
+        """One count: `count(cap)` returns the held events, counting at most `cap`."""
+        before = self.settled_since
+        self.counted_now(await count(self.limits.max_backlog + 1), before)
+
     async def run(self, count: Callable[[int], Awaitable[int]]) -> None:
-        """Refreshes the backlog figure every refresh interval until cancelled. `count(cap)`
-        returns the held events, counting at most `cap`. A failed count keeps the last figure
-        (a database outage answers UNAVAILABLE on the submit path anyway)."""
+        """Refreshes the backlog figure every refresh interval until cancelled. A failed count
+        keeps the last figure (a database outage answers UNAVAILABLE on the submit path anyway)."""
         while True:
-            before = self.admitted_since
+            await asyncio.sleep(self.limits.refresh_interval)
             try:
-                held = await count(self.limits.max_backlog + 1)
+                await self.refresh(count)
             except Exception as exc:  # noqa: BLE001 - the figure stays; the next count retries
                 log.warning("backlog count failed", extra={"error": type(exc).__name__})
-            else:
-                self.counted_now(held, before)
-            await asyncio.sleep(self.limits.refresh_interval)

@@ -189,8 +189,8 @@ class Ingress:
         event = request.event
         logs.bind(entity_type=event.entity_type, entity_id=event.entity_id, sequence=event.sequence)
         pending = self.prepare(caller=caller, key=key, request=request, correlation_id=correlation_id, timeout=timeout)
-        self.admission.admit_events(1)
-        result = await self.accept(pending)
+        with self.admission.admitting(1):
+            result = await self.accept(pending)
         response = result.response
         assert isinstance(response, sequencer_pb2.SubmitEventResponse)
         logs.bind(transaction_id=response.transaction_id, state=state_name(response.state), replayed=result.replayed)
@@ -217,10 +217,11 @@ class Ingress:
             )
         items = [self._item(caller, i, r, correlation_id, timeout) for i, r in enumerate(requests)]
         admitted = sum(1 for item in items if isinstance(item, Pending))
-        if admitted:
-            # The whole call is refused or admitted: one answer, one RetryInfo, nothing stored.
-            self.admission.admit_events(admitted)
-        return await self.submit_many(items)
+        if not admitted:
+            return await self.submit_many(items)
+        # The whole call is refused or admitted: one answer, one RetryInfo, nothing stored.
+        with self.admission.admitting(admitted):
+            return await self.submit_many(items)
 
     def _item(
         self,

@@ -150,6 +150,9 @@ async def build_server(
     sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(reads, skips), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.listen_addr, settings.security)
+    # The backlog is counted before the first request is admitted, then about once a second.
+    held = _held_counter(engine)
+    await admission.refresh(held)
     await notifier.start()
     ingress.start()
     await server.start()
@@ -170,7 +173,7 @@ async def build_server(
     )
     app.tasks.append(asyncio.create_task(Sweeper(engine, settings, clock).run(), name="key-sweeper"))
     app.tasks.append(asyncio.create_task(gaps.run(), name="gap-monitor"))
-    app.tasks.append(asyncio.create_task(admission.run(_held_counter(engine)), name="backlog-count"))
+    app.tasks.append(asyncio.create_task(admission.run(held), name="backlog-count"))
     if run_forwarder:
         app.tasks.append(asyncio.create_task(forwarder.run(), name="forwarder"))
     await set_serving(health_servicer, SERVICE_NAMES, True)
