@@ -6,8 +6,8 @@ stored (the key stays usable):
 - per caller, at most `max_inflight_per_caller` requests being handled at once, on every RPC
   except WatchEventStatus (open streams have their own cap, SEQUENCER_WATCHERS_PER_CALLER):
   `CALLER_OVERLOADED`. The count is this process's own (a replica admits its share).
-- the backlog: accepted events not yet processed (rows PARKED or QUEUED, the work the pipeline
-  still owes), at most `max_backlog`; SubmitEvent and SubmitEvents beyond it: `BACKLOG_FULL`.
+- the backlog: accepted events not yet processed (rows PARKED, QUEUED or BLOCKED: states.HELD,
+  the work the pipeline still owes), at most `max_backlog`; SubmitEvent and SubmitEvents beyond it: `BACKLOG_FULL`.
 
 The backlog figure is never counted per request. A background task counts the held rows with one
 statement over a partial index (ix_events_held) every `refresh_interval`, capped just past the

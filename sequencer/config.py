@@ -49,9 +49,12 @@ class Settings:
     forwarder_lease_max_hold: float = 60.0
     # How long one claim keeps retrying a failing ledger before letting go and backing off.
     forwarder_retry_budget: float = 20.0
+    # Refusals retrying cannot fix (not transient, not an outcome) before an event is BLOCKED.
+    block_after: int = 5
     watchers_per_caller: int = 100
     # Flow control (SPEC 12): requests one caller may have in flight, accepted events not yet
-    # processed (PARKED + QUEUED) before submissions are refused, and how often that is counted.
+    # processed (PARKED + QUEUED + BLOCKED) before submissions are refused, and how often that
+    # is counted.
     max_inflight_per_caller: int = 512
     max_backlog: int = 100_000
     backlog_refresh_interval: float = 1.0
@@ -92,6 +95,7 @@ class Settings:
             forwarder_lease=env.seconds("FORWARDER_LEASE", 30.0, minimum=1.0),
             forwarder_lease_max_hold=env.seconds("FORWARDER_LEASE_MAX_HOLD", 60.0, minimum=0.0),
             forwarder_retry_budget=env.seconds("FORWARDER_RETRY_BUDGET", 20.0, minimum=0.1),
+            block_after=env.int("BLOCK_AFTER", 5, minimum=1, maximum=100),
             watchers_per_caller=env.int("WATCHERS_PER_CALLER", 100, minimum=1),
             max_inflight_per_caller=env.int("MAX_INFLIGHT_PER_CALLER", 512, minimum=1, maximum=1_000_000),
             max_backlog=env.int("MAX_BACKLOG", 100_000, minimum=1, maximum=1_000_000_000),
