@@ -184,8 +184,9 @@ def run_audit(db: Database, prefix: str, result: dict[str, Any], rows: dict[tupl
     return audit
 
 
-#: Codes an overload must never answer because of the load (SPEC 12).
-OVERLOAD_FORBIDDEN = ("INTERNAL", "UNAVAILABLE", "UNKNOWN")
+#: Codes an overload must never answer because of the load (SPEC 12: INTERNAL, UNAVAILABLE; and
+#: no transport answer: CANCELLED is what grpc core says when its queue of calls overflows).
+OVERLOAD_FORBIDDEN = ("INTERNAL", "UNAVAILABLE", "UNKNOWN", "CANCELLED")
 
 
 def overload_audit(audit: Audit, figures: dict[str, Any]) -> None:

@@ -235,9 +235,11 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 #: The overload workload's client side: several connections (local subchannel pools), each with
 #: at most OVERLOAD_SLOTS calls on the wire, as the shipped client does, so its open-loop burst
-#: meets the server's admission, not the HTTP/2 stream limit of one connection.
+#: meets the server's admission, not the HTTP/2 stream limit of one connection. 640 in all: past
+#: the per-caller limit (512), so admission is what answers the excess, and under grpc core's
+#: queue of calls the server has not picked up yet (1,000), which cancels calls beyond it.
 OVERLOAD_CHANNELS = 4
-OVERLOAD_SLOTS = 256
+OVERLOAD_SLOTS = 160
 #: Callers re-sending refused requests after the load phase (with their keys, as RetryInfo says).
 OVERLOAD_LATE_CALLERS = 32
 OVERLOAD_LATE_SECONDS = 180.0
@@ -520,25 +522,39 @@ async def overload(run: Run, stubs: list[Any]) -> dict[str, Any]:
     tasks: set[asyncio.Task[None]] = set()
     max_client_inflight = 0
     inflight = 0
+    expired = 0
+    queue_waits: list[float] = []
+    wire_latencies: list[float] = []
+    refusal_latencies: list[float] = []
 
     async def arrival(sent: Sent, due: float, lane: int) -> None:
-        nonlocal inflight, max_client_inflight
+        nonlocal inflight, max_client_inflight, expired
         inflight += 1
         max_client_inflight = max(max_client_inflight, inflight)
         metadata = (("idempotency-key", sent.key), *metadata_base)
         try:
             async with slots[lane]:
-                call = stubs[lane].SubmitEvent(sent.request, metadata=metadata, timeout=DEADLINE)
+                queued = time.monotonic() - due
+                queue_waits.append(queued)
+                if queued >= DEADLINE:
+                    # Its deadline passed in this client's queue: never sent (re-sent later).
+                    expired += 1
+                    owed.append(sent)
+                    return
+                sent_at = time.monotonic()
+                call = stubs[lane].SubmitEvent(sent.request, metadata=metadata, timeout=DEADLINE - queued)
                 try:
                     response: sequencer_pb2.SubmitEventResponse = await call
                 except grpc.aio.AioRpcError as exc:
                     refusal = _overload_refusal(exc)
                     if refusal is not None:
                         refusals[refusal[0]] += 1
+                        refusal_latencies.append(time.monotonic() - sent_at)
                     else:
                         errors[exc.code().name] += 1
                     owed.append(sent)
                     return
+                wire_latencies.append(time.monotonic() - sent_at)
             sent.latency = time.monotonic() - due
             sent.transaction_id = response.transaction_id
             sent.state = int(response.state)
@@ -618,6 +634,10 @@ async def overload(run: Run, stubs: list[Any]) -> dict[str, Any]:
         "late_refusals": late_refusals,
         "late_seconds": time.monotonic() - late_started,
         "max_client_inflight": max_client_inflight,
+        "expired_in_client_queue": expired,
+        "client_queue_waits": queue_waits,
+        "admitted_wire_latencies": wire_latencies,
+        "refusal_latencies": refusal_latencies,
     }
 
 

@@ -646,16 +646,27 @@ def overload_section(result: dict[str, Any], ack: dict[str, Any]) -> dict[str, A
     figures = result.get("overload")
     if not figures:
         return None
-    seconds = figures["offered_seconds"]
+    # Offered over the offering window; answers over the load phase (until the last is in).
+    offered, seconds = figures["offered_seconds"], figures["load_seconds"]
+    wire = report.latency_summary(figures["admitted_wire_latencies"])
+    queue = report.latency_summary(figures["client_queue_waits"])
+    refusal = report.latency_summary(figures["refusal_latencies"])
     return {
         "target_rate": figures["rate"],
-        "offered_per_s": report.rate(figures["issued"], seconds),
+        "offered_per_s": report.rate(figures["issued"], offered),
         "admitted_per_s": report.rate(figures["admitted"], seconds),
         "refused_per_s": {reason: report.rate(n, seconds) for reason, n in sorted(figures["refused"].items())},
         "refused": figures["refused"],
         "other_errors": figures["errors"],
+        "expired_in_client_queue": figures["expired_in_client_queue"],
+        "load_seconds": round(seconds, 2),
+        # From the scheduled arrival (the client's queue included), and from the send alone.
         "admitted_ack_p50_ms": ack["p50_ms"],
         "admitted_ack_p99_ms": ack["p99_ms"],
+        "admitted_wire_p50_ms": wire["p50_ms"],
+        "admitted_wire_p99_ms": wire["p99_ms"],
+        "client_queue_wait_p99_ms": queue["p99_ms"],
+        "refusal_p99_ms": refusal["p99_ms"],
         "late_resent": figures["late"],
         "late_admitted": figures["late_admitted"],
         "late_refusals": figures["late_refusals"],
