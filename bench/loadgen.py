@@ -236,8 +236,7 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 #: The overload workload's client side: several connections (local subchannel pools), each with
 #: at most OVERLOAD_SLOTS calls on the wire, as the shipped client does, so its open-loop burst
 #: meets the server's admission, not the HTTP/2 stream limit of one connection. 640 in all: past
-#: the per-caller limit (512), so admission is what answers the excess, and under grpc core's
-#: queue of calls the server has not picked up yet (1,000), which cancels calls beyond it.
+#: the per-caller limit (512), so admission is what answers the excess.
 OVERLOAD_CHANNELS = 4
 OVERLOAD_SLOTS = 160
 #: Callers re-sending refused requests after the load phase (with their keys, as RetryInfo says).

@@ -108,6 +108,11 @@ class SecuritySettings:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_metadata_size", self.max_metadata_bytes),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            # grpc core queues calls the Python server has not picked up yet and, past 1,000 by
+            # default, cancels some (CANCELLED, a transport answer to a burst). Room for ten
+            # connections' worth of streams: a burst waits for the server's admission instead.
+            ("grpc.server.max_pending_requests", 10 * self.max_concurrent_streams),
+            ("grpc.server.max_pending_requests_hard_limit", 20 * self.max_concurrent_streams),
             # Keepalive enforcement: clients pinging more often than this are sent GOAWAY.
             ("grpc.http2.min_ping_interval_without_data_ms", ping_ms),
             ("grpc.http2.max_ping_strikes", 2),

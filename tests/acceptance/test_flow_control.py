@@ -27,7 +27,7 @@ from sqlalchemy.engine import make_url
 
 from logistics import client as lc
 from logistics.events.v1 import events_pb2
-from logistics.sequencer.v1 import sequencer_pb2
+from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from tests.support import SHIPMENT, System, error_info, shipment_event
 
 APPLIED = events_pb2.EVENT_STATE_APPLIED
@@ -303,3 +303,34 @@ async def test_three_thousand_concurrent_submissions_on_one_channel_are_never_re
     failures = Counter(str(r)[:120] for r in results if isinstance(r, BaseException))
     assert not failures, failures
     assert Counter(r.attempts for r in results if isinstance(r, lc.SubmitResult)) == {1: 3000}
+
+
+async def test_a_burst_over_several_connections_meets_admission_not_the_transport(
+    database_url: str, sequencer_settings: Any
+) -> None:
+    """3,000 calls at once over four connections (750 each, under the 1,000 streams a connection
+    may hold): grpc core's queue of calls the server has not picked up yet would cancel some past
+    1,000 by default; the servers allow more, so every call is answered by the service itself
+    (here NOT_FOUND for an unknown key) or refused by admission, never CANCELLED or UNAVAILABLE."""
+    settings = dataclasses.replace(sequencer_settings, max_inflight_per_caller=64)
+    system = await System.start(database_url, settings)
+    target = f"127.0.0.1:{system.sequencer_app.port}"
+    channels = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
+    try:
+        for channel in channels:
+            await channel.channel_ready()
+        stubs: list[Any] = [sequencer_pb2_grpc.SequencerServiceStub(c) for c in channels]
+        request = sequencer_pb2.GetEventStatusRequest(idempotency_key="never-used")
+        answers = await asyncio.gather(
+            *(outcome(stubs[i % 4].GetEventStatus(request, metadata=metadata(), timeout=120)) for i in range(3000))
+        )
+        codes = Counter(a.code() for a in answers if isinstance(a, grpc.aio.AioRpcError))
+        assert sum(codes.values()) == 3000
+        assert set(codes) <= {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        for answer in answers:
+            if answer.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                assert_overloaded(answer, "CALLER_OVERLOADED")
+    finally:
+        for channel in channels:
+            await channel.close()
+        await system.stop()
