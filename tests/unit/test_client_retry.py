@@ -649,3 +649,21 @@ def test_the_wait_follows_retry_info_with_jitter_and_a_cap() -> None:
     assert _common.overload_delay(aio_error("PARKED_LIMIT_REACHED", 0.5)) is None
     assert not policy.is_retryable(aio_error("PARKED_LIMIT_REACHED", 0.5))
     assert policy.is_retryable(aio_error("CALLER_OVERLOADED", 0.5))
+
+
+def test_calls_past_max_concurrent_calls_wait_in_the_client_within_their_deadline(channel: Any) -> None:
+    client = lc.SyncSequencerClient(channel=channel, retry=FAST, max_concurrent_calls=1)
+    first = in_thread(client.submit, event(1), timeout=30)
+    _, first_request, first_rpc = take_unary_unary(channel, SUBMIT)
+    # The only slot is taken: this call waits in the client and its deadline runs out unsent.
+    with pytest.raises(lc.DeadlineExceededError) as caught:
+        client.submit(event(2), timeout=0.2)
+    assert "max_concurrent_calls" in caught.value.details
+    queued = in_thread(client.submit, event(3), timeout=30)
+    first_rpc.terminate(ACCEPTED, (), grpc.StatusCode.OK, "")
+    assert first.result(RESULT_WAIT).response == ACCEPTED
+    # The slot freed, the queued call goes out (and the timed-out one never did).
+    _, third_request, third_rpc = take_unary_unary(channel, SUBMIT)
+    assert first_request.event.sequence == 1 and third_request.event.sequence == 3
+    third_rpc.terminate(ACCEPTED, (), grpc.StatusCode.OK, "")
+    assert queued.result(RESULT_WAIT).attempts == 1
