@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from sequencer.errors import BacklogFull, CallerOverloaded
+from sequencer.metrics import SequencerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ class Limits:
 class Admission:
     """The two bounds of one sequencer process."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, metrics: SequencerMetrics | None = None) -> None:
         self.limits = limits
+        self.metrics = metrics
         self.inflight: collections.Counter[str] = collections.Counter()
         # The last count of held events; events of submissions being handled; events of those
         # finished since the last count began (committed or not, it may not have seen them).
@@ -59,6 +61,7 @@ class Admission:
         """One in-flight request of `caller` for the duration of the block, or CallerOverloaded."""
         limit = self.limits.max_inflight_per_caller
         if self.inflight[caller] >= limit:
+            self._refused(CallerOverloaded.reason)
             raise CallerOverloaded(
                 f"caller {caller} already has {limit} requests in flight; retry after the delay in RetryInfo",
                 caller=caller,
@@ -88,6 +91,7 @@ class Admission:
         began after the block ended has seen them (a DUPLICATE adds no row: it counts until then)."""
         limit = self.limits.max_backlog
         if self.backlog >= limit:
+            self._refused(BacklogFull.reason)
             raise BacklogFull(
                 f"{self.backlog} accepted events are waiting to be applied (the bound is {limit}); "
                 "retry after the delay in RetryInfo",
@@ -108,6 +112,12 @@ class Admission:
         self.counted = held
         self.settled_since = max(0, self.settled_since - settled_before)
         self.counted_once = True
+        if self.metrics is not None:
+            self.metrics.backlog.set(held)
+
+    def _refused(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.admission_refusals.labels(reason).inc()
 
     async def refresh(self, count: Callable[[int], Awaitable[int]]) -> None:
         """One count: `count(cap)` returns the held events, counting at most `cap`."""

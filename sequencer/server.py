@@ -122,7 +122,7 @@ async def build_server(
     # Names this process in its notifications, so it can ignore its own wake-ups.
     instance = uuid.uuid4().hex
     admission = Admission(
-        Limits(settings.max_inflight_per_caller, settings.max_backlog, settings.backlog_refresh_interval)
+        Limits(settings.max_inflight_per_caller, settings.max_backlog, settings.backlog_refresh_interval), metrics
     )
     ingress = Ingress(settings.database_url, settings, clock, metrics, instance, admission)
     interventions = Interventions(engine, settings, clock, metrics, ingress.answers, instance)

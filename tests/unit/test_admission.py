@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from sequencer import queries, states
 from sequencer.admission import Admission, Limits
 from sequencer.errors import BacklogFull, CallerOverloaded
+from sequencer.metrics import SequencerMetrics
 
 
 def test_a_caller_holds_at_most_its_limit_and_a_finished_call_frees_its_slot() -> None:
@@ -67,3 +69,20 @@ def test_the_count_statement_counts_exactly_the_held_states() -> None:
     found = re.search(r"state IN \(([\d, ]+)\)", str(queries.COUNT_HELD))
     assert found is not None
     assert {int(n) for n in found.group(1).split(",")} == {int(s) for s in states.HELD}
+
+
+def test_refusals_and_the_backlog_figure_are_exported() -> None:
+    registry = CollectorRegistry()
+    admission = Admission(Limits(max_inflight_per_caller=1, max_backlog=2), SequencerMetrics(registry))
+
+    def refusals(reason: str) -> float | None:
+        return registry.get_sample_value("sequencer_admission_refusals_total", {"reason": reason})
+
+    assert refusals("CALLER_OVERLOADED") == refusals("BACKLOG_FULL") == 0.0  # pre-initialised
+    with admission.hold("wms"), pytest.raises(CallerOverloaded), admission.hold("wms"):
+        pass
+    admission.counted_now(2, 0)
+    with pytest.raises(BacklogFull), admission.admitting(1):
+        pass
+    assert refusals("CALLER_OVERLOADED") == refusals("BACKLOG_FULL") == 1.0
+    assert registry.get_sample_value("sequencer_backlog_events") == 2.0
