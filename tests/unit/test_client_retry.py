@@ -636,14 +636,18 @@ def test_overload_refusals_are_bounded_by_their_own_attempts(channel: Any) -> No
 def test_the_wait_follows_retry_info_with_jitter_and_a_cap() -> None:
     policy = lc.RetryPolicy(max_retry_delay=2.0)
 
-    def state_after(exc: BaseException) -> tenacity.RetryCallState:
+    def state_after(exc: BaseException, attempt: int = 1) -> tenacity.RetryCallState:
         retry_state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+        retry_state.attempt_number = attempt
         retry_state.set_exception((type(exc), exc, None))
         return retry_state
 
     waits = [policy.wait_after(state_after(aio_error("CALLER_OVERLOADED", 0.5))) for _ in range(50)]
     assert all(0.5 <= w <= 0.6 for w in waits) and len(set(waits)) > 1
     assert all(2.0 <= policy.wait_after(state_after(aio_error("BACKLOG_FULL", 60.0))) <= 2.4 for _ in range(20))
+    # Refused again and again, the call backs off past the delay (x2 each time), to the cap.
+    assert 1.0 <= policy.wait_after(state_after(aio_error("CALLER_OVERLOADED", 0.5), attempt=2)) <= 1.2
+    assert 2.0 <= policy.wait_after(state_after(aio_error("CALLER_OVERLOADED", 0.5), attempt=5)) <= 2.4
     # No RetryInfo: the documented default; another RESOURCE_EXHAUSTED reason is no overload.
     assert _common.overload_delay(aio_error("BACKLOG_FULL", None)) == _common.DEFAULT_OVERLOAD_DELAY
     assert _common.overload_delay(aio_error("PARKED_LIMIT_REACHED", 0.5)) is None

@@ -99,7 +99,7 @@ class RetryPolicy:
         {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
     )
     #: Attempts of one call while the server refuses it as overloaded (CALLER_OVERLOADED,
-    #: BACKLOG_FULL): each waits the server's RetryInfo delay, so the deadline bounds them too.
+    #: BACKLOG_FULL): each waits at least the server's RetryInfo delay; the deadline bounds them too.
     max_overload_attempts: int = 30
     #: The longest RetryInfo delay honoured as given (a longer one is cut to this).
     max_retry_delay: float = 10.0
@@ -137,14 +137,16 @@ class RetryPolicy:
         return isinstance(exc, PendingItems) or self.retries(status_code(exc)) or overload_delay(exc) is not None
 
     def wait_after(self, retry_state: tenacity.RetryCallState) -> float:
-        """The sleep before the next attempt: an overload refusal's RetryInfo delay (capped at
-        max_retry_delay, plus up to 20% jitter so refused callers do not return in step), else
+        """The sleep before the next attempt. After an overload refusal: at least its RetryInfo
+        delay, growing by backoff_multiplier with each further attempt of the call (so callers
+        refused again and again back off instead of returning every 0.1 s), capped at
+        max_retry_delay, plus up to 20% jitter so refused callers do not return in step. Else
         full-jitter exponential backoff."""
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         delay = overload_delay(exc) if exc is not None else None
         if delay is not None:
-            delay = min(delay, self.max_retry_delay)
-            return delay * random.uniform(1.0, 1.2)  # noqa: S311 - jitter, not cryptography
+            grown = delay * self.backoff_multiplier ** max(0, retry_state.attempt_number - 1)
+            return min(grown, self.max_retry_delay) * random.uniform(1.0, 1.2)  # noqa: S311 - jitter
         return float(self._backoff_wait(retry_state))
 
     @functools.cached_property
