@@ -535,3 +535,63 @@ async def test_two_replicas_send_each_delivery_once_and_one_per_entity_at_a_time
         await other.stop(0)
         await system.stop()
         await receiver.stop()
+
+
+async def test_retry_after_is_honoured_on_503(database_url: str, sequencer_settings: Any) -> None:
+    async def busy(_n: int, _id: str) -> tuple[int, dict[str, str]]:
+        return 503, {"Retry-After": "30"}
+
+    receiver = await Receiver(answer=busy).start()
+    system = await System.start(database_url, fast(sequencer_settings))
+    try:
+        sub, _ = await subscribe(system, receiver.url)
+        await system.submit(shipment_event("BUSY", 1, "shipment_created"))
+        for _ in range(200):
+            (delivery,) = await deliveries(system, sub.id) or [None]
+            if delivery is not None and delivery.attempts:
+                break
+            await asyncio.sleep(0.05)
+        assert delivery.last_http_status == 503 and delivery.state == sequencer_pb2.WEBHOOK_DELIVERY_STATE_PENDING
+        ((wait,),) = rows(
+            database_url,
+            "SELECT extract(epoch FROM d.next_attempt_at - a.attempted_at) FROM sequencer.outbox_deliveries d "
+            "JOIN sequencer.outbox_attempts a ON a.delivery_id = d.id",
+        )
+        assert wait >= 30  # the schedule alone says 0.2 s
+        assert len(receiver.received) == 1
+    finally:
+        await system.stop()
+        await receiver.stop()
+
+
+async def test_a_subscription_failing_for_the_disable_after_time_is_disabled(
+    database_url: str, sequencer_settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(_n: int, _id: str) -> tuple[int, dict[str, str]]:
+        return 500, {}
+
+    receiver = await Receiver(answer=broken).start()
+    system = await System.start(
+        database_url, fast(sequencer_settings, webhook_retry_schedule=(0.0,) + (0.2,) * 50, webhook_disable_after=1.0)
+    )
+    try:
+        sub, _ = await subscribe(system, receiver.url)
+        with caplog.at_level(logging.ERROR, logger="sequencer.dispatcher"):
+            await system.submit(shipment_event("BROKEN", 1, "shipment_created"))
+            for _ in range(300):
+                reply = await system.admin.ListWebhookSubscriptions(
+                    sequencer_pb2.ListWebhookSubscriptionsRequest(), **ADMIN
+                )
+                if reply.subscriptions[0].state == sequencer_pb2.WEBHOOK_SUBSCRIPTION_STATE_DISABLED:
+                    break
+                await asyncio.sleep(0.05)
+        (disabled,) = reply.subscriptions
+        assert disabled.state == sequencer_pb2.WEBHOOK_SUBSCRIPTION_STATE_DISABLED
+        assert disabled.disabled_reason == "FAILING_TOO_LONG"
+        alert = next(r for r in caplog.records if r.getMessage() == "webhook subscription disabled")
+        assert alert.levelno == logging.ERROR and getattr(alert, "reason", None) == "FAILING_TOO_LONG"
+        (delivery,) = await deliveries(system, sub.id)
+        assert delivery.state == sequencer_pb2.WEBHOOK_DELIVERY_STATE_FAILED and delivery.attempts >= 2
+    finally:
+        await system.stop()
+        await receiver.stop()
