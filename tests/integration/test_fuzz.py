@@ -89,7 +89,11 @@ SEEDS: dict[str, list[Message]] = {
     ],
     "CreateWebhookSubscription": [
         sequencer_pb2.CreateWebhookSubscriptionRequest(
-            url="http://127.0.0.1:9/hooks", states=[3, 4], entity_type=1, description="fuzz", request_id="fz-sub"
+            url="http://127.0.0.1:9/hooks",
+            states=[events_pb2.EVENT_STATE_APPLIED, events_pb2.EVENT_STATE_REJECTED],
+            entity_type=events_pb2.ENTITY_TYPE_SHIPMENT,
+            description="fuzz",
+            request_id="fz-sub",
         )
     ],
     "SkipSequence": [
