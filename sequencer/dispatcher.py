@@ -88,10 +88,22 @@ class Dispatcher:
             self.wake.set()
 
     async def close(self) -> None:
+        """Stops the attempts in flight and hands their claims back (an attempt cut short may
+        have reached its receiver: at-least-once, the same webhook-id comes again)."""
         self._unsubscribe()
+        if not self.in_flight:
+            return
         for task in list(self.in_flight):
             task.cancel()
         await asyncio.gather(*self.in_flight, return_exceptions=True)
+
+        async def work(conn: AsyncConnection) -> int:
+            return await outbox.release(conn, self.owner)
+
+        try:
+            await db.transaction(self.engine, work)
+        except DATABASE_TROUBLE:
+            log.warning("handing back webhook claims failed; they expire with their lease", exc_info=True)
 
     async def run(self) -> None:
         """Claims while there is room (SEQUENCER_WEBHOOK_CONCURRENCY), else waits for a wake-up,

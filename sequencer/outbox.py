@@ -54,6 +54,12 @@ CLAIM = text(
     "  s.target, s.secret, e.correlation_id, e.idempotency_key, e.accepted_at, e.queued_at"
 )
 
+# A stopping replica hands its claims back, so another sends them without waiting for the lease.
+RELEASE = text(
+    "UPDATE sequencer.outbox_deliveries SET claimed_by = NULL, claimed_until = NULL "
+    "WHERE claimed_by = :owner AND status = 1"
+)
+
 # One attempt, whatever came of it.
 RECORD_ATTEMPT = text(
     "INSERT INTO sequencer.outbox_attempts (delivery_id, attempted_at, http_status, error, latency_seconds, replica) "
@@ -124,6 +130,10 @@ async def claim(
 ) -> list[Row[Any]]:
     params = {"sink": sink, "owner": owner, "now": now, "until": until, "limit": limit}
     return list((await conn.execute(CLAIM, params)).all())
+
+
+async def release(conn: AsyncConnection, owner: str) -> int:
+    return int((await conn.execute(RELEASE, {"owner": owner})).rowcount)
 
 
 async def finish(

@@ -124,12 +124,12 @@ class AmqpBridge:
                 except aio_pika.exceptions.DeliveryError:
                     # The dead-letter queue refused it (deleted, full): keep the message.
                     log.warning("dead letter not accepted; the message is handed back", exc_info=True)
-                    await self._requeue(message)
+                    await self._requeue(message, outcome)
                     return
                 await message.ack()
                 self.bridged.dead_lettered(outcome)
             else:
-                await self._requeue(message)
+                await self._requeue(message, outcome)
         except (aio_pika.exceptions.AMQPError, RuntimeError, OSError) as exc:
             # The channel went away with the delivery (ChannelInvalidStateError is a
             # RuntimeError): the broker redelivers it.
@@ -138,8 +138,8 @@ class AmqpBridge:
                 extra={"error": repr(exc), "verdict": outcome.verdict.value},
             )
 
-    async def _requeue(self, message: AbstractIncomingMessage) -> None:
-        await asyncio.sleep(self.bridged.backoff())
+    async def _requeue(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+        await asyncio.sleep(self.bridged.backoff(outcome))
         await message.nack(requeue=True)
         self.bridged.requeued()
 

@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from common import logs
-from common.errors import DeadlineReached, DomainError, MalformedRequest, Retryable
+from common.errors import DeadlineReached, DomainError, MalformedRequest, Overloaded, Retryable
 from common.interceptors import CORRELATION_HEADER, correlation_id_from
 from logistics.sequencer.v1 import sequencer_pb2
 from sequencer.config import BrokerSettings
@@ -43,8 +43,9 @@ MESSAGE_HEADER = "x-error-message"
 # Header values stay small: the reason is what a consumer of dead letters dispatches on.
 MAX_MESSAGE = 1000
 # Refusals that a later attempt may not repeat: handed back with a back-off, never dead-lettered
-# (the parked limit frees when the entity's gap fills).
-TRANSIENT_ERRORS: tuple[type[DomainError], ...] = (Retryable, DeadlineReached, ParkedLimitReached)
+# (the parked limit frees when the entity's gap fills; flow control's BACKLOG_FULL when the
+# pipeline drains, after at least its RetryInfo delay).
+TRANSIENT_ERRORS: tuple[type[DomainError], ...] = (Retryable, DeadlineReached, ParkedLimitReached, Overloaded)
 
 
 class Verdict(enum.Enum):
@@ -59,6 +60,8 @@ class Outcome:
     reason: str = ""
     message: str = ""
     replayed: bool = False
+    # The least wait before a retry the refusal asked for (flow control's RetryInfo).
+    retry_after: float = 0.0
 
     def dead_headers(self) -> dict[str, str]:
         return {REASON_HEADER: self.reason, MESSAGE_HEADER: self.message[:MAX_MESSAGE]}
@@ -111,11 +114,11 @@ class Bridged:
     def requeued(self) -> None:
         self.metrics.bridge_requeued.labels(self.broker).inc()
 
-    def backoff(self) -> float:
+    def backoff(self, outcome: Outcome) -> float:
         """Seconds to hold a transiently failed message before handing it back (with jitter, so
-        a burst of them does not come back at once)."""
+        a burst of them does not come back at once), at least what the refusal asked for."""
         base = min(self.settings.bridge_backoff * 2 ** max(0, self._failures - 1), self.settings.bridge_backoff_max)
-        return float(base * random.uniform(0.75, 1.0))  # noqa: S311 (jitter, not security)
+        return max(float(base * random.uniform(0.75, 1.0)), outcome.retry_after)  # noqa: S311 (jitter)
 
     async def submit(self, body: bytes, content_type: str | None, key: str | None, correlation: str | None) -> Outcome:
         """One message's outcome, decided only after the sequencer committed (or refused) it."""
@@ -138,7 +141,8 @@ class Bridged:
         except TRANSIENT_ERRORS as exc:
             self._failures += 1
             log.warning("bridged message failed transiently; handed back later", extra={"reason": exc.reason})
-            return Outcome(Verdict.RETRY, exc.reason, exc.message)
+            retry_after = exc.retry_after if isinstance(exc, Overloaded) else 0.0
+            return Outcome(Verdict.RETRY, exc.reason, exc.message, retry_after=retry_after)
         except DomainError as exc:
             self._failures = 0
             log.info(

@@ -191,7 +191,7 @@ class NatsBridge:
                 await message.term()
                 self.bridged.dead_lettered(outcome)
             else:
-                await message.nak(delay=self.bridged.backoff())
+                await message.nak(delay=self.bridged.backoff(outcome))
                 self.bridged.requeued()
         except (nats.errors.Error, OSError) as exc:
             # Lost with the connection: JetStream redelivers after ack_wait.

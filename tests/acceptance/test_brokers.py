@@ -255,3 +255,28 @@ async def test_a_database_outage_hands_messages_back_until_it_ends(
     finally:
         await system.stop()
         await proxy.close()
+
+
+async def test_a_full_backlog_hands_messages_back_instead_of_dead_lettering_them(
+    database_url: str, sequencer_settings: Any, broker: BrokerUnderTest
+) -> None:
+    # Flow control (SPEC 12) refuses submissions beyond a tiny backlog with BACKLOG_FULL: for a
+    # bridge that is "later", never "dead". Each event is its entity's first, so the backlog
+    # drains as the ledger applies them (docs/brokers.md: parked events can hold a full backlog).
+    events = [shipment_event(f"{broker.kind}-bl-{i}", 1, "shipment_created") for i in range(40)]
+    settings = with_overrides(sequencer_settings, max_backlog=5, backlog_refresh_interval=0.1)
+    system = await start_system(database_url, settings, broker)
+    try:
+        for event in events:
+            body = sequencer_pb2.SubmitEventRequest(event=event).SerializeToString()
+            await broker.publish(body, key=f"{event.entity_id}:1", content_type=PROTOBUF)
+        for event in events:
+            await system.wait_terminal((await wait_for_status(system, f"{event.entity_id}:1")).transaction_id)
+        for event in events:
+            shipment = await system.shipment(event.entity_id)
+            assert shipment.version == 1
+        metrics = system.sequencer_app.metrics
+        assert count(metrics.bridge_dead_lettered, broker=broker.kind) == 0
+        print("handed back:", count(metrics.bridge_requeued, broker=broker.kind))
+    finally:
+        await system.stop()

@@ -465,3 +465,133 @@ async def test_the_sweeper_deletes_finished_deliveries_past_retention_and_keeps_
     finally:
         await system.stop()
         await down.stop()
+
+
+async def test_a_stopping_sequencer_hands_back_its_claims(database_url: str, sequencer_settings: Any) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(_n: int, _id: str) -> tuple[int, dict[str, str]]:
+        arrived.set()
+        await release.wait()
+        return 200, {}
+
+    receiver = await Receiver(answer=hold).start()
+    system = await System.start(database_url, fast(sequencer_settings, webhook_timeout=30.0))
+    try:
+        await subscribe(system, receiver.url)
+        await system.submit(shipment_event("HANDBACK", 1, "shipment_created"))
+        await asyncio.wait_for(arrived.wait(), 30)
+        assert rows(database_url, "SELECT count(*) FROM sequencer.outbox_deliveries WHERE claimed_by IS NOT NULL") == [
+            (1,)
+        ]
+        app, system.sequencer_app = system.sequencer_app, None
+        await app.stop(0)
+        # Pending, unclaimed: any replica sends it now, not after the lease.
+        assert rows(database_url, "SELECT status, claimed_by, attempts FROM sequencer.outbox_deliveries") == [
+            (1, None, 0)
+        ]
+    finally:
+        release.set()
+        await system.stop()
+        await receiver.stop()
+
+
+async def test_two_replicas_send_each_delivery_once_and_one_per_entity_at_a_time(
+    database_url: str, sequencer_settings: Any
+) -> None:
+    from sequencer.server import build_server
+
+    in_flight: dict[tuple[int, str], int] = {}
+    most: dict[tuple[int, str], int] = {}
+    receiver = Receiver()
+
+    async def slow(n: int, _id: str) -> tuple[int, dict[str, str]]:
+        entity = receiver.received[n - 1].key[:2]
+        in_flight[entity] = in_flight.get(entity, 0) + 1
+        most[entity] = max(most.get(entity, 0), in_flight[entity])
+        await asyncio.sleep(0.02)
+        in_flight[entity] -= 1
+        return 200, {}
+
+    receiver.answer = slow
+    await receiver.start()
+    settings = fast(sequencer_settings)
+    system = await System.start(database_url, settings)
+    other = await build_server(system.sequencer_settings, run_forwarder=False)
+    try:
+        sub, _ = await subscribe(system, receiver.url)
+        receiver.secret = sub.secret
+        expected = set()
+        for seq, kind in enumerate(["shipment_created", "shipment_picked", "shipment_packed"], start=1):
+            for n in range(6):
+                await system.submit(shipment_event(f"TWO-{n}", seq, kind))
+                expected.add((SHIPMENT, f"TWO-{n}", seq, APPLIED))
+        await receiver.wait_for(lambda r: {x.key for x in r.received} == expected)
+        await _until_delivered(system, sub.id, len(expected))
+        assert len(receiver.received) == len(expected)  # no delivery sent twice
+        assert set(most.values()) == {1}  # one per entity at a time, across both replicas
+        assert in_msi_order(receiver)
+    finally:
+        await other.stop(0)
+        await system.stop()
+        await receiver.stop()
+
+
+async def test_retry_after_is_honoured_on_503(database_url: str, sequencer_settings: Any) -> None:
+    async def busy(_n: int, _id: str) -> tuple[int, dict[str, str]]:
+        return 503, {"Retry-After": "30"}
+
+    receiver = await Receiver(answer=busy).start()
+    system = await System.start(database_url, fast(sequencer_settings))
+    try:
+        sub, _ = await subscribe(system, receiver.url)
+        await system.submit(shipment_event("BUSY", 1, "shipment_created"))
+        for _ in range(200):
+            (delivery,) = await deliveries(system, sub.id) or [None]
+            if delivery is not None and delivery.attempts:
+                break
+            await asyncio.sleep(0.05)
+        assert delivery.last_http_status == 503 and delivery.state == sequencer_pb2.WEBHOOK_DELIVERY_STATE_PENDING
+        ((wait,),) = rows(
+            database_url,
+            "SELECT extract(epoch FROM d.next_attempt_at - a.attempted_at) FROM sequencer.outbox_deliveries d "
+            "JOIN sequencer.outbox_attempts a ON a.delivery_id = d.id",
+        )
+        assert wait >= 30  # the schedule alone says 0.2 s
+        assert len(receiver.received) == 1
+    finally:
+        await system.stop()
+        await receiver.stop()
+
+
+async def test_a_subscription_failing_for_the_disable_after_time_is_disabled(
+    database_url: str, sequencer_settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(_n: int, _id: str) -> tuple[int, dict[str, str]]:
+        return 500, {}
+
+    receiver = await Receiver(answer=broken).start()
+    system = await System.start(
+        database_url, fast(sequencer_settings, webhook_retry_schedule=(0.0,) + (0.2,) * 50, webhook_disable_after=1.0)
+    )
+    try:
+        sub, _ = await subscribe(system, receiver.url)
+        with caplog.at_level(logging.ERROR, logger="sequencer.dispatcher"):
+            await system.submit(shipment_event("BROKEN", 1, "shipment_created"))
+            for _ in range(300):
+                reply = await system.admin.ListWebhookSubscriptions(
+                    sequencer_pb2.ListWebhookSubscriptionsRequest(), **ADMIN
+                )
+                if reply.subscriptions[0].state == sequencer_pb2.WEBHOOK_SUBSCRIPTION_STATE_DISABLED:
+                    break
+                await asyncio.sleep(0.05)
+        (disabled,) = reply.subscriptions
+        assert disabled.state == sequencer_pb2.WEBHOOK_SUBSCRIPTION_STATE_DISABLED
+        assert disabled.disabled_reason == "FAILING_TOO_LONG"
+        alert = next(r for r in caplog.records if r.getMessage() == "webhook subscription disabled")
+        assert alert.levelno == logging.ERROR and getattr(alert, "reason", None) == "FAILING_TOO_LONG"
+        (delivery,) = await deliveries(system, sub.id)
+        assert delivery.state == sequencer_pb2.WEBHOOK_DELIVERY_STATE_FAILED and delivery.attempts >= 2
+    finally:
+        await system.stop()
+        await receiver.stop()

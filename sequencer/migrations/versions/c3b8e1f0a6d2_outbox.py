@@ -6,7 +6,7 @@ reported state gets its deliveries in the transaction of the change (docs/webhoo
 Additive only: the write paths of the previous release keep working and are covered too.
 
 Revision ID: c3b8e1f0a6d2
-Revises: b5d2f8e3c1a7
+Revises: c7b19e4f2a60
 """
 
 from pathlib import Path
@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql
 from common.migrate import sql_function
 
 revision = "c3b8e1f0a6d2"
-down_revision = "b5d2f8e3c1a7"
+down_revision = "c7b19e4f2a60"
 branch_labels = None
 depends_on = None
 
