@@ -89,6 +89,8 @@ class BrokerUnderTest:
 class RabbitBroker(BrokerUnderTest):
     kind: str = "amqp"
     suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Arguments of the ingress queue as an operator declared it (e.g. a quorum queue).
+    queue_arguments: dict[str, Any] | None = None
     connection: AbstractConnection | None = None
     channel: AbstractChannel | None = None
 
@@ -142,7 +144,7 @@ class RabbitBroker(BrokerUnderTest):
         self.connection = await aio_pika.connect(AMQP_URL)
         self.channel = await self.connection.channel(publisher_confirms=True)
         # Declared here as the bridge declares them, so publishing may start before it runs.
-        await self.channel.declare_queue(self.queue, durable=True)
+        await self.channel.declare_queue(self.queue, durable=True, arguments=self.queue_arguments)
         await self.channel.declare_queue(self.dead_queue, durable=True)
         # A reader of every outcome, bound before any is published (a topic exchange drops what
         # no binding wants).

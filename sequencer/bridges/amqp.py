@@ -67,8 +67,8 @@ class AmqpBridge:
         assert isinstance(channel, AbstractRobustChannel)
         self._channel = channel
         await channel.set_qos(prefetch_count=self.settings.amqp_prefetch)
-        await channel.declare_queue(self.settings.amqp_dead_queue, durable=True)
-        self._queue = await channel.declare_queue(self.settings.amqp_queue, durable=True)
+        await self._declare(channel, self.settings.amqp_dead_queue)
+        self._queue = await self._declare(channel, self.settings.amqp_queue)
         self._consumer_tag = await self._queue.consume(self._on_message)
         self.ready.set()
         log.info(
@@ -76,6 +76,25 @@ class AmqpBridge:
             extra={"queue": self.settings.amqp_queue, "prefetch": self.settings.amqp_prefetch},
         )
         await asyncio.Event().wait()
+
+    async def _declare(self, channel: AbstractRobustChannel, name: str) -> aio_pika.abc.AbstractQueue:
+        """The queue as it is when it exists (an operator's quorum queue, its arguments and
+        limits, stay theirs: redeclaring it with other arguments is refused), else a new
+        durable classic queue. The probe runs on a channel of its own, which a missing queue
+        closes."""
+        assert self._connection is not None
+        probe = await self._connection.channel()
+        try:
+            await probe.declare_queue(name, passive=True)
+            exists = True
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            exists = False
+        finally:
+            with contextlib.suppress(Exception):
+                await probe.close()
+        if exists:
+            return await channel.declare_queue(name, passive=True)
+        return await channel.declare_queue(name, durable=True)
 
     async def close(self) -> None:
         """Stops taking deliveries, lets the handlers in flight finish briefly (the rest are

@@ -17,7 +17,7 @@ from bench.database import libpq
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2
-from tests.brokers import JSON, PROTOBUF, BrokerUnderTest, TcpProxy, make_broker
+from tests.brokers import JSON, PROTOBUF, BrokerUnderTest, RabbitBroker, TcpProxy, make_broker
 from tests.processes import start_ledger, start_sequencer
 from tests.support import System, shipment_event, with_overrides
 from tests.workloads import assert_in_order_state, wait_processed, workload
@@ -280,3 +280,22 @@ async def test_a_full_backlog_hands_messages_back_instead_of_dead_lettering_them
         print("handed back:", count(metrics.bridge_requeued, broker=broker.kind))
     finally:
         await system.stop()
+
+
+async def test_an_operators_quorum_queue_is_consumed_as_it_is(database_url: str, sequencer_settings: Any) -> None:
+    # Redeclaring a quorum queue as a classic one is refused by RabbitMQ: the bridge uses what
+    # exists.
+    broker = RabbitBroker(queue_arguments={"x-queue-type": "quorum"})
+    await broker.open()
+    try:
+        system = await start_system(database_url, sequencer_settings, broker)
+        try:
+            event = shipment_event("quorum-1", 1, "shipment_created")
+            body = sequencer_pb2.SubmitEventRequest(event=event).SerializeToString()
+            await broker.publish(body, key="quorum-1:1", content_type=PROTOBUF)
+            await system.wait_terminal((await wait_for_status(system, "quorum-1:1")).transaction_id)
+            assert (await system.shipment("quorum-1")).version == 1
+        finally:
+            await system.stop()
+    finally:
+        await broker.close()
