@@ -57,3 +57,9 @@ class MalformedRequest(DomainError):
     """The request bytes are not a valid message of the RPC's request type."""
 
     reason = "MALFORMED_REQUEST"
+
+
+class RequestTooLarge(DomainError):
+    """The request message is larger than the server's configured limit (*_MAX_MESSAGE_BYTES)."""
+
+    reason = "REQUEST_TOO_LARGE"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from common import logs
 from common.auth import Authenticator, SecuritySettings
+from common.grpc_metrics import Method, UnknownMethods, methods_of
 from common.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,17 @@ def _register_reflection_v1_descriptor() -> None:
     pool.Add(proto)
 
 
+def served_methods(service_names: Iterable[str]) -> list[Method]:
+    """Every method the server serves: the services', health's and reflection's (v1 and
+    v1alpha), for the metrics' pre-initialised series."""
+    _register_reflection_v1_descriptor()
+    return methods_of([*service_names, health.SERVICE_NAME, REFLECTION_V1, REFLECTION_V1ALPHA])
+
+
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
-    """Registers health (overall and per service, all SERVING) and reflection (v1 and v1alpha)."""
+    """Registers health (overall and per service, all SERVING) and reflection (v1 and v1alpha),
+    then the fallback that answers unknown methods UNIMPLEMENTED through the interceptors (so
+    they are counted): call it after the services are registered."""
     names = list(service_names)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -75,6 +85,7 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[s
     }
     for name in (REFLECTION_V1ALPHA, REFLECTION_V1):
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_generic_rpc_handlers((UnknownMethods(),))
     return health_servicer
 
 
@@ -93,10 +104,22 @@ async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterabl
         await health_servicer.set(name, status)
 
 
-def new_server(interceptor: grpc.aio.ServerInterceptor, security: SecuritySettings) -> grpc.aio.Server:
-    """A grpc.aio server with the service's interceptor and the configured limits. SO_REUSEPORT
-    is off, so a port already taken is an error instead of a silent second listener."""
-    return grpc.aio.server(interceptors=[interceptor], options=[("grpc.so_reuseport", 0), *security.grpc_options()])
+def transport_ceiling(max_message_bytes: int) -> int:
+    """The transport's own receive limit: above the configured one, so a request between the
+    two reaches the interceptor, which answers RESOURCE_EXHAUSTED (REQUEST_TOO_LARGE) and counts
+    it; only a request over this ceiling is refused by grpc unseen (docs/observability.md)."""
+    return 4 * max_message_bytes
+
+
+def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor], security: SecuritySettings) -> grpc.aio.Server:
+    """A grpc.aio server with the interceptors (outermost first) and the configured limits.
+    SO_REUSEPORT is off, so a port already taken is an error instead of a silent second
+    listener."""
+    options = [
+        (name, transport_ceiling(value) if name == "grpc.max_receive_message_length" else value)
+        for name, value in security.grpc_options()
+    ]
+    return grpc.aio.server(interceptors=list(interceptors), options=[("grpc.so_reuseport", 0), *options])
 
 
 async def serve(
@@ -163,6 +186,7 @@ def channel(
     key: str = "",
     server_name: str = "",
     token_file: str = "",
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A client channel: TLS when `ca` is given (mutual TLS with cert/key), and a bearer token
     on every call when `token_file` is given."""
@@ -172,7 +196,7 @@ def channel(
     if not ca:
         if token_file:
             raise ValueError("a bearer token needs TLS: configure the CA of the server")
-        return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=list(interceptors))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(ca),
         private_key=_read(key) if key else None,
@@ -181,7 +205,7 @@ def channel(
     if token_file:
         token = _read(token_file).decode().strip()
         credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-    return grpc.aio.secure_channel(target, credentials, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=list(interceptors))
 
 
 def listening(

@@ -1,4 +1,5 @@
-"""The server interceptor both services use: correlation id, error mapping, logs and metrics.
+"""The server interceptor both services use: correlation id, error mapping, logs and tracing
+(the gRPC metrics are common.grpc_metrics', the outermost interceptor).
 
 Each service passes its own table from domain error classes to gRPC codes (its
 `interceptors.py`); the mechanism is here once.
@@ -12,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -28,10 +30,10 @@ from common.errors import (
     MalformedRequest,
     NotFound,
     PermissionDenied,
+    RequestTooLarge,
     Retryable,
     Unauthenticated,
 )
-from common.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +103,28 @@ COMMON_TABLE: ErrorTable = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     DeadlineReached: grpc.StatusCode.DEADLINE_EXCEEDED,
     Retryable: grpc.StatusCode.UNAVAILABLE,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 _MALFORMED = object()
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+@dataclass(frozen=True)
+class _TooLarge:
+    size: int
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None, limit: int | None) -> Callable[[bytes], Any] | None:
     """Request bytes that do not parse become a sentinel the handler answers INVALID_ARGUMENT,
-    instead of grpc's own INTERNAL."""
+    instead of grpc's own INTERNAL; bytes over `limit` one it answers RESOURCE_EXHAUSTED with an
+    ErrorInfo (the transport's own ceiling is higher, see common.grpc_server.transport_ceiling,
+    so this refusal is counted and logged like any other answer)."""
     if deserialize is None:
         return None
 
     def parse(raw: bytes) -> Any:
+        if limit is not None and len(raw) > limit:
+            return _TooLarge(len(raw))
         try:
             return deserialize(raw)
         except Exception:  # noqa: BLE001 - any decode failure means the caller sent garbage
@@ -153,13 +165,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self,
         table: ErrorTable,
         domain: str,
-        metrics: RpcMetrics,
         authenticator: Authenticator,
         policy: Mapping[str, frozenset[str]],
+        max_message_bytes: int | None = None,
     ) -> None:
         self.table = {**COMMON_TABLE, **table}
         self.domain = domain
-        self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
         self.authenticator = authenticator
         self.policy = policy
         self.open_prefixes = ("/grpc.health.", "/grpc.reflection.")
@@ -193,7 +205,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=_tolerant(handler.request_deserializer, self.max_message_bytes),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
@@ -214,7 +226,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=_tolerant(handler.request_deserializer, self.max_message_bytes),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -225,6 +237,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         set_identity(identity)
         logs.bind(caller=identity.caller)
         authorize(identity, method, self.policy)
+        if isinstance(request, _TooLarge):
+            raise RequestTooLarge(
+                "the request is larger than the server accepts",
+                size_bytes=request.size,
+                limit_bytes=self.max_message_bytes,
+            )
         if request is _MALFORMED:
             raise MalformedRequest("the request is not a valid message of this RPC's request type")
         path = _nul_field(request)
@@ -246,7 +264,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _done(self, method: str, started: float, context: Context) -> None:
         code = context.code() or grpc.StatusCode.OK
         elapsed = time.perf_counter() - started
-        self.metrics.observe(method, code.name, elapsed)
         log.info("rpc", extra={"code": code.name, "latency_ms": round(elapsed * 1000, 2)})
 
     async def _fail(self, exc: BaseException, method: str, started: float, context: Context) -> None:
@@ -254,7 +271,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(exc, DomainError):
             status = status_for(exc, self.table, self.domain)
             code_name = next(c.name for c in grpc.StatusCode if c.value[0] == status.code)
-            self.metrics.observe(method, code_name, elapsed)
             log.info(
                 "rpc",
                 extra={"code": code_name, "reason": exc.reason, "latency_ms": round(elapsed * 1000, 2)},
@@ -262,15 +278,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await _abort(context, status)
         if isinstance(exc, grpc.aio.AbortError):
             code = context.code() or grpc.StatusCode.UNKNOWN
-            self.metrics.observe(method, code.name, elapsed)
             log.info("rpc", extra={"code": code.name, "latency_ms": round(elapsed * 1000, 2)})
             return
         if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
             return
         if isinstance(exc, asyncio.CancelledError):
-            self.metrics.observe(method, "CANCELLED", elapsed)
             log.info("rpc", extra={"code": "CANCELLED", "latency_ms": round(elapsed * 1000, 2)})
             return
-        self.metrics.observe(method, "INTERNAL", elapsed)
         log.error("unhandled error", exc_info=exc, extra={"code": "INTERNAL"})
         await _abort(context, _internal_status(self.domain))

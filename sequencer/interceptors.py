@@ -8,7 +8,6 @@ from google.rpc import status_pb2
 from common.auth import Authenticator
 from common.errors import DomainError
 from common.interceptors import COMMON_TABLE, ErrorTable, ServiceInterceptor, status_for
-from common.metrics import RpcMetrics
 from sequencer import errors
 
 DOMAIN = "sequencer.logistics"
@@ -50,8 +49,8 @@ POLICY: dict[str, frozenset[str]] = {
 }
 
 
-def build_interceptor(metrics: RpcMetrics, authenticator: Authenticator) -> ServiceInterceptor:
-    return ServiceInterceptor(ERROR_TABLE, DOMAIN, metrics, authenticator, POLICY)
+def build_interceptor(authenticator: Authenticator, max_message_bytes: int | None = None) -> ServiceInterceptor:
+    return ServiceInterceptor(ERROR_TABLE, DOMAIN, authenticator, POLICY, max_message_bytes)
 
 
 def item_status(error: DomainError) -> status_pb2.Status:

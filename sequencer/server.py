@@ -16,8 +16,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from common.auth import Authenticator
 from common.clock import Clock, SystemClock
 from common.db import make_engine, require_migrated
-from common.grpc_server import add_health_and_reflection, bind, bounded, channel, new_server, serve, set_serving
-from logistics.ledger.v1 import ledger_pb2_grpc
+from common.grpc_metrics import ClientMetricsInterceptor, MetricsInterceptor, methods_of
+from common.grpc_server import (
+    add_health_and_reflection,
+    bind,
+    bounded,
+    channel,
+    new_server,
+    serve,
+    served_methods,
+    set_serving,
+)
+from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.config import Settings
 from sequencer.forwarder import Forwarder
@@ -38,6 +48,7 @@ SERVICE_NAMES = (
     sequencer_pb2.DESCRIPTOR.services_by_name["SequencerService"].full_name,
     sequencer_pb2.DESCRIPTOR.services_by_name["SequencerAdminService"].full_name,
 )
+LEDGER_SERVICE = ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"].full_name
 
 
 @dataclass
@@ -106,6 +117,7 @@ async def build_server(
         key=settings.ledger_tls_key,
         server_name=settings.ledger_tls_server_name,
         token_file=settings.ledger_token_file,
+        interceptors=[ClientMetricsInterceptor(metrics.grpc_client, methods_of([LEDGER_SERVICE]))],
     )
     store = ForwardingStore(engine, settings, clock, metrics, instance)
     ledger = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
@@ -113,7 +125,13 @@ async def build_server(
     if run_forwarder:
         ingress.on_queued = skips.on_queued = forwarder.kick
 
-    server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
+    server = new_server(
+        [
+            MetricsInterceptor(metrics.grpc, served_methods(SERVICE_NAMES)),
+            build_interceptor(authenticator, settings.security.max_message_bytes),
+        ],
+        settings.security,
+    )
     watches = Watches(reads, notifier, settings.watchers_per_caller)
     sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(
         SequencerServicer(ingress, reads, watches, settings), server
