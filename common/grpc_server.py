@@ -14,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
-from common import logs
+from common import logs, tracing
 from common.auth import Authenticator, SecuritySettings
 from common.grpc_metrics import Method, UnknownMethods, methods_of
 from common.metrics import serve_metrics
@@ -132,6 +132,7 @@ async def serve(
     """A service's main: JSON logs, the metrics endpoint, the server built by `build`, the
     start-up line (with `fields`), then serving until SIGTERM/SIGINT and a graceful stop."""
     logs.configure(service, settings.log_level)
+    tracing.configure(service)
     registry = CollectorRegistry()
     metrics_port = serve_metrics(registry, settings.metrics_addr)
     app = await build(settings, registry=registry)

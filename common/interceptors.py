@@ -20,8 +20,10 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from common import logs
+from common import logs, tracing
 from common.auth import Authenticator, authorize, set_identity
 from common.errors import (
     DeadlineReached,
@@ -191,17 +193,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             inner_unary: Any = handler.unary_unary
 
             async def unary(request: Any, context: Context) -> Any:
-                self._begin(method, metadata, context)
-                started = time.perf_counter()
-                try:
-                    await self._echo(context)
-                    self._admit(method, metadata, request, context)
-                    response = await inner_unary(request, context)
-                except BaseException as exc:
-                    await self._fail(exc, method, started, context)
-                    raise
-                self._done(method, started, context)
-                return response
+                with self._traced(method, metadata):
+                    self._begin(method, metadata, context)
+                    started = time.perf_counter()
+                    try:
+                        await self._echo(context)
+                        self._admit(method, metadata, request, context)
+                        response = await inner_unary(request, context)
+                    except BaseException as exc:
+                        await self._fail(exc, method, started, context)
+                        raise
+                    self._done(method, started, context)
+                    return response
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -212,17 +215,18 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             inner_stream: Any = handler.unary_stream
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                self._begin(method, metadata, context)
-                started = time.perf_counter()
-                try:
-                    await self._echo(context)
-                    self._admit(method, metadata, request, context)
-                    async for item in inner_stream(request, context):
-                        yield item
-                except BaseException as exc:
-                    await self._fail(exc, method, started, context)
-                    raise
-                self._done(method, started, context)
+                with self._traced(method, metadata):
+                    self._begin(method, metadata, context)
+                    started = time.perf_counter()
+                    try:
+                        await self._echo(context)
+                        self._admit(method, metadata, request, context)
+                        async for item in inner_stream(request, context):
+                            yield item
+                    except BaseException as exc:
+                        await self._fail(exc, method, started, context)
+                        raise
+                    self._done(method, started, context)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -249,6 +253,31 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if path is not None:
             raise InvalidArgument(f"{path} contains a NUL character", field=path)
 
+    @staticmethod
+    def _span(method: str, metadata: tuple[Any, ...]) -> trace.Span:
+        """The call's server span, continuing the caller's W3C trace context when it sent one
+        (metadata `traceparent` / `tracestate`), else starting a new trace."""
+        service, _, name = method.lstrip("/").partition("/")
+        return tracing.start(
+            method.lstrip("/"),
+            parent=tracing.extract(metadata),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
+
+    def _traced(self, method: str, metadata: tuple[Any, ...]) -> Any:
+        # The status is set from the gRPC code (_status), not from the exception that carried it.
+        return trace.use_span(
+            self._span(method, metadata), end_on_exit=True, record_exception=False, set_status_on_exception=False
+        )
+
+    @staticmethod
+    def _status(code: grpc.StatusCode) -> None:
+        span = trace.get_current_span()
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+
     def _begin(self, method: str, metadata: Any, context: Context) -> None:
         correlation_id = correlation_id_from(metadata)
         logs.log_context.set({"rpc": method, "correlation_id": correlation_id})
@@ -264,13 +293,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _done(self, method: str, started: float, context: Context) -> None:
         code = context.code() or grpc.StatusCode.OK
         elapsed = time.perf_counter() - started
+        self._status(code)
         log.info("rpc", extra={"code": code.name, "latency_ms": round(elapsed * 1000, 2)})
 
     async def _fail(self, exc: BaseException, method: str, started: float, context: Context) -> None:
         elapsed = time.perf_counter() - started
         if isinstance(exc, DomainError):
             status = status_for(exc, self.table, self.domain)
-            code_name = next(c.name for c in grpc.StatusCode if c.value[0] == status.code)
+            found = next(c for c in grpc.StatusCode if c.value[0] == status.code)
+            code_name = found.name
+            self._status(found)
             log.info(
                 "rpc",
                 extra={"code": code_name, "reason": exc.reason, "latency_ms": round(elapsed * 1000, 2)},
@@ -278,6 +310,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await _abort(context, status)
         if isinstance(exc, grpc.aio.AbortError):
             code = context.code() or grpc.StatusCode.UNKNOWN
+            self._status(code)
             log.info("rpc", extra={"code": code.name, "latency_ms": round(elapsed * 1000, 2)})
             return
         if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
@@ -285,5 +318,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(exc, asyncio.CancelledError):
             log.info("rpc", extra={"code": "CANCELLED", "latency_ms": round(elapsed * 1000, 2)})
             return
+        self._status(grpc.StatusCode.INTERNAL)
         log.error("unhandled error", exc_info=exc, extra={"code": "INTERNAL"})
         await _abort(context, _internal_status(self.domain))

@@ -9,6 +9,8 @@ import logging
 import sys
 from typing import Any
 
+from opentelemetry import trace
+
 # Fields of the event being handled (entity, MSI, transaction, correlation), added to every
 # log line emitted while handling it.
 log_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("log_context", default=None)
@@ -33,6 +35,12 @@ def _record_with_context(*args: Any, **kwargs: Any) -> logging.LogRecord:
     for key, value in (log_context.get() or {}).items():
         if not hasattr(record, key):
             setattr(record, key, value)
+    # The trace of the work being done (an RPC's server span, a forward span), beside the
+    # correlation id, so a log line leads to its trace and back.
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid and not hasattr(record, "trace_id"):
+        record.trace_id = format(span.trace_id, "032x")
+        record.span_id = format(span.span_id, "016x")
     return record
 
 

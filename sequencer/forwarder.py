@@ -29,10 +29,12 @@ from grpc_status import rpc_status
 from sqlalchemy.exc import DBAPIError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
+from common import tracing
 from common.clock import Clock
 from common.errors import DeadlineReached, Retryable
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from sequencer import traces
 from sequencer.config import Settings
 from sequencer.forwarding import ForwardingStore, QueuedEvent
 from sequencer.hints import Hint
@@ -267,7 +269,8 @@ class Forwarder:
         and is counted towards blocking it."""
         while batch:
             try:
-                replies = await self._apply(batch)
+                with traces.forwarding(batch) as traced:
+                    replies = await self._apply(traced)
             except GiveUp:
                 await self._rest(sorted({e.key for e in batch}), min(self.settings.forwarder_lease, 2.0))
                 return
@@ -457,12 +460,13 @@ class Forwarder:
                     correlation_id=e.correlation_id,
                     transaction_id=str(e.transaction_id),
                     skip_reason=e.skip_reason or "",
+                    traceparent=e.traceparent or "",
                 )
                 for e in batch
             ]
         )
         # The call's correlation id: the first event's (each item carries its own too).
-        metadata = (("x-correlation-id", batch[0].correlation_id),)
+        metadata = (("x-correlation-id", batch[0].correlation_id), *tracing.metadata_of())
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_transient),

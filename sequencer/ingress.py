@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from common import logs
+from common import logs, tracing
 from common.clock import Clock
 from common.db import LOCK_NOT_AVAILABLE, QUERY_CANCELED, RETRYABLE_SQLSTATES, is_transient, libpq_url, sqlstate
 from common.errors import DomainError
@@ -71,6 +71,8 @@ class Pending:
     fingerprint: bytes
     correlation_id: str
     deadline: float | None  # loop time
+    # The accepting call's W3C trace context (its server span), stored with the event.
+    traceparent: str = ""
     answer: asyncio.Future[Submission] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
@@ -167,6 +169,7 @@ class Ingress:
             hashlib.sha256(keyless).digest(),
             correlation_id,
             deadline,
+            traceparent=tracing.traceparent_of(),
         )
 
     async def submit(
@@ -477,6 +480,11 @@ class Ingress:
         response_bytes = response.SerializeToString()
         if decision.holds:
             assert tx is not None
+            traceparent = pending.traceparent
+            if state == PARKED:
+                # Parking is a step of the event's trace: what releases it later is its child.
+                attributes = {"logistics.sequence": pending.event.sequence, "logistics.awaiting": decision.awaiting}
+                traceparent = tracing.mark("sequencer.park", traceparent, attributes)
             writes.hold(
                 pending.entity,
                 pending.event.sequence,
@@ -487,6 +495,7 @@ class Ingress:
                 pending.correlation_id,
                 pending.caller,
                 pending.key,
+                traceparent=traceparent,
             )
             if state == PARKED:
                 writes.parked[pending.entity] = writes.parked.get(pending.entity, 0) + 1

@@ -77,6 +77,8 @@ events = Table(
     Column("forward_attempts", Integer, nullable=False, server_default=text("0")),
     Column("blocked_at", DateTime(timezone=True), nullable=True),
     Column("ledger_code", Text, nullable=True),
+    # The W3C traceparent the event was accepted under: the forwarder continues that trace.
+    Column("traceparent", Text, nullable=True),
     CheckConstraint("sequence >= 1", name="sequence_positive"),
     CheckConstraint("state BETWEEN 1 AND 7", name="state_known"),
     Index("ix_events_transaction_id", "transaction_id"),
