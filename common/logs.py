@@ -32,16 +32,24 @@ _default_factory = logging.getLogRecordFactory()
 
 def _record_with_context(*args: Any, **kwargs: Any) -> logging.LogRecord:
     record = _default_factory(*args, **kwargs)
-    for key, value in (log_context.get() or {}).items():
-        if not hasattr(record, key):
-            setattr(record, key, value)
+    # Kept apart from the record's own attributes, so a call's `extra=` may name a context field
+    # (an event's entity_id in a batch's line) without logging's "overwrite" KeyError; the
+    # formatter merges them, the call's own fields winning.
+    context = dict(log_context.get() or {})
     # The trace of the work being done (an RPC's server span, a forward span), beside the
     # correlation id, so a log line leads to its trace and back.
     span = trace.get_current_span().get_span_context()
-    if span.is_valid and not hasattr(record, "trace_id"):
-        record.trace_id = format(span.trace_id, "032x")
-        record.span_id = format(span.span_id, "016x")
+    if span.is_valid:
+        context.setdefault("trace_id", format(span.trace_id, "032x"))
+        context.setdefault("span_id", format(span.span_id, "016x"))
+    record._context = context
     return record
+
+
+def context_of(record: logging.LogRecord) -> dict[str, Any]:
+    """The request context and trace fields a record was emitted under."""
+    found: dict[str, Any] = getattr(record, "_context", {})
+    return found
 
 
 def install_context() -> None:
@@ -64,6 +72,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        for key, value in context_of(record).items():
+            entry[key] = value
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

@@ -41,7 +41,7 @@ from sequencer.hints import Hint
 from sequencer.metrics import SequencerMetrics
 from sequencer.notifications import Notifier
 from sequencer.repository import EntityKey, Outcome
-from sequencer.states import QUEUED, SKIPPED
+from sequencer.states import QUEUED, SKIPPED, entity_type_name
 
 log = logging.getLogger(__name__)
 
@@ -311,13 +311,13 @@ class Forwarder:
         counted = await self.store.refused(heads, code=code, reason=reason or code, detail=detail)
         for refusal in counted:
             extra = {
-                "entity_type": refusal.key[0],
+                "entity_type": entity_type_name(refusal.key[0]),
                 "entity_id": refusal.key[1],
                 "sequence": refusal.sequence,
                 "transaction_id": str(refusal.transaction_id),
                 "code": code,
                 "reason": reason,
-                "detail": detail,
+                "reason_detail": detail,
                 "attempts": refusal.attempts,
             }
             if refusal.blocked:
@@ -404,7 +404,7 @@ class Forwarder:
                         "transaction_id": str(event.transaction_id),
                         "correlation_id": event.correlation_id,
                         "reason": reason,
-                        "detail": detail,
+                        "reason_detail": detail,
                     },
                 )
             outcome_row = Outcome(

@@ -48,7 +48,7 @@ from sequencer.idempotency import AnswerCache, StoredAnswer, Submission, replay,
 from sequencer.metrics import SequencerMetrics
 from sequencer.repository import EntityKey
 from sequencer.rules import Decision, Entity, Verdict
-from sequencer.states import DUPLICATE, PARKED, QUEUED, SKIPPED, state_name
+from sequencer.states import DUPLICATE, PARKED, QUEUED, SKIPPED, entity_type_name, state_name
 from sequencer.validation import validate_event
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class Ingress:
         """Accepts an event once per key: QUEUED, PARKED, DUPLICATE or SKIPPED, stored with the
         answer; a retry replays the stored answer."""
         event = request.event
-        logs.bind(entity_type=event.entity_type, entity_id=event.entity_id, sequence=event.sequence)
+        logs.bind(entity_type=entity_type_name(event.entity_type), entity_id=event.entity_id, sequence=event.sequence)
         pending = self.prepare(caller=caller, key=key, request=request, correlation_id=correlation_id, timeout=timeout)
         result = await self.accept(pending)
         response = result.response

@@ -24,3 +24,9 @@ TERMINAL = frozenset({APPLIED, REJECTED, SKIPPED})
 def state_name(state: int) -> str:
     """The enum name (EVENT_STATE_QUEUED), for logs and metric labels."""
     return events_pb2.EventState.Name(state)  # type: ignore[arg-type]
+
+
+def entity_type_name(entity_type: int) -> str:
+    """The enum name (ENTITY_TYPE_SHIPMENT), for logs: both services log enum names, never
+    numbers."""
+    return events_pb2.EntityType.Name(entity_type)  # type: ignore[arg-type]

@@ -136,6 +136,18 @@ def test_metrics_move_and_correlation_is_followed(services: tuple[ServiceProcess
     assert [(e.correlation_id, e.transaction_id) for e in history.entries] == [("follow-me", first.transaction_id)]
     gap_alert = sequencer.wait_log(lambda e: e.get("msg") == "gap older than alert threshold")
     assert gap_alert["entity_id"] == "SHP-M2" and gap_alert["awaiting_sequence"] == 1
+    assert gap_alert["entity_type"] == "ENTITY_TYPE_SHIPMENT"
+
+    # Both services log enum names, never numbers, under the same field names.
+    lines = [*sequencer.logs, *ledger.logs]
+    assert any(e.get("entity_type") == "ENTITY_TYPE_SHIPMENT" for e in sequencer.logs)
+    assert any(str(e.get("state", "")).startswith("EVENT_STATE_") for e in sequencer.logs)
+    for entry in lines:
+        if "entity_type" in entry:
+            assert str(entry["entity_type"]).startswith("ENTITY_TYPE_"), entry
+        for field in ("state", "outcome"):
+            if field in entry:
+                assert str(entry[field]).startswith("EVENT_STATE_"), entry
 
 
 def test_grpc_series_follow_go_grpc_middleware(services: tuple[ServiceProcess, ServiceProcess]) -> None:
