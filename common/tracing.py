@@ -112,6 +112,15 @@ def metadata_of(span: Span | None = None) -> tuple[tuple[str, str], ...]:
     return tuple(carrier.items())
 
 
+def log_ids(traceparent: str | None) -> dict[str, str]:
+    """`trace_id` and `span_id` of a stored traceparent, for a log line about that event written
+    outside its spans (empty when there is none)."""
+    parts = (traceparent or "").split("-")
+    if len(parts) != 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
+        return {}
+    return {"trace_id": parts[1], "span_id": parts[2]}
+
+
 def start(
     name: str,
     *,

@@ -443,6 +443,7 @@ class Forwarder:
                     "correlation_id": event.correlation_id,
                     "outcome": events_pb2.EventState.Name(outcome_row.state),  # type: ignore[arg-type]
                     "batch_size": len(sent),
+                    **tracing.log_ids(event.traceparent),
                 },
             )
 
