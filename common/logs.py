@@ -30,18 +30,30 @@ def bind(**fields: Any) -> None:
 _default_factory = logging.getLogRecordFactory()
 
 
+class _ContextRecord(logging.LogRecord):
+    """A record whose request-context fields are read through attribute access (any handler,
+    caplog included, sees `record.correlation_id`) but kept out of its __dict__, so a call's
+    `extra=` may name a context field (an event's entity_id in a batch's line) without logging's
+    "overwrite" KeyError, and wins over it."""
+
+    def __getattr__(self, name: str) -> Any:
+        context = self.__dict__.get("_context") or {}
+        if name in context:
+            return context[name]
+        raise AttributeError(name)
+
+
 def _record_with_context(*args: Any, **kwargs: Any) -> logging.LogRecord:
     record = _default_factory(*args, **kwargs)
-    # Kept apart from the record's own attributes, so a call's `extra=` may name a context field
-    # (an event's entity_id in a batch's line) without logging's "overwrite" KeyError; the
-    # formatter merges them, the call's own fields winning.
     context = dict(log_context.get() or {})
-    # The trace of the work being done (an RPC's server span, a forward span), beside the
-    # correlation id, so a log line leads to its trace and back.
+    # The trace of the work being done (an RPC's server span), beside the correlation id, so a
+    # log line leads to its trace and back.
     span = trace.get_current_span().get_span_context()
     if span.is_valid:
         context.setdefault("trace_id", format(span.trace_id, "032x"))
         context.setdefault("span_id", format(span.span_id, "016x"))
+    if type(record) is logging.LogRecord:
+        record.__class__ = _ContextRecord
     record._context = context
     return record
 
@@ -72,8 +84,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in context_of(record).items():
-            entry[key] = value
+        entry.update(context_of(record))
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

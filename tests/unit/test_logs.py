@@ -29,6 +29,9 @@ def test_context_fields_trace_ids_and_a_line_s_own_fields() -> None:
         # A field the context has too: no KeyError from logging, the line's own value wins.
         own = line(logger, "event rejected", entity_id="SHP-9", sequence=3)
         assert own["entity_id"] == "SHP-9" and own["sequence"] == 3 and own["batch_size"] == 2
+        # Any handler (caplog too) reads the context as attributes of the record.
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 1, "rpc", (), None)
+        assert getattr(record, "correlation_id", None) == "c-1" and not hasattr(record, "nothing")
         span = NonRecordingSpan(
             SpanContext(0x4BF92F3577B34DA6A3CE929D0E0E4736, 0x00F067AA0BA902B7, False, TraceFlags(1))
         )
