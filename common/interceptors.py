@@ -8,6 +8,7 @@ Each service passes its own table from domain error classes to gRPC codes (its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from opentelemetry import trace
@@ -31,6 +32,7 @@ from common.errors import (
     InvalidArgument,
     MalformedRequest,
     NotFound,
+    Overloaded,
     PermissionDenied,
     RequestTooLarge,
     Retryable,
@@ -44,6 +46,9 @@ MAX_CORRELATION_ID = 128
 
 ErrorTable = Mapping[type[DomainError], grpc.StatusCode]
 Context = grpc.aio.ServicerContext[Any, Any]
+#: A service's admission gate: given the method and the call's metadata (after authentication),
+#: a hold for the call's duration, or a raised domain error (an Overloaded) to refuse it.
+Gate = Callable[[str, tuple[Any, ...]], contextlib.AbstractContextManager[None]]
 
 _trailing: contextvars.ContextVar[list[tuple[str, str]]] = contextvars.ContextVar("trailing")
 
@@ -69,7 +74,16 @@ def status_for(error: DomainError, table: ErrorTable, domain: str) -> status_pb2
     )
     detail = any_pb2.Any()
     detail.Pack(info)
-    return status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    details = [detail]
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        # google.rpc.RetryInfo: how long the caller should wait before the same request again.
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(float(retry_after) * 1e9))
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
+    return status_pb2.Status(code=code.value[0], message=error.message, details=details)
 
 
 def _internal_status(domain: str) -> status_pb2.Status:
@@ -106,6 +120,7 @@ COMMON_TABLE: ErrorTable = {
     DeadlineReached: grpc.StatusCode.DEADLINE_EXCEEDED,
     Retryable: grpc.StatusCode.UNAVAILABLE,
     RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 _MALFORMED = object()
@@ -169,9 +184,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         domain: str,
         authenticator: Authenticator,
         policy: Mapping[str, frozenset[str]],
+        gate: Gate | None = None,
         max_message_bytes: int | None = None,
     ) -> None:
         self.table = {**COMMON_TABLE, **table}
+        self.gate: Gate = gate or (lambda _method, _metadata: contextlib.nullcontext())
         self.domain = domain
         self.max_message_bytes = max_message_bytes
         self.authenticator = authenticator
@@ -199,7 +216,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     try:
                         await self._echo(context)
                         self._admit(method, metadata, request, context)
-                        response = await inner_unary(request, context)
+                        with self.gate(method, metadata):
+                            response = await inner_unary(request, context)
                     except BaseException as exc:
                         await self._fail(exc, method, started, context)
                         raise
@@ -221,8 +239,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     try:
                         await self._echo(context)
                         self._admit(method, metadata, request, context)
-                        async for item in inner_stream(request, context):
-                            yield item
+                        with self.gate(method, metadata):
+                            async for item in inner_stream(request, context):
+                                yield item
                     except BaseException as exc:
                         await self._fail(exc, method, started, context)
                         raise

@@ -43,4 +43,4 @@ POLICY: dict[str, frozenset[str]] = {
 
 
 def build_interceptor(authenticator: Authenticator, max_message_bytes: int | None = None) -> ServiceInterceptor:
-    return ServiceInterceptor(ERROR_TABLE, DOMAIN, authenticator, POLICY, max_message_bytes)
+    return ServiceInterceptor(ERROR_TABLE, DOMAIN, authenticator, POLICY, max_message_bytes=max_message_bytes)

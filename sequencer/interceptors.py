@@ -7,7 +7,7 @@ from google.rpc import status_pb2
 
 from common.auth import Authenticator
 from common.errors import DomainError
-from common.interceptors import COMMON_TABLE, ErrorTable, ServiceInterceptor, status_for
+from common.interceptors import COMMON_TABLE, ErrorTable, Gate, ServiceInterceptor, status_for
 from sequencer import errors
 
 DOMAIN = "sequencer.logistics"
@@ -23,6 +23,8 @@ ERROR_TABLE: ErrorTable = {
     errors.NotBlocked: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ParkedLimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.TooManyWatchers: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.CallerOverloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.BacklogFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.EntityNotFound: grpc.StatusCode.NOT_FOUND,
     errors.EventNotFound: grpc.StatusCode.NOT_FOUND,
     errors.IdempotencyRecordNotFound: grpc.StatusCode.NOT_FOUND,
@@ -57,8 +59,12 @@ POLICY: dict[str, frozenset[str]] = {
 }
 
 
-def build_interceptor(authenticator: Authenticator, max_message_bytes: int | None = None) -> ServiceInterceptor:
-    return ServiceInterceptor(ERROR_TABLE, DOMAIN, authenticator, POLICY, max_message_bytes)
+def build_interceptor(
+    authenticator: Authenticator, gate: Gate | None = None, max_message_bytes: int | None = None
+) -> ServiceInterceptor:
+    """The interceptor with this service's table and policy, the admission gate (SPEC 12) and
+    the request size limit."""
+    return ServiceInterceptor(ERROR_TABLE, DOMAIN, authenticator, POLICY, gate, max_message_bytes)
 
 
 def item_status(error: DomainError) -> status_pb2.Status:

@@ -4,16 +4,19 @@ and the background work (forwarder, key sweeper, gap monitor)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common.auth import Authenticator
+from common.auth import Authenticator, current_identity
 from common.clock import Clock, SystemClock
 from common.db import make_engine, require_migrated
 from common.grpc_metrics import ClientMetricsInterceptor, MetricsInterceptor, methods_of
@@ -27,12 +30,16 @@ from common.grpc_server import (
     served_methods,
     set_serving,
 )
+from common.interceptors import Gate
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
+from sequencer import repository
+from sequencer.admission import Admission, Limits
 from sequencer.config import Settings
 from sequencer.forwarder import Forwarder
 from sequencer.forwarding import ForwardingStore
 from sequencer.gaps import GapMonitor
+from sequencer.idempotency import caller_scope
 from sequencer.ingress import Ingress
 from sequencer.interceptors import build_interceptor
 from sequencer.interventions import Interventions
@@ -44,6 +51,9 @@ from sequencer.sweeper import Sweeper
 from sequencer.watch import Watches
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Open status streams have their own per-caller cap (SEQUENCER_WATCHERS_PER_CALLER) and last
+# minutes: they would starve the in-flight slots of a caller's requests.
+UNGATED = frozenset({"/logistics.sequencer.v1.SequencerService/WatchEventStatus"})
 SERVICE_NAMES = (
     sequencer_pb2.DESCRIPTOR.services_by_name["SequencerService"].full_name,
     sequencer_pb2.DESCRIPTOR.services_by_name["SequencerAdminService"].full_name,
@@ -67,6 +77,7 @@ class App:
     metrics: SequencerMetrics
     ledger_channel: grpc.aio.Channel
     authenticator: Authenticator
+    admission: Admission
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -83,6 +94,21 @@ class App:
         await bounded(self.notifier.close(), 5, "notification listener")
         await bounded(self.ledger_channel.close(), 5, "ledger channel")
         await self.engine.dispose()
+
+
+def admission_gate(admission: Admission) -> Gate:
+    """The interceptor's gate: every RPC but the status streams holds one in-flight slot of its
+    caller (the idempotency scope) while it is handled."""
+
+    @contextlib.contextmanager
+    def gate(method: str, metadata: tuple[Any, ...]) -> Iterator[None]:
+        if method in UNGATED:
+            yield
+            return
+        with admission.hold(caller_scope(current_identity(), metadata)):
+            yield
+
+    return gate
 
 
 async def build_server(
@@ -106,7 +132,10 @@ async def build_server(
     notifier = Notifier(settings.database_url)
     # Names this process in its notifications, so it can ignore its own wake-ups.
     instance = uuid.uuid4().hex
-    ingress = Ingress(settings.database_url, settings, clock, metrics, instance)
+    admission = Admission(
+        Limits(settings.max_inflight_per_caller, settings.max_backlog, settings.backlog_refresh_interval), metrics
+    )
+    ingress = Ingress(settings.database_url, settings, clock, metrics, instance, admission)
     interventions = Interventions(engine, settings, clock, metrics, ingress.answers, instance)
     reads = Reads(engine, settings, clock)
     gaps = GapMonitor(engine, settings, clock, metrics)
@@ -128,7 +157,7 @@ async def build_server(
     server = new_server(
         [
             MetricsInterceptor(metrics.grpc, served_methods(SERVICE_NAMES)),
-            build_interceptor(authenticator, settings.security.max_message_bytes),
+            build_interceptor(authenticator, admission_gate(admission), settings.security.max_message_bytes),
         ],
         settings.security,
     )
@@ -139,6 +168,9 @@ async def build_server(
     sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(reads, interventions), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.listen_addr, settings.security)
+    # The backlog is counted before the first request is admitted, then about once a second.
+    held = _held_counter(engine)
+    await admission.refresh(held)
     await notifier.start()
     ingress.start()
     await server.start()
@@ -155,13 +187,25 @@ async def build_server(
         metrics,
         ledger_channel,
         authenticator,
+        admission,
     )
     app.tasks.append(asyncio.create_task(Sweeper(engine, settings, clock).run(), name="key-sweeper"))
     app.tasks.append(asyncio.create_task(gaps.run(), name="gap-monitor"))
+    app.tasks.append(asyncio.create_task(admission.run(held), name="backlog-count"))
     if run_forwarder:
         app.tasks.append(asyncio.create_task(forwarder.run(), name="forwarder"))
     await set_serving(health_servicer, SERVICE_NAMES, True)
     return app
+
+
+def _held_counter(engine: AsyncEngine) -> Callable[[int], Awaitable[int]]:
+    """The backlog count admission runs about once a second: one statement on a pooled connection."""
+
+    async def count(cap: int) -> int:
+        async with engine.connect() as conn:
+            return await repository.count_held(conn, cap)
+
+    return count
 
 
 async def main() -> None:

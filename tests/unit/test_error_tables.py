@@ -46,6 +46,9 @@ NAMED: dict[str, grpc.StatusCode] = {
     "ParkedLimitReached": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "TooManyWatchers": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "RequestTooLarge": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "CallerOverloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "BacklogFull": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "Overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK}
@@ -74,7 +77,7 @@ def interceptor(service: str) -> ServiceInterceptor:
     """The interceptor exactly as the service's server builds it (server.py: build_interceptor
     over an authenticator and the message limit)."""
     _, module = SERVICES[service]
-    built = module.build_interceptor(Authenticator.from_file(""), 1024 * 1024)
+    built = module.build_interceptor(Authenticator.from_file(""), max_message_bytes=1024 * 1024)
     assert isinstance(built, ServiceInterceptor)
     return built
 

@@ -24,10 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "ops" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "logistics.json"
 
-# Series the issues being built beside this one add (their names as those branches define them):
-# the backlog gauge of flow control (issue 19f) and the webhook series (issue 16).
+# Series an issue being built beside this one adds (their names as that branch defines them):
+# the webhook series (issue 16).
 ELSEWHERE = {
-    "sequencer_backlog_events",
     "sequencer_webhook_deliveries_total",
     "sequencer_webhook_oldest_undelivered_age_seconds",
 }
