@@ -121,40 +121,55 @@ class GrpcServerMetrics:
         self.in_flight = Gauge(
             "grpc_server_in_flight_requests", "RPCs being handled by the server now.", labels, registry=registry
         )
+        self._series: dict[tuple[str, str, str], _ServerSeries] = {}
+
+    def series(self, labels: tuple[str, str, str]) -> _ServerSeries:
+        """One method's series, created (at zero) on first use and kept: a label lookup takes
+        a lock, so a call touches its bound series only."""
+        found = self._series.get(labels)
+        if found is None:
+            found = self._series[labels] = _ServerSeries(self, labels)
+        return found
 
     def initialize(self, methods: Iterable[Method]) -> None:
         """Creates every series at zero (handled_total for every code), so rates and alerts
         work from the first scrape instead of after the first call of each method."""
         for method in methods:
-            for family in (self.started, self.msg_received, self.msg_sent, self.handling, self.in_flight):
-                family.labels(*method.labels)
-            for name in CODE_NAMES.values():
-                self.handled.labels(*method.labels, name)
+            self.series(method.labels)
+
+
+class _ServerSeries:
+    def __init__(self, metrics: GrpcServerMetrics, labels: tuple[str, str, str]) -> None:
+        self.started = metrics.started.labels(*labels)
+        self.msg_received = metrics.msg_received.labels(*labels)
+        self.msg_sent = metrics.msg_sent.labels(*labels)
+        self.handling = metrics.handling.labels(*labels)
+        self.in_flight = metrics.in_flight.labels(*labels)
+        self.handled = {name: metrics.handled.labels(*labels, name) for name in CODE_NAMES.values()}
 
 
 class _ServerCall:
     """One RPC's bookkeeping: in flight from the first handler line, finished exactly once."""
 
-    def __init__(self, metrics: GrpcServerMetrics, labels: tuple[str, str, str]) -> None:
-        self.metrics = metrics
-        self.labels = labels
+    def __init__(self, series: _ServerSeries) -> None:
+        self.series = series
         self.started = time.perf_counter()
         self.done = False
-        metrics.in_flight.labels(*labels).inc()
+        series.in_flight.inc()
 
     def received(self) -> None:
-        self.metrics.msg_received.labels(*self.labels).inc()
+        self.series.msg_received.inc()
 
     def sent(self) -> None:
-        self.metrics.msg_sent.labels(*self.labels).inc()
+        self.series.msg_sent.inc()
 
     def finish(self, code: str) -> None:
         if self.done:
             return
         self.done = True
-        self.metrics.in_flight.labels(*self.labels).dec()
-        self.metrics.handled.labels(*self.labels, code).inc()
-        self.metrics.handling.labels(*self.labels).observe(time.perf_counter() - self.started)
+        self.series.in_flight.dec()
+        self.series.handled[code].inc()
+        self.series.handling.observe(time.perf_counter() - self.started)
 
 
 def _code_after(exc: BaseException | None, context: Context) -> str:
@@ -180,7 +195,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: GrpcServerMetrics, methods: Iterable[Method]) -> None:
         self.metrics = metrics
         self.known = {m.path: m for m in methods}
-        metrics.initialize(self.known.values())
+        metrics.initialize([*self.known.values(), Method(UNKNOWN, UNKNOWN, UNKNOWN)])
 
     async def intercept_service(
         self,
@@ -191,14 +206,13 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = self.known.get(handler_call_details.method)
-        labels = method.labels if method else (UNKNOWN, UNKNOWN, UNKNOWN)
+        series = self.metrics.series(method.labels if method else (UNKNOWN, UNKNOWN, UNKNOWN))
         # Counted here, before the request message is read: a call the transport ends before the
         # handler runs (a message over the hard ceiling) stays visible as started - handled.
-        self.metrics.started.labels(*labels).inc()
-        return self._wrap(handler, labels)
+        series.started.inc()
+        return self._wrap(handler, series)
 
-    def _wrap(self, handler: Any, labels: tuple[str, str, str]) -> Any:
-        metrics = self.metrics
+    def _wrap(self, handler: Any, series: _ServerSeries) -> Any:
         serializers = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,
@@ -213,7 +227,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: Context) -> Any:
-                call = _ServerCall(metrics, labels)
+                call = _ServerCall(series)
                 call.received()
                 try:
                     response = await _resolve(inner_uu(request, context))
@@ -243,7 +257,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                call = _ServerCall(metrics, labels)
+                call = _ServerCall(series)
                 call.received()
                 async for item in stream_out(call, inner_us(request, context), context):
                     yield item
@@ -254,7 +268,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
-                call = _ServerCall(metrics, labels)
+                call = _ServerCall(series)
                 try:
                     response = await _resolve(inner_su(counted(call, requests), context))
                 except BaseException as exc:
@@ -269,7 +283,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
-            call = _ServerCall(metrics, labels)
+            call = _ServerCall(series)
             async for item in stream_out(call, inner_ss(counted(call, requests), context), context):
                 yield item
 
