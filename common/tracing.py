@@ -44,8 +44,12 @@ def configure(service: str) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
-    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the default name.
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}).merge(Resource.create()))
+    # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win; without them the service's own name,
+    # not the SDK's "unknown_service".
+    resource = Resource.create()
+    if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({SERVICE_NAME: service}))
+    provider = TracerProvider(resource=resource)
     for name in names:
         exporter: SpanExporter
         if name == "otlp":

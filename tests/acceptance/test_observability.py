@@ -64,6 +64,9 @@ def value(found: list[tuple[str, Labels, float]], name: str, **labels: str) -> f
 
 
 SEQ = "logistics.sequencer.v1.SequencerService"
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+CALLER_SPAN = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE_ID}-{CALLER_SPAN}-01"
 LEDGER = "logistics.ledger.v1.LedgerService"
 
 
@@ -88,7 +91,9 @@ def test_metrics_move_and_correlation_is_followed(services: tuple[ServiceProcess
         stub = sequencer_pb2_grpc.SequencerServiceStub(channel)
         request = sequencer_pb2.SubmitEventRequest(event=shipment_event("SHP-M1", 1, "shipment_created"))
         first = stub.SubmitEvent(
-            request, metadata=(("idempotency-key", "m1"), ("x-correlation-id", "follow-me")), timeout=5
+            request,
+            metadata=(("idempotency-key", "m1"), ("x-correlation-id", "follow-me"), ("traceparent", TRACEPARENT)),
+            timeout=5,
         )
         stub.SubmitEvent(request, metadata=(("idempotency-key", "m1"),), timeout=5)  # a replay
         stub.SubmitEvent(
@@ -127,6 +132,12 @@ def test_metrics_move_and_correlation_is_followed(services: tuple[ServiceProcess
     seq_lines = [e for e in sequencer.logs if mine(e)]
     assert any(str(e.get("rpc", "")).endswith("/SubmitEvent") for e in seq_lines)
     assert any(e.get("msg") == "event forwarded" and e.get("transaction_id") == first.transaction_id for e in seq_lines)
+    # Tracing is off (no OTEL_TRACES_EXPORTER), yet the caller's trace is carried: its ids are on
+    # the call's lines and on the forwarded event's line (the stored traceparent).
+    submit_line = next(e for e in seq_lines if str(e.get("rpc", "")).endswith("/SubmitEvent"))
+    assert (submit_line["trace_id"], submit_line["span_id"]) == (TRACE_ID, CALLER_SPAN)
+    forwarded = next(e for e in seq_lines if e.get("msg") == "event forwarded")
+    assert (forwarded["trace_id"], forwarded["span_id"]) == (TRACE_ID, CALLER_SPAN)
     assert any(str(e.get("rpc", "")).endswith("/ApplyEvents") for e in ledger.logs if mine(e))
     with grpc.insecure_channel(ledger.address) as channel:
         history = ledger_pb2_grpc.LedgerServiceStub(channel).ListEntityHistory(
