@@ -7,14 +7,14 @@ revision, skip markers and calls without a recorded trace have none. Additive on
 the previous release neither writes nor reads it.
 
 Revision ID: c7e4a9d2b6f1
-Revises: c7b19e4f2a60
+Revises: c3b8e1f0a6d2
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "c7e4a9d2b6f1"
-down_revision = "c7b19e4f2a60"
+down_revision = "c3b8e1f0a6d2"
 branch_labels = None
 depends_on = None
 
