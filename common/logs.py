@@ -18,6 +18,16 @@ log_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.Context
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
 
+def enum_name(enum: Any, value: int) -> str:
+    """An enum value's proto name for a log field (logs carry names, never numbers); a value the
+    enum does not know (a caller's bad input, logged before validation refuses it) as its
+    number, since it has no name."""
+    try:
+        return str(enum.Name(value))
+    except ValueError:
+        return str(value)
+
+
 def bind(**fields: Any) -> None:
     """Adds fields to the current request's log context (creating it if needed)."""
     current = log_context.get()

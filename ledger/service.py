@@ -307,7 +307,7 @@ class Ledger:
                 log.warning(
                     "event rejected",
                     extra={
-                        "entity_type": events_pb2.EntityType.Name(item.event.entity_type),  # type: ignore[arg-type]
+                        "entity_type": logs.enum_name(events_pb2.EntityType, item.event.entity_type),
                         "entity_id": item.event.entity_id,
                         "sequence": item.event.sequence,
                         "transaction_id": item.transaction_id,

@@ -12,6 +12,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from common import tracing
+from common.logs import enum_name
 from ledger.batch import ApplyResult
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2
@@ -41,7 +42,7 @@ def applying(
                 links=[call],
                 start_time=started,
                 attributes={
-                    "logistics.entity_type": events_pb2.EntityType.Name(item.event.entity_type),
+                    "logistics.entity_type": enum_name(events_pb2.EntityType, item.event.entity_type),
                     "logistics.entity_id": item.event.entity_id,
                     "logistics.sequence": item.event.sequence,
                     "logistics.transaction_id": item.transaction_id,

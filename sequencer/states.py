@@ -5,6 +5,7 @@ and a unit test hold it to the proto enum."""
 
 from __future__ import annotations
 
+from common.logs import enum_name
 from logistics.events.v1 import events_pb2
 
 PARKED = events_pb2.EVENT_STATE_PARKED
@@ -28,5 +29,5 @@ def state_name(state: int) -> str:
 
 def entity_type_name(entity_type: int) -> str:
     """The enum name (ENTITY_TYPE_SHIPMENT), for logs: both services log enum names, never
-    numbers."""
-    return events_pb2.EntityType.Name(entity_type)  # type: ignore[arg-type]
+    numbers (a value the enum lacks, from bad input, stays its number)."""
+    return enum_name(events_pb2.EntityType, entity_type)

@@ -19,6 +19,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from common import tracing
+from common.logs import enum_name
 from logistics.events.v1 import events_pb2
 from sequencer.forwarding import QueuedEvent
 
@@ -35,7 +36,7 @@ def forwarding(batch: list[QueuedEvent]) -> Iterator[list[QueuedEvent]]:
             "sequencer.forward",
             parent=e.traceparent,
             attributes={
-                "logistics.entity_type": events_pb2.EntityType.Name(e.entity_type),  # type: ignore[arg-type]
+                "logistics.entity_type": enum_name(events_pb2.EntityType, e.entity_type),
                 "logistics.entity_id": e.entity_id,
                 "logistics.sequence": e.sequence,
                 "logistics.transaction_id": str(e.transaction_id),

@@ -42,3 +42,11 @@ def test_context_fields_trace_ids_and_a_line_s_own_fields() -> None:
         assert traced["correlation_id"] == "c-1"
     finally:
         logs.log_context.reset(token)
+
+
+def test_enum_fields_are_names_and_unknown_values_do_not_raise() -> None:
+    from logistics.events.v1 import events_pb2
+
+    assert logs.enum_name(events_pb2.EntityType, events_pb2.ENTITY_TYPE_SHIPMENT) == "ENTITY_TYPE_SHIPMENT"
+    # A caller's bad input is logged before validation refuses it: its number, not an exception.
+    assert logs.enum_name(events_pb2.EntityType, -3) == "-3"
