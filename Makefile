@@ -36,6 +36,7 @@ migrate: install
 
 gen: install
 	@$(PY) scripts/gen_protos.py
+	@$(PY) scripts/gen_openapi.py
 
 lint: install
 	@$(VENV)/bin/ruff check .

@@ -113,8 +113,12 @@ async def serve(
     metrics_port = serve_metrics(registry, settings.metrics_addr)
     app = await build(settings, registry=registry)
     where = listening(settings.listen_addr, app.port, metrics_port, settings.security, app.authenticator)
-    log.info(f"{service} listening", extra={**where, **fields})
-    await run_until_signal(app.server, app.health, names, settings.shutdown_grace, app.close)
+    # A service with more listeners (the sequencer's HTTP) names them in the same line.
+    extra = app.listening_fields() if hasattr(app, "listening_fields") else {}
+    log.info(f"{service} listening", extra={**where, **extra, **fields})
+    await run_until_signal(
+        app.server, app.health, names, settings.shutdown_grace, app.close, drain=getattr(app, "drain", None)
+    )
 
 
 async def run_until_signal(
@@ -123,8 +127,10 @@ async def run_until_signal(
     names: Iterable[str],
     grace: float,
     cleanup: Callable[[], Awaitable[None]],
+    drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Serves until SIGTERM/SIGINT, then: health NOT_SERVING, stop(grace), cleanup."""
+    """Serves until SIGTERM/SIGINT, then: health NOT_SERVING, drain (listeners in front of the
+    gRPC server, e.g. HTTP), stop(grace), cleanup."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +138,8 @@ async def run_until_signal(
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": grace})
     await set_serving(health_servicer, names, False)
+    if drain is not None:
+        await bounded(drain(), grace + 5, "drain")
     await bounded(server.stop(grace), grace + 5, "grpc server")
     await bounded(cleanup(), 10, "cleanup")
     log.info("stopped")

@@ -25,6 +25,31 @@ class RpcMetrics:
         self.latency.labels(method, code).observe(seconds)
 
 
+class HttpMetrics:
+    """The HTTP listener's series (OpenTelemetry's HTTP semantic conventions, Prometheus style):
+    `route` is the template (`/v1/transactions/{transaction_id}`), never the raw path, so the
+    label set stays bounded."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "http_server_requests",
+            "HTTP requests handled, by method, route template and status code",
+            ["method", "route", "status_code"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "http_server_request_duration_seconds",
+            "HTTP request handling time, by method and route template",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+    def observe(self, method: str, route: str, status_code: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status_code)).inc()
+        self.duration.labels(method, route).observe(seconds)
+
+
 def serve_metrics(registry: CollectorRegistry, address: str) -> int:
     """Starts the /metrics HTTP endpoint in a daemon thread; returns the bound port
     (address host:port; port 0 picks a free one, which the start-up log line reports)."""

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 from types import FrameType
@@ -45,6 +46,21 @@ class StartFailed(Exception):
     """A service did not come up: everything started is stopped and `make up` fails."""
 
 
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    """Until the HTTP listener answers (it is bound before the start-up line, so this is quick)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - our own loopback URL
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise StartFailed(f"the sequencer's HTTP listener did not answer at {url}")
+        time.sleep(0.2)
+
+
 class Child:
     """A service subprocess whose JSON log lines pass through to our stderr; its start-up line
     tells the ports it bound (so port 0 works too)."""
@@ -53,6 +69,7 @@ class Child:
         self.name = name
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self.listening = threading.Event()
         self.proc = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", name], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True
@@ -66,6 +83,7 @@ class Child:
             if f'"{self.name} listening"' in line:
                 entry = json.loads(line)
                 self.port, self.metrics_port = int(entry["port"]), int(entry["metrics_port"])
+                self.http_port = int(entry.get("http_port", 0))
                 self.listening.set()
 
     def wait_serving(self, timeout: float = 60.0) -> None:
@@ -149,10 +167,17 @@ def main() -> None:
         raise SystemExit(f"make up failed: {failed}") from None
     sequencer_addr = f"127.0.0.1:{sequencer.port}"
     ledger_addr = f"127.0.0.1:{ledger.port}"
+    http_addr = f"127.0.0.1:{sequencer.http_port}"
+    try:
+        wait_http(f"http://{http_addr}/healthz")
+    except StartFailed as failed:
+        shutdown()
+        raise SystemExit(f"make up failed: {failed}") from None
     print(
         f"""
 ready:
   sequencer  grpc://{sequencer_addr}   metrics http://127.0.0.1:{sequencer.metrics_port}/metrics
+  sequencer  http://{http_addr}   (HTTP/JSON API, docs/http.md; OpenAPI at /openapi.json)
   ledger     grpc://{ledger_addr}   metrics http://127.0.0.1:{ledger.metrics_port}/metrics
 
 try it ({_buf_hint()}; grpcurl works the same with -plaintext):
@@ -162,6 +187,7 @@ try it ({_buf_hint()}; grpcurl works the same with -plaintext):
     http://{sequencer_addr}/logistics.sequencer.v1.SequencerService/SubmitEvent
   npx --no-install buf curl --protocol grpc --http2-prior-knowledge -d '{{"shipmentId": "SHP-1"}}' \\
     http://{ledger_addr}/logistics.ledger.v1.LedgerService/GetShipment
+  curl -s http://{http_addr}/v1/shipments/SHP-1
 
 {_auth_line(env)}
 Ctrl-C stops everything.""",

@@ -129,6 +129,7 @@ def start_sequencer(database_url: str, ledger_port: int, *, keep: int | None = N
             "DATABASE_URL": database_url,
             "SEQUENCER_LISTEN_ADDR": "127.0.0.1:0",
             "SEQUENCER_METRICS_ADDR": "127.0.0.1:0",
+            "SEQUENCER_HTTP_ADDR": "127.0.0.1:0",
             "SEQUENCER_LEDGER_TARGET": f"127.0.0.1:{ledger_port}",
             "SEQUENCER_FORWARDER_POLL_INTERVAL": "0.2",
             **env,

@@ -83,6 +83,8 @@ def sequencer_test_settings(database_url: str) -> Any:
         database_url=database_url,
         listen_addr="127.0.0.1:0",
         metrics_addr="127.0.0.1:0",
+        # Never the default 127.0.0.1:8080: tests run side by side.
+        http_addr="127.0.0.1:0",
         ledger_target="127.0.0.1:1",
         forwarder_poll_interval=0.2,
         forwarder_retry_budget=1.0,
