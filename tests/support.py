@@ -110,7 +110,13 @@ class System:
 
     @classmethod
     async def start(
-        cls, database_url: str, sequencer_settings: Any, *, lock_strategy: str = "advisory", **ledger: Any
+        cls,
+        database_url: str,
+        sequencer_settings: Any,
+        *,
+        lock_strategy: str = "advisory",
+        registry: Any = None,
+        **ledger: Any,
     ) -> System:
         from ledger.config import Settings as LedgerSettings
         from ledger.server import build_server as build_ledger
@@ -130,7 +136,7 @@ class System:
             ledger_target=f"127.0.0.1:{system.ledger_app.port}",
             lock_strategy=lock_strategy,
         )
-        await system.start_sequencer(settings)
+        await system.start_sequencer(settings, **({"registry": registry} if registry is not None else {}))
         system.ledger = ledger_pb2_grpc.LedgerServiceStub(system._channel(system.ledger_app.port))
         return system
 
