@@ -231,7 +231,9 @@ async def test_gaps_parked_and_skip(http: Http) -> None:
     path = "/v1/entities/shipment/SHP-H8/sequences/1:skip"
     status, _, body = await http.request("POST", path, body={"reason": "lost upstream"})
     assert_problem(status, body, 400, "IDEMPOTENCY_KEY_MISSING")
-    status, _headers, body = await http.request("POST", path, body={"reason": "lost upstream"}, Idempotency_Key="skip-1")
+    status, _headers, body = await http.request(
+        "POST", path, body={"reason": "lost upstream"}, Idempotency_Key="skip-1"
+    )
     assert status == 200 and body["watermark"] and body["status"]["sequence"] in ("1", "2"), body
     again = await http.request("POST", path, body={"reason": "lost upstream"}, Idempotency_Key="skip-1")
     assert again[2] == body and again[1]["Idempotency-Replayed"] == "true"
