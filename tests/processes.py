@@ -29,6 +29,8 @@ class ServiceProcess:
         self.raw: list[str] = []
         self.port = 0
         self.metrics_port = 0
+        # The sequencer's HTTP/JSON listener (0 for the ledger).
+        self.http_port = 0
         self.proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
 
@@ -66,6 +68,7 @@ class ServiceProcess:
             if entry.get("msg") == f"{self.name} listening":
                 self.port = int(entry["port"])
                 self.metrics_port = int(entry.get("metrics_port") or 0)
+                self.http_port = int(entry.get("http_port") or 0)
                 self._ready.set()
         self._ready.set()
 
