@@ -50,10 +50,11 @@ def test_every_variable_is_one_the_code_reads_and_ports_match() -> None:
     assert container_ports(services["sequencer"]) == {
         int(sequencer.listen_addr.rsplit(":", 1)[1]),
         int(sequencer.metrics_addr.rsplit(":", 1)[1]),
+        int(sequencer.http_addr.rsplit(":", 1)[1]),
     }
     assert sequencer.ledger_target == f"ledger:{ledger.listen_addr.rsplit(':', 1)[1]}"
     # The published ports are the defaults of SPEC section 3.
-    assert container_ports(services["sequencer"]) == {50051, 9464}
+    assert container_ports(services["sequencer"]) == {50051, 9464, 8080}
     assert container_ports(services["ledger"]) == {50052, 9465}
 
 
