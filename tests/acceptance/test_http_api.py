@@ -33,7 +33,7 @@ from sequencer.http import openapi, routes
 from sequencer.http.problems import STATUS_BY_CODE, STATUS_BY_REASON, from_rpc_error
 from sequencer.http.server import idempotency_key
 from sequencer.models import events, idempotency_keys
-from tests.support import System, sequencer_test_settings, shipment_event, trailing
+from tests.support import System, inventory_event, sequencer_test_settings, shipment_event, trailing
 
 ROOT = Path(__file__).resolve().parents[2]
 PROBLEM = "application/problem+json"
@@ -246,6 +246,63 @@ async def test_gaps_parked_and_skip(http: Http) -> None:
     assert read["status"]["state"] == "EVENT_STATE_APPLIED", read
 
 
+async def block_an_event(api: Http, sku: str) -> dict[str, Any]:
+    """A BLOCKED event (SPEC 11): the ledger already holds another MSI 1 of this SKU (applied
+    straight at the ledger, as development mode allows), then MSI 1 comes over HTTP. Needs a
+    sequencer with a small SEQUENCER_BLOCK_AFTER. Returns the submit answer."""
+    direct = inventory_event(sku, 1, "inventory_received", location="DOCK", quantity=7)
+    await api.system.ledger.ApplyEvent(
+        ledger_pb2.ApplyEventRequest(event=direct, transaction_id=str(uuid.uuid4())), timeout=5
+    )
+    body = {
+        "event": json_format.MessageToDict(inventory_event(sku, 1, "inventory_received", location="DOCK", quantity=1))
+    }
+    status, _, accepted = await api.request("POST", "/v1/events", body=body, Idempotency_Key=f"{sku}-1")
+    assert status == 202, accepted
+    for _ in range(300):
+        _, _, read = await api.request("GET", f"/v1/transactions/{accepted['transactionId']}")
+        if read["status"]["state"] == "EVENT_STATE_BLOCKED":
+            return accepted
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never blocked: {read}")
+
+
+async def test_blocked_events_listed_retried_and_skipped(database_url: str) -> None:
+    api = await start_http(database_url, block_after=2)
+    try:
+        accepted = await block_an_event(api, "SKU-HB")
+        status, _, listed = await api.request("GET", "/v1/blocked-events")
+        assert status == 200 and [b["transactionId"] for b in listed["blockedEvents"]] == [accepted["transactionId"]]
+        assert listed["blockedEvents"][0]["reason"] == "SEQUENCE_CONFLICT"
+        status, _, entity = await api.request("GET", "/v1/entities/inventory-item/SKU-HB")
+        assert entity["entity"]["blockedSequence"] == "1"
+        base = "/v1/entities/inventory-item/SKU-HB/sequences"
+        status, _, problem = await api.request("POST", f"{base}/2:retry", body={"reason": "x"}, Idempotency_Key="r-2")
+        assert_problem(status, problem, 409, "NOT_BLOCKED")
+        status, _, retried = await api.request(
+            "POST", f"{base}/1:retry", body={"reason": "ledger fixed?"}, Idempotency_Key="r-1"
+        )
+        assert status == 200 and retried["status"]["state"] == "EVENT_STATE_QUEUED", retried
+        again = await api.request("POST", f"{base}/1:retry", body={"reason": "ledger fixed?"}, Idempotency_Key="r-1")
+        assert again[2] == retried and again[1]["Idempotency-Replayed"] == "true"
+        for _ in range(300):
+            _, _, read = await api.request("GET", f"/v1/transactions/{accepted['transactionId']}")
+            if read["status"]["state"] == "EVENT_STATE_BLOCKED":
+                break
+            await asyncio.sleep(0.1)
+        status, _, skipped = await api.request(
+            "POST", f"{base}/1:skip", body={"reason": "the ledger holds its own MSI 1"}, Idempotency_Key="s-1"
+        )
+        assert status == 200, skipped
+        status, _, final = await api.request("GET", f"/v1/transactions/{accepted['transactionId']}", Prefer="wait=20")
+        assert final["status"]["state"] == "EVENT_STATE_SKIPPED"
+        status, _, listed = await api.request("GET", "/v1/blocked-events")
+        assert listed["blockedEvents"] == []
+    finally:
+        await api.session.close()
+        await api.system.stop()
+
+
 async def grpc_answer(http: Http, route: routes.Route, request: Any) -> grpc.StatusCode:
     ledger = route.service == routes.LEDGER_SERVICE
     port = http.system.ledger_app.port if ledger else http.system.sequencer_app.port
@@ -265,7 +322,6 @@ async def grpc_answer(http: Http, route: routes.Route, request: Any) -> grpc.Sta
 @pytest.mark.parametrize(
     "method, path, body",
     [
-        ("GET", "/v1/blocked-events", None),
         ("GET", "/v1/webhook-subscriptions", None),
         ("POST", "/v1/webhook-subscriptions", {"url": "https://example.invalid/hook"}),
         ("DELETE", "/v1/webhook-subscriptions/nope", None),

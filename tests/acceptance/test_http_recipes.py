@@ -118,7 +118,7 @@ def problem(answer: dict[str, Any], status: int, reason: str) -> None:
 
 
 def rpc_answer(answer: dict[str, Any], success_key: str) -> None:
-    """For RPCs other changes implement (SPEC 11, 14): their result, or the problem+json their
+    """For RPCs another change implements (SPEC 14): their result, or the problem+json their
     gRPC answer maps to while they are not implemented (501) or not in the role policy (403)."""
     if (success_key and success_key in answer) or (not success_key and answer == {}):
         return
@@ -195,8 +195,8 @@ def test_http_recipes_against_running_services(services: tuple[ServiceProcess, S
         ("A1", "10", "3", "7")
     ]
 
-    rpc_answer(run.json(r["list-blocked"]), "blockedEvents")
-    rpc_answer(run.json(r["retry-blocked"]), "status")
+    assert run.json(r["list-blocked"]) == {"blockedEvents": [], "nextPageToken": ""}
+    problem(run.json(r["retry-blocked"]), 409, "NOT_BLOCKED")
     rpc_answer(run.json(r["create-webhook"]), "subscription")
     rpc_answer(run.json(r["list-webhooks"]), "subscriptions")
     rpc_answer(run.json(r["list-webhook-deliveries"]), "deliveries")
