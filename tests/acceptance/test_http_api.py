@@ -262,7 +262,7 @@ async def block_an_event(api: Http, sku: str) -> dict[str, Any]:
     for _ in range(300):
         _, _, read = await api.request("GET", f"/v1/transactions/{accepted['transactionId']}")
         if read["status"]["state"] == "EVENT_STATE_BLOCKED":
-            return accepted
+            return dict(accepted)
         await asyncio.sleep(0.1)
     raise AssertionError(f"never blocked: {read}")
 
