@@ -23,7 +23,7 @@ node_modules/.installed: package.json package-lock.json
 node: node_modules/.installed
 
 # Debian packages some tests drive (space-separated); installed only when missing.
-SYSTEM_PACKAGES :=
+SYSTEM_PACKAGES := chromium chromium-driver
 
 system-deps:
 	@bash scripts/system_deps.sh $(SYSTEM_PACKAGES)

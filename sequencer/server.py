@@ -27,6 +27,7 @@ from sequencer.config import Settings
 from sequencer.forwarder import Forwarder
 from sequencer.forwarding import ForwardingStore
 from sequencer.gaps import GapMonitor
+from sequencer.http.dashboard import Dashboard, Throughput
 from sequencer.http.server import HttpApi, HttpSettings
 from sequencer.http.transcoder import Transcoder
 from sequencer.ingress import Ingress
@@ -216,7 +217,8 @@ async def _start_http(app: App, settings: Settings, registry: CollectorRegistry)
         tls_cert=settings.security.tls_cert,
         tls_key=settings.security.tls_key,
     )
-    app.http = HttpApi(http_settings, transcoder, HttpMetrics(registry), readiness)
+    dashboard = Dashboard(transcoder, app.reads.recent_rejections, Throughput(app.metrics.ledger_outcomes))
+    app.http = HttpApi(http_settings, transcoder, HttpMetrics(registry), readiness, dashboard.install)
     app.http_port = await app.http.start()
 
 

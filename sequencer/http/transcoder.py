@@ -96,11 +96,36 @@ class Transcoder:
         if self.ledger_has_client_certificate and not has_token:
             raise Problem(401, "UNAUTHENTICATED", "ledger reads over HTTP need an `Authorization: Bearer` token")
 
-    async def call(self, route: Route, request: Any, metadata: list[tuple[str, str]], prefer: Sequence[str]) -> Answer:
-        channel = self.loopback
-        if route.service == LEDGER_SERVICE:
+    async def unary(
+        self,
+        path: str,
+        request: Any,
+        response_class: Any,
+        metadata: list[tuple[str, str]],
+        *,
+        ledger: bool = False,
+        timeout: float | None = None,
+    ) -> tuple[Any, dict[str, str]]:
+        """One unary call (the sequencer's own, or with `ledger` the ledger's): its response and
+        the response headers it maps to; a failure raises the Problem it maps to."""
+        if ledger:
             self._ledger_check(metadata)
-            channel = self.ledger
+        rpc = (self.ledger if ledger else self.loopback).unary_unary(
+            path,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        call = rpc(request, metadata=metadata, timeout=timeout or self.timeout)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as exc:
+            problem = from_rpc_error(exc)
+            problem.headers.update(_headers(exc.initial_metadata()))
+            problem.headers.update(_headers(exc.trailing_metadata()))
+            raise problem from None
+        return response, {**_headers(await call.initial_metadata()), **_headers(await call.trailing_metadata())}
+
+    async def call(self, route: Route, request: Any, metadata: list[tuple[str, str]], prefer: Sequence[str]) -> Answer:
         wait = prefer_wait(prefer)
         if route.path == GET_EVENT_STATUS and wait:
             return await self._watch(request, metadata, wait)
@@ -112,20 +137,15 @@ class Transcoder:
             applied["Preference-Applied"] = f"wait={wait}"
         if route.path == SUBMIT_EVENT and request.HasField("wait_for_terminal"):
             timeout += request.wait_for_terminal.ToTimedelta().total_seconds()
-        rpc = channel.unary_unary(
+        response, headers = await self.unary(
             route.path,
-            request_serializer=route.request_class.SerializeToString,
-            response_deserializer=route.response_class.FromString,
+            request,
+            route.response_class,
+            metadata,
+            ledger=route.service == LEDGER_SERVICE,
+            timeout=timeout,
         )
-        call = rpc(request, metadata=metadata, timeout=timeout)
-        try:
-            response = await call
-        except grpc.aio.AioRpcError as exc:
-            problem = from_rpc_error(exc)
-            problem.headers.update(_headers(exc.initial_metadata()))
-            problem.headers.update(_headers(exc.trailing_metadata()))
-            raise problem from None
-        headers = {**_headers(await call.initial_metadata()), **_headers(await call.trailing_metadata()), **applied}
+        headers.update(applied)
         status = 200
         if route.path == SUBMIT_EVENT:
             assert isinstance(response, sequencer_pb2.SubmitEventResponse)

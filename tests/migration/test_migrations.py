@@ -40,6 +40,9 @@ LANDED = {
     "sequencer/migrations/versions/a4e7c2d91f35_batched_forwarding.py": (
         "1327c8251405cd902340302207851d545e0de88b96145792c9c8391b93878ec7"
     ),
+    "sequencer/migrations/versions/c8e4b1f2a6d3_rejections_index.py": (
+        "34708d8ceba77a59d686f90f87dafc09f328dc47c97c1e57f7bfdf7339751956"
+    ),
     "sequencer/sql/lock_submissions_v2.sql": "3f8198512585c37e0b9775e685c25869f11b3a74f7062887d2e22b3e250f6b49",
     "sequencer/sql/record_outcomes_v1.sql": "ea3a89fd981423df0e258d920b9e065fac6a6418808e195ceb4d4ca5f6f11cf2",
 }
