@@ -350,7 +350,15 @@ class Dashboard:
         rows = []
         for start, counts in minutes:
             if counts is None:
-                rows.append([_e(start.strftime("%H:%M")), "&ndash;", "&ndash;", "&ndash;", '<span class="muted">not sampled</span>'])
+                rows.append(
+                    [
+                        _e(start.strftime("%H:%M")),
+                        "&ndash;",
+                        "&ndash;",
+                        "&ndash;",
+                        '<span class="muted">not sampled</span>',
+                    ]
+                )
                 continue
             total = sum(counts.values())
             width = int(200 * total / peak)
