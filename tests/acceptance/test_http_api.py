@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from google.api import annotations_pb2
@@ -563,3 +564,50 @@ async def test_http_metrics_use_route_templates(http: Http) -> None:
     names = {s.labels.get("route") for m in http.registry.collect() for s in m.samples if "route" in s.labels}
     assert not any(body["transactionId"] in (n or "") for n in names)
     assert uuid.UUID(body["transactionId"])
+
+
+async def test_https_with_the_servers_certificate_and_bearer_tokens(database_url: str, tmp_path: Path) -> None:
+    """With SEQUENCER_TLS_CERT/KEY the HTTP listener serves HTTPS with the same certificate; the
+    local hop to gRPC needs no TLS of its own (a private Unix socket)."""
+    import hashlib
+    import ssl
+
+    from common.auth import SecuritySettings
+    from tests.certs import make_certificates
+
+    certs = make_certificates(tmp_path / "tls", [])
+    ids = [{"caller": "wms", "roles": ["submitter", "reader"], "token_sha256": hashlib.sha256(b"t-wms").hexdigest()}]
+    (tmp_path / "ids.json").write_text(json.dumps({"identities": ids}))
+    security = SecuritySettings(
+        identities_file=str(tmp_path / "ids.json"), tls_cert=certs.server.cert, tls_key=certs.server.key
+    )
+    api = await start_http(database_url, security=security)
+    context = ssl.create_default_context(cafile=certs.ca)
+    try:
+        base = f"https://localhost:{api.system.sequencer_app.http_port}"
+        connector = aiohttp.TCPConnector(ssl=context)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            async with session.get(base + "/healthz") as answer:
+                assert answer.status == 200
+            headers = {"Idempotency-Key": "tls-1", "Authorization": "Bearer t-wms"}
+            async with session.post(base + "/v1/events", json=event_json("SHP-TLS", 1), headers=headers) as answer:
+                assert answer.status == 202, await answer.text()
+        with pytest.raises(aiohttp.ClientError):
+            async with api.session.get(f"http://localhost:{api.system.sequencer_app.http_port}/healthz") as answer:
+                await answer.read()
+    finally:
+        await api.session.close()
+        await api.system.stop()
+
+
+def test_an_exposed_http_listener_needs_tls_and_tokens() -> None:
+    from common.settings import ConfigError
+    from sequencer.config import Settings
+
+    base = {"DATABASE_URL": "postgresql://u@h/db", "SEQUENCER_HTTP_ADDR": "0.0.0.0:8080"}
+    with pytest.raises(ConfigError, match="SEQUENCER_HTTP_ADDR"):
+        Settings.from_env(base)
+    with pytest.raises(ConfigError, match="SEQUENCER_HTTP_ADDR"):
+        Settings.from_env({**base, "SEQUENCER_TLS_CERT": "c.pem", "SEQUENCER_TLS_KEY": "k.pem"})
+    assert Settings.from_env({**base, "SEQUENCER_ALLOW_INSECURE": "true"}).http_addr == "0.0.0.0:8080"
+    assert Settings.from_env({"DATABASE_URL": "postgresql://u@h/db"}).http_addr == "127.0.0.1:8080"
