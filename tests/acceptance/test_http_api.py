@@ -611,3 +611,34 @@ def test_an_exposed_http_listener_needs_tls_and_tokens() -> None:
         Settings.from_env({**base, "SEQUENCER_TLS_CERT": "c.pem", "SEQUENCER_TLS_KEY": "k.pem"})
     assert Settings.from_env({**base, "SEQUENCER_ALLOW_INSECURE": "true"}).http_addr == "0.0.0.0:8080"
     assert Settings.from_env({"DATABASE_URL": "postgresql://u@h/db"}).http_addr == "127.0.0.1:8080"
+
+
+async def test_one_correlation_id_in_the_http_and_the_grpc_log_lines(
+    http: Http, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO)
+    status, headers, body = await http.request(
+        "POST", "/v1/events", body=event_json("SHP-LOG", 1), Idempotency_Key="log-1", X_Correlation_Id="corr-log-1"
+    )
+    assert status == 202 and headers["X-Correlation-Id"] == body["correlationId"] == "corr-log-1"
+    http_lines = [r for r in caplog.records if r.name == "sequencer.http.server" and r.getMessage() == "http"]
+
+    def submit_lines() -> list[logging.LogRecord]:
+        return [
+            r for r in caplog.records if r.getMessage() == "rpc" and str(getattr(r, "rpc", "")).endswith("/SubmitEvent")
+        ]
+
+    rpc_lines = submit_lines()
+    assert [(getattr(r, "route", None), getattr(r, "correlation_id", None)) for r in http_lines] == [
+        ("/v1/events", "corr-log-1")
+    ]
+    assert [getattr(r, "correlation_id", None) for r in rpc_lines] == ["corr-log-1"]
+    # Without one, the HTTP layer makes one and both lines carry it.
+    caplog.clear()
+    _, headers, body = await http.request("POST", "/v1/events", body=event_json("SHP-LOG", 2), Idempotency_Key="log-2")
+    generated = headers["X-Correlation-Id"]
+    assert generated and body["correlationId"] == generated
+    http_lines = [r for r in caplog.records if r.getMessage() == "http"]
+    assert {getattr(r, "correlation_id", None) for r in [*http_lines, *submit_lines()]} == {generated}
