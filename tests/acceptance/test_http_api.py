@@ -642,3 +642,52 @@ async def test_one_correlation_id_in_the_http_and_the_grpc_log_lines(
     assert generated and body["correlationId"] == generated
     http_lines = [r for r in caplog.records if r.getMessage() == "http"]
     assert {getattr(r, "correlation_id", None) for r in [*http_lines, *submit_lines()]} == {generated}
+
+
+async def test_a_database_outage_is_503_transient_with_retry_after_and_not_ready(tmp_path: Path) -> None:
+    """PostgreSQL stopped (`pg_ctl stop -m immediate`, a crash): writes and reads over HTTP answer
+    503 TRANSIENT with Retry-After, never 500; /readyz says the database is unreachable, /healthz
+    still answers; once it is back, the same request succeeds."""
+    from common.migrate import upgrade
+    from tests.cluster import Cluster
+
+    cluster = Cluster()
+    try:
+        await asyncio.to_thread(cluster.start)
+        for service in ("ledger", "sequencer"):
+            await asyncio.to_thread(upgrade, ROOT / service / "migrations", cluster.url, service)
+        api = await start_http(cluster.url)
+        try:
+            status, _, _ = await api.request(
+                "POST", "/v1/events", body=event_json("OUT-H1", 1), Idempotency_Key="out-1", Prefer="wait=20"
+            )
+            assert status == 200
+            await asyncio.to_thread(cluster.stop)
+            for method, path, body, key in [
+                ("POST", "/v1/events", event_json("OUT-H1", 2, "shipment_picked"), "out-2"),
+                ("GET", "/v1/gaps", None, ""),
+                ("GET", "/v1/entities/shipment/OUT-H1", None, ""),
+                ("GET", "/v1/shipments/OUT-H1", None, ""),
+            ]:
+                headers = {"Idempotency_Key": key} if key else {}
+                status, answer_headers, problem = await api.request(method, path, body=body, **headers)
+                assert_problem(status, problem, 503, "TRANSIENT")
+                assert int(answer_headers["Retry-After"]) >= 1
+            status, _, problem = await api.request("GET", "/readyz")
+            assert_problem(status, problem, 503, "NOT_READY")
+            assert problem["metadata"]["database"].startswith("unreachable") and problem["metadata"]["ledger"] == "ok"
+            assert (await api.request("GET", "/healthz"))[0] == 200
+            await asyncio.to_thread(cluster.start)
+            for _ in range(100):
+                status, _, body = await api.request(
+                    "POST", "/v1/events", body=event_json("OUT-H1", 2, "shipment_picked"), Idempotency_Key="out-2"
+                )
+                if status != 503:
+                    break
+                await asyncio.sleep(0.2)
+            assert status == 202 and body["state"] in ("EVENT_STATE_QUEUED", "EVENT_STATE_APPLIED"), body
+        finally:
+            await api.session.close()
+            await api.system.stop()
+    finally:
+        await asyncio.to_thread(cluster.remove)
