@@ -669,8 +669,8 @@ async def test_a_database_outage_is_503_transient_with_retry_after_and_not_ready
                 ("GET", "/v1/entities/shipment/OUT-H1", None, ""),
                 ("GET", "/v1/shipments/OUT-H1", None, ""),
             ]:
-                headers = {"Idempotency_Key": key} if key else {}
-                status, answer_headers, problem = await api.request(method, path, body=body, **headers)
+                headers: dict[str, str] = {"Idempotency_Key": key} if key else {}
+                status, answer_headers, problem = await api.request(method, path, body=body, **headers)  # type: ignore[arg-type]
                 assert_problem(status, problem, 503, "TRANSIENT")
                 assert int(answer_headers["Retry-After"]) >= 1
             status, _, problem = await api.request("GET", "/readyz")
@@ -679,13 +679,13 @@ async def test_a_database_outage_is_503_transient_with_retry_after_and_not_ready
             assert (await api.request("GET", "/healthz"))[0] == 200
             await asyncio.to_thread(cluster.start)
             for _ in range(100):
-                status, _, body = await api.request(
+                status, _, after = await api.request(
                     "POST", "/v1/events", body=event_json("OUT-H1", 2, "shipment_picked"), Idempotency_Key="out-2"
                 )
                 if status != 503:
                     break
                 await asyncio.sleep(0.2)
-            assert status == 202 and body["state"] in ("EVENT_STATE_QUEUED", "EVENT_STATE_APPLIED"), body
+            assert status == 202 and after["state"] in ("EVENT_STATE_QUEUED", "EVENT_STATE_APPLIED"), after
         finally:
             await api.session.close()
             await api.system.stop()
