@@ -60,6 +60,12 @@ class Settings:
     # Refusals retrying cannot fix (not transient, not an outcome) before an event is BLOCKED.
     block_after: int = 5
     watchers_per_caller: int = 100
+    # Flow control (SPEC 12): requests one caller may have in flight, accepted events not yet
+    # processed (PARKED + QUEUED + BLOCKED) before submissions are refused, and how often that
+    # is counted.
+    max_inflight_per_caller: int = 512
+    max_backlog: int = 100_000
+    backlog_refresh_interval: float = 1.0
     db_pool_size: int = 10
     shutdown_grace: float = 5.0
     log_level: str = "INFO"
@@ -104,6 +110,9 @@ class Settings:
             forwarder_retry_budget=env.seconds("FORWARDER_RETRY_BUDGET", 20.0, minimum=0.1),
             block_after=env.int("BLOCK_AFTER", 5, minimum=1, maximum=100),
             watchers_per_caller=env.int("WATCHERS_PER_CALLER", 100, minimum=1),
+            max_inflight_per_caller=env.int("MAX_INFLIGHT_PER_CALLER", 512, minimum=1, maximum=1_000_000),
+            max_backlog=env.int("MAX_BACKLOG", 100_000, minimum=1, maximum=1_000_000_000),
+            backlog_refresh_interval=env.seconds("BACKLOG_REFRESH_INTERVAL", 1.0, minimum=0.05),
             db_pool_size=env.int("DB_POOL_SIZE", 10, minimum=1, maximum=500),
             shutdown_grace=env.seconds("SHUTDOWN_GRACE", 5.0),
             log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from common.errors import DeadlineReached, DomainError, InvalidArgument, NotFound, Retryable
+from common.errors import DeadlineReached, DomainError, InvalidArgument, NotFound, Overloaded, Retryable
 
 __all__ = [
+    "BacklogFull",
+    "CallerOverloaded",
     "DeadlineReached",
     "EntityNotFound",
     "EventNotFound",
@@ -15,6 +17,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidEvent",
     "NotAGap",
+    "Overloaded",
     "ParkedLimitReached",
     "Retryable",
     "SequenceConflict",
@@ -85,3 +88,19 @@ class IdempotencyRecordNotFound(SequencerError, NotFound):
 
 class TooManyWatchers(SequencerError):
     reason = "TOO_MANY_WATCHERS"
+
+
+class CallerOverloaded(SequencerError, Overloaded):
+    """The caller already has SEQUENCER_MAX_INFLIGHT_PER_CALLER requests in flight (SPEC 12)."""
+
+    reason = "CALLER_OVERLOADED"
+    # In-flight requests end within milliseconds: a short wait frees a slot.
+    default_retry_after = 0.1
+
+
+class BacklogFull(SequencerError, Overloaded):
+    """Accepted events not yet processed reached SEQUENCER_MAX_BACKLOG (SPEC 12)."""
+
+    reason = "BACKLOG_FULL"
+    # The backlog drains at the ledger's pace and is counted about once a second.
+    default_retry_after = 1.0

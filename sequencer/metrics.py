@@ -23,6 +23,19 @@ class SequencerMetrics:
         self.blocked = Gauge(
             "sequencer_blocked_events", "Events the ledger refused past SEQUENCER_BLOCK_AFTER", registry=registry
         )
+        self.backlog = Gauge(
+            "sequencer_backlog_events",
+            "Held events (PARKED, QUEUED, BLOCKED) as admission last counted them (SEQUENCER_MAX_BACKLOG bounds it)",
+            registry=registry,
+        )
+        self.admission_refusals = Counter(
+            "sequencer_admission_refusals",
+            "Calls refused by flow control (SPEC 12), by reason: CALLER_OVERLOADED or BACKLOG_FULL",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("CALLER_OVERLOADED", "BACKLOG_FULL"):
+            self.admission_refusals.labels(reason)
         self.forward_retries = Counter(
             "sequencer_forwarder_retries",
             "ApplyEvents calls retried: after a transient failure, or a refusal counted towards blocking",

@@ -82,6 +82,9 @@ events = Table(
     Index("ix_events_transaction_id", "transaction_id"),
     # The forwarder's work list: only QUEUED rows, so it stays tiny.
     Index("ix_events_queued", "queued_at", postgresql_where=text("state = 2")),
+    # The backlog count of admission (SPEC 12): held rows only (PARKED, QUEUED, BLOCKED), so it
+    # stays as small as the backlog itself.
+    Index("ix_events_held", "state", postgresql_where=text("state IN (1, 2, 7)")),
     # Blocked events, oldest first (the admin list, the gauge): only BLOCKED rows.
     Index("ix_events_blocked", "blocked_at", "entity_type", "entity_id", postgresql_where=text("state = 7")),
     # The latest rejections (the integration dashboard): only REJECTED rows.

@@ -362,6 +362,11 @@ async def get_entity(conn: AsyncConnection, entity_type: int, entity_id: str) ->
     return (await conn.execute(stmt)).first()
 
 
+async def count_held(conn: AsyncConnection, cap: int) -> int:
+    """Held events (PARKED, QUEUED or BLOCKED), at most `cap`: the backlog figure of admission."""
+    return int((await conn.execute(queries.COUNT_HELD, {"cap": cap})).scalar_one())
+
+
 async def list_blocked(conn: AsyncConnection, after: tuple[dt.datetime, int, str] | None, limit: int) -> list[Row[Any]]:
     """BLOCKED events, oldest first (ix_events_blocked), with their status columns."""
     stmt = _status_select().where(events.c.state == BLOCKED)

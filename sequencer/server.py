@@ -4,11 +4,14 @@ and the background work (forwarder, key sweeper, gap monitor)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,13 +19,16 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common.auth import Authenticator
+from common.auth import Authenticator, current_identity
 from common.clock import Clock, SystemClock
 from common.db import make_engine, require_migrated
 from common.grpc_server import add_health_and_reflection, bind, bounded, channel, new_server, serve, set_serving
+from common.interceptors import Gate
 from common.metrics import HttpMetrics
 from logistics.ledger.v1 import ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
+from sequencer import repository
+from sequencer.admission import Admission, Limits
 from sequencer.config import Settings
 from sequencer.forwarder import Forwarder
 from sequencer.forwarding import ForwardingStore
@@ -30,6 +36,7 @@ from sequencer.gaps import GapMonitor
 from sequencer.http.dashboard import Dashboard, Throughput
 from sequencer.http.server import HttpApi, HttpSettings
 from sequencer.http.transcoder import Transcoder
+from sequencer.idempotency import caller_scope
 from sequencer.ingress import Ingress
 from sequencer.interceptors import build_interceptor
 from sequencer.interventions import Interventions
@@ -41,6 +48,9 @@ from sequencer.sweeper import Sweeper
 from sequencer.watch import Watches
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Open status streams have their own per-caller cap (SEQUENCER_WATCHERS_PER_CALLER) and last
+# minutes: they would starve the in-flight slots of a caller's requests.
+UNGATED = frozenset({"/logistics.sequencer.v1.SequencerService/WatchEventStatus"})
 SERVICE_NAMES = (
     sequencer_pb2.DESCRIPTOR.services_by_name["SequencerService"].full_name,
     sequencer_pb2.DESCRIPTOR.services_by_name["SequencerAdminService"].full_name,
@@ -63,6 +73,7 @@ class App:
     metrics: SequencerMetrics
     ledger_channel: grpc.aio.Channel
     authenticator: Authenticator
+    admission: Admission
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The HTTP/JSON listener (None when SEQUENCER_HTTP_ADDR is off), the channels it calls
     # through, and the private directory of the gRPC server's Unix socket it calls.
@@ -102,6 +113,21 @@ class App:
         await self.engine.dispose()
 
 
+def admission_gate(admission: Admission) -> Gate:
+    """The interceptor's gate: every RPC but the status streams holds one in-flight slot of its
+    caller (the idempotency scope) while it is handled."""
+
+    @contextlib.contextmanager
+    def gate(method: str, metadata: tuple[Any, ...]) -> Iterator[None]:
+        if method in UNGATED:
+            yield
+            return
+        with admission.hold(caller_scope(current_identity(), metadata)):
+            yield
+
+    return gate
+
+
 async def build_server(
     settings: Settings,
     *,
@@ -123,7 +149,10 @@ async def build_server(
     notifier = Notifier(settings.database_url)
     # Names this process in its notifications, so it can ignore its own wake-ups.
     instance = uuid.uuid4().hex
-    ingress = Ingress(settings.database_url, settings, clock, metrics, instance)
+    admission = Admission(
+        Limits(settings.max_inflight_per_caller, settings.max_backlog, settings.backlog_refresh_interval), metrics
+    )
+    ingress = Ingress(settings.database_url, settings, clock, metrics, instance, admission)
     interventions = Interventions(engine, settings, clock, metrics, ingress.answers, instance)
     reads = Reads(engine, settings, clock)
     gaps = GapMonitor(engine, settings, clock, metrics)
@@ -141,7 +170,7 @@ async def build_server(
     if run_forwarder:
         ingress.on_queued = interventions.on_queued = forwarder.kick
 
-    server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
+    server = new_server(build_interceptor(metrics.rpc, authenticator, admission_gate(admission)), settings.security)
     watches = Watches(reads, notifier, settings.watchers_per_caller)
     sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(
         SequencerServicer(ingress, reads, watches, settings), server
@@ -155,6 +184,9 @@ async def build_server(
         # can open, so it needs no TLS of its own and is never reachable from the network.
         socket_dir = tempfile.mkdtemp(prefix="sequencer-http-")
         server.add_insecure_port(f"unix:{socket_dir}/grpc.sock")
+    # The backlog is counted before the first request is admitted, then about once a second.
+    held = _held_counter(engine)
+    await admission.refresh(held)
     await notifier.start()
     ingress.start()
     await server.start()
@@ -171,16 +203,28 @@ async def build_server(
         metrics,
         ledger_channel,
         authenticator,
+        admission,
         socket_dir=socket_dir,
     )
     if settings.http_addr:
         await _start_http(app, settings, registry)
     app.tasks.append(asyncio.create_task(Sweeper(engine, settings, clock).run(), name="key-sweeper"))
     app.tasks.append(asyncio.create_task(gaps.run(), name="gap-monitor"))
+    app.tasks.append(asyncio.create_task(admission.run(held), name="backlog-count"))
     if run_forwarder:
         app.tasks.append(asyncio.create_task(forwarder.run(), name="forwarder"))
     await set_serving(health_servicer, SERVICE_NAMES, True)
     return app
+
+
+def _held_counter(engine: AsyncEngine) -> Callable[[int], Awaitable[int]]:
+    """The backlog count admission runs about once a second: one statement on a pooled connection."""
+
+    async def count(cap: int) -> int:
+        async with engine.connect() as conn:
+            return await repository.count_held(conn, cap)
+
+    return count
 
 
 async def _start_http(app: App, settings: Settings, registry: CollectorRegistry) -> None:

@@ -14,7 +14,7 @@ from common.interceptors import Context, add_trailing_metadata, correlation_id
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.config import Settings
 from sequencer.errors import InvalidArgument
-from sequencer.idempotency import CALLER_HEADER, KEY_HEADERS, Submission, resolve_caller, resolve_key, validate_key
+from sequencer.idempotency import KEY_HEADERS, Submission, caller_scope, resolve_key, validate_key
 from sequencer.ingress import Ingress
 from sequencer.interceptors import item_status
 from sequencer.interventions import Interventions
@@ -34,10 +34,7 @@ def _metadata(context: Context, names: tuple[str, ...]) -> list[str]:
 def _caller(context: Context) -> str:
     """The idempotency and read scope: the authenticated caller; in development mode (no
     credentials configured, loopback only) the self-declared `x-client-id`."""
-    identity = current_identity()
-    if identity.via == "development":
-        return resolve_caller(_metadata(context, (CALLER_HEADER,)))
-    return identity.caller
+    return caller_scope(current_identity(), context.invocation_metadata() or ())
 
 
 def _read_scope(context: Context) -> str | None:

@@ -6,14 +6,14 @@ already in the predicates of ix_events_queued and ix_events_blocked, so state ch
 HOT updates before either and the write path pays little more.
 
 Revision ID: c8e4b1f2a6d3
-Revises: b5d2f8e3c1a7
+Revises: c7b19e4f2a60
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "c8e4b1f2a6d3"
-down_revision = "b5d2f8e3c1a7"
+down_revision = "c7b19e4f2a60"
 branch_labels = None
 depends_on = None
 

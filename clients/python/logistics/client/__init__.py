@@ -24,6 +24,8 @@ from logistics.client._common import (
 from logistics.client.aio import LedgerClient, SequencerClient, create_channel
 from logistics.client.errors import (
     AccessError,
+    BacklogFullError,
+    CallerOverloadedError,
     ConflictError,
     DeadlineExceededError,
     EntityNotFoundError,
@@ -60,6 +62,8 @@ __all__ = [
     "MAX_BATCH",
     "TERMINAL_STATES",
     "AccessError",
+    "BacklogFullError",
+    "CallerOverloadedError",
     "ConflictError",
     "DeadlineExceededError",
     "EntityNotFoundError",
