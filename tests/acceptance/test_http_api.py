@@ -691,3 +691,35 @@ async def test_a_database_outage_is_503_transient_with_retry_after_and_not_ready
             await api.system.stop()
     finally:
         await asyncio.to_thread(cluster.remove)
+
+
+async def test_a_caller_over_its_in_flight_limit_gets_429_with_retry_after(database_url: str) -> None:
+    """SEQUENCER_MAX_INFLIGHT_PER_CALLER (SPEC 12) holds over HTTP too (the same admission, by
+    construction): with one slot, a request waiting (`Prefer: wait`) on a parked event holds it,
+    and the next request of that caller is 429 CALLER_OVERLOADED, Retry-After from RetryInfo."""
+    api = await start_http(database_url, max_inflight_per_caller=1)
+    try:
+        waiting = asyncio.create_task(
+            api.request(
+                "POST",
+                "/v1/events",
+                body=event_json("SHP-FLOW", 2, "shipment_picked"),
+                Idempotency_Key="flow-2",
+                Prefer="wait=15",
+            )
+        )
+        async with api.system.sequencer_app.engine.connect() as conn:
+            for _ in range(200):
+                if await conn.scalar(select(func.count()).select_from(events)):
+                    break
+                await asyncio.sleep(0.05)
+        status, headers, problem = await api.request(
+            "POST", "/v1/events", body=event_json("SHP-FLOW", 3, "shipment_packed"), Idempotency_Key="flow-3"
+        )
+        assert_problem(status, problem, 429, "CALLER_OVERLOADED")
+        assert int(headers["Retry-After"]) >= 1
+        assert not waiting.done(), "the first request still holds its slot"
+        waiting.cancel()
+    finally:
+        await api.session.close()
+        await api.system.stop()
