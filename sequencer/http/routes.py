@@ -189,7 +189,7 @@ def _put(target: dict[str, Any], fields: list[descriptor.FieldDescriptor], value
             raise Problem(400, "MALFORMED_REQUEST", f"{path}: {field.name} is not an object")
         node = child
     last = fields[-1]
-    existing = [k for k in (last.name, last.json_name) if k in node]
+    existing = [k for k in dict.fromkeys((last.name, last.json_name)) if k in node]
     if existing:
         if last.is_repeated and isinstance(value, list):
             raise Problem(400, "MALFORMED_REQUEST", f"{path} is given twice")
