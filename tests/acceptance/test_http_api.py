@@ -723,3 +723,27 @@ async def test_a_caller_over_its_in_flight_limit_gets_429_with_retry_after(datab
     finally:
         await api.session.close()
         await api.system.stop()
+
+
+async def test_garbage_on_every_route_is_a_4xx_problem_never_500(http: Http) -> None:
+    garbage: list[bytes] = [
+        b"\xff\xfe\x00garbage",
+        b"null",
+        b'"a string"',
+        b"[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]",
+        b'{"event": {"sequence": 1e400}}',
+        b'{"requests": [1, 2, 3], "reason": {"nested": true}}',
+        b'{"event": {"entityId": "\\u0000"}, "requestId": "\\ud800"}',
+        json.dumps({"x" * 300: "y" * 10_000}).encode(),
+    ]
+    before = await counts(http)
+    for route in routes.load_routes():
+        path = route.template
+        for variable in route.variables:
+            path = path.replace("{" + variable + "}", "%E2%82%AC%00")
+        for raw in garbage if route.body else []:
+            status, _, body = await http.request(route.http_method, path, raw=raw, Idempotency_Key="garbage-1")
+            assert 400 <= status < 500, (route.template, raw[:40], body)
+        status, _, body = await http.request(route.http_method, path + "?%ZZ=%ZZ&a[]=1", Idempotency_Key="garbage-2")
+        assert 400 <= status < 500, (route.template, body)
+    assert await counts(http) == before
