@@ -207,7 +207,12 @@ async def build_server(
         socket_dir=socket_dir,
     )
     if settings.http_addr:
-        await _start_http(app, settings, registry)
+        try:
+            await _start_http(app, settings, registry)
+        except BaseException:
+            # E.g. the HTTP port is taken: nothing started may outlive the failed start.
+            await app.stop(0)
+            raise
     app.tasks.append(asyncio.create_task(Sweeper(engine, settings, clock).run(), name="key-sweeper"))
     app.tasks.append(asyncio.create_task(gaps.run(), name="gap-monitor"))
     app.tasks.append(asyncio.create_task(admission.run(held), name="backlog-count"))

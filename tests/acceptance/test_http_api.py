@@ -747,3 +747,17 @@ async def test_garbage_on_every_route_is_a_4xx_problem_never_500(http: Http) -> 
         status, _, body = await http.request(route.http_method, path + "?%ZZ=%ZZ&a[]=1", Idempotency_Key="garbage-2")
         assert 400 <= status < 500, (route.template, body)
     assert await counts(http) == before
+
+
+async def test_a_taken_http_port_fails_the_start_cleanly(http: Http) -> None:
+    import dataclasses
+
+    from sequencer.server import build_server
+
+    taken = dataclasses.replace(
+        http.system.sequencer_settings, http_addr=f"127.0.0.1:{http.system.sequencer_app.http_port}"
+    )
+    with pytest.raises(OSError):
+        await build_server(taken)
+    # The running one is unaffected.
+    assert (await http.request("GET", "/healthz"))[0] == 200
