@@ -15,6 +15,12 @@ from typing import Any
 from google.protobuf import descriptor
 
 from sequencer.http.routes import Route, field_path, load_routes
+from sequencer.http.transcoder import MAX_WAIT
+
+# RPCs that take an idempotency key (header Idempotency-Key, or the body's requestId), and the
+# ones that honour `Prefer: wait=N`.
+KEYED = frozenset({"SubmitEvent", "SkipSequence", "RetryBlockedEvent", "CreateWebhookSubscription"})
+WAITABLE = frozenset({"SubmitEvent", "GetEventStatus"})
 
 _SCALARS: dict[int, dict[str, Any]] = {
     descriptor.FieldDescriptor.TYPE_STRING: {"type": "string"},
@@ -145,14 +151,34 @@ def _operation(schemas: _Schemas, route: Route) -> dict[str, Any]:
         },
     }
     if success == "202":
+        operation["responses"][success]["headers"] = {
+            "Location": {"description": "/v1/transactions/{transaction_id}", "schema": {"type": "string"}}
+        }
         operation["responses"]["200"] = {
             "description": "terminal within `Prefer: wait=N`",
             "content": {"application/json": {"schema": schemas.ref(route.rpc.output_type)}},
         }
-        parameters += [
-            {"name": "Idempotency-Key", "in": "header", "required": True, "schema": {"type": "string"}},
-            {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"}},
-        ]
+    if route.rpc.name in KEYED:
+        parameters.append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                # SubmitEvent takes it only here or in `requestId`; the others in `requestId` too.
+                "required": False,
+                "description": 'an RFC 8941 string ("abc"); the bare form abc is accepted too',
+                "schema": {"type": "string"},
+            }
+        )
+    if route.rpc.name in WAITABLE:
+        parameters.append(
+            {
+                "name": "Prefer",
+                "in": "header",
+                "required": False,
+                "description": f"RFC 7240 `wait=N` (at most {MAX_WAIT} s)",
+                "schema": {"type": "string"},
+            }
+        )
     if route.body:
         body_schema = (
             schemas.ref(route.rpc.input_type)
