@@ -154,7 +154,7 @@ def check_in_browser(
 
 
 async def test_the_dashboard_needs_an_admin_token_as_basic_password_or_bearer(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, browser: webdriver.Chrome
 ) -> None:
     ids = [
         {"caller": "ops", "roles": ["admin"], "token_sha256": hashlib.sha256(b"ops-token").hexdigest()},
@@ -183,6 +183,16 @@ async def test_the_dashboard_needs_an_admin_token_as_basic_password_or_bearer(
         assert status == 200 and "Blocked events" in page
         status, page, _ = await get("/dashboard/entity?type=pallet&id=X", Authorization="Bearer ops-token")
         assert status == 400 and "MALFORMED_REQUEST" in page
+        # A browser: HTTP Basic, the admin token as the password (here in the URL, as a person
+        # would type it into the browser's prompt).
+        port = api.base.rsplit(":", 1)[1]
+
+        def look() -> tuple[str, str]:
+            browser.get(f"http://anyone:ops-token@127.0.0.1:{port}/dashboard")
+            return str(browser.title), str(browser.find_element(By.TAG_NAME, "body").text)
+
+        title, text = await asyncio.to_thread(look)
+        assert title == "Integration dashboard" and "Open gaps" in text and "UNAUTHENTICATED" not in text
     finally:
         await api.session.close()
         await api.system.stop()
