@@ -23,6 +23,10 @@ __all__ = [
     "SequenceConflict",
     "SequencerError",
     "TooManyWatchers",
+    "WebhookDeliveryNotFound",
+    "WebhookSubscriptionDisabled",
+    "WebhookSubscriptionNotFound",
+    "WebhookTargetNotAllowed",
 ]
 
 
@@ -88,6 +92,26 @@ class IdempotencyRecordNotFound(SequencerError, NotFound):
 
 class TooManyWatchers(SequencerError):
     reason = "TOO_MANY_WATCHERS"
+
+
+class WebhookTargetNotAllowed(SequencerError, InvalidArgument):
+    """The subscription's URL is malformed or its host is not on SEQUENCER_WEBHOOK_ALLOWED_HOSTS."""
+
+    reason = "WEBHOOK_TARGET_NOT_ALLOWED"
+
+
+class WebhookSubscriptionNotFound(SequencerError, NotFound):
+    reason = "WEBHOOK_SUBSCRIPTION_NOT_FOUND"
+
+
+class WebhookDeliveryNotFound(SequencerError, NotFound):
+    reason = "WEBHOOK_DELIVERY_NOT_FOUND"
+
+
+class WebhookSubscriptionDisabled(SequencerError):
+    """The delivery's subscription is disabled: nothing is sent for it (create a new one)."""
+
+    reason = "WEBHOOK_SUBSCRIPTION_DISABLED"
 
 
 class CallerOverloaded(SequencerError, Overloaded):

@@ -50,6 +50,24 @@ class SequencerMetrics:
         self.ledger_outcomes = Counter(
             "sequencer_ledger_outcomes", "Ledger outcomes recorded, by outcome", ["outcome"], registry=registry
         )
+        self.webhook_deliveries = Counter(
+            "sequencer_webhook_deliveries",
+            "Webhook delivery attempts by result: delivered (2xx), retrying (another attempt is due), "
+            "failed (given up: schedule spent, 410, or the subscription disabled)",
+            ["result"],
+            registry=registry,
+        )
+        self.webhook_latency = Histogram(
+            "sequencer_webhook_attempt_latency_seconds",
+            "Time from sending a webhook to its answer (or the failure)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.webhook_oldest_undelivered_age = Gauge(
+            "sequencer_webhook_oldest_undelivered_age_seconds",
+            "Age of the oldest webhook delivery still pending on an active subscription (0 when none)",
+            registry=registry,
+        )
         self.keys_swept = Counter(
             "sequencer_idempotency_keys_swept", "Expired idempotency records deleted", registry=registry
         )

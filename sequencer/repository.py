@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, func, literal, or_, select, tuple_, update
+from sqlalchemy import Row, and_, bindparam, func, literal, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -53,6 +53,15 @@ async def get_key_record(conn: AsyncConnection, caller: str, key: str, now: dt.d
     """The live (unexpired) record of a key, if any."""
     result = await conn.execute(_LIVE_KEY_RECORD, {"caller": caller, "key": key, "now": now})
     return result.first()
+
+
+async def lock_key(conn: AsyncConnection, caller: str, key: str) -> None:
+    """The key's transaction-scoped lock, in lock_submissions_v2's namespace, so a concurrent
+    first use of the key by any RPC waits for this one."""
+    await conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended('idem:' || :caller || ':' || :key, 0))"),
+        {"caller": caller, "key": key},
+    )
 
 
 async def store_key_record(conn: AsyncConnection, **values: Any) -> None:

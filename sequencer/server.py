@@ -1,5 +1,5 @@
 """Builds and runs the sequencer's grpc.aio server: servicers, health, reflection, interceptors,
-and the background work (forwarder, key sweeper, gap monitor)."""
+and the background work (forwarder, webhook dispatcher, key sweeper, gap monitor)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer import repository
 from sequencer.admission import Admission, Limits
 from sequencer.config import Settings
+from sequencer.dispatcher import Dispatcher
 from sequencer.forwarder import Forwarder
 from sequencer.forwarding import ForwardingStore
 from sequencer.gaps import GapMonitor
@@ -46,6 +47,7 @@ from sequencer.reads import Reads
 from sequencer.servicer import AdminServicer, SequencerServicer
 from sequencer.sweeper import Sweeper
 from sequencer.watch import Watches
+from sequencer.webhooks import Webhooks
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Open status streams have their own per-caller cap (SEQUENCER_WATCHERS_PER_CALLER) and last
@@ -74,6 +76,7 @@ class App:
     ledger_channel: grpc.aio.Channel
     authenticator: Authenticator
     admission: Admission
+    dispatcher: Dispatcher
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # The HTTP/JSON listener (None when SEQUENCER_HTTP_ADDR is off), the channels it calls
     # through, and the private directory of the gRPC server's Unix socket it calls.
@@ -108,6 +111,7 @@ class App:
         await bounded(asyncio.gather(*self.tasks, return_exceptions=True), 5, "background tasks")
         await bounded(self.ingress.close(), 5, "ingress")
         await bounded(self.forwarder.close(), 5, "forwarder")
+        await bounded(self.dispatcher.close(), 5, "webhook dispatcher")
         await bounded(self.notifier.close(), 5, "notification listener")
         await bounded(self.ledger_channel.close(), 5, "ledger channel")
         await self.engine.dispose()
@@ -134,6 +138,7 @@ async def build_server(
     clock: Clock | None = None,
     registry: CollectorRegistry | None = None,
     run_forwarder: bool = True,
+    run_dispatcher: bool = True,
 ) -> App:
     """Builds, starts and returns the server (no globals: tests run several on port 0)."""
     clock = clock or SystemClock()
@@ -169,13 +174,18 @@ async def build_server(
     forwarder = Forwarder(ledger, store, notifier, settings, clock, metrics)
     if run_forwarder:
         ingress.on_queued = interventions.on_queued = forwarder.kick
+    webhooks = Webhooks(engine, settings, clock, ingress.answers, development=authenticator.development)
+    dispatcher = Dispatcher(engine, settings, clock, metrics, notifier, instance)
+    webhooks.on_work = dispatcher.kick
 
     server = new_server(build_interceptor(metrics.rpc, authenticator, admission_gate(admission)), settings.security)
     watches = Watches(reads, notifier, settings.watchers_per_caller)
     sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(
         SequencerServicer(ingress, reads, watches, settings), server
     )
-    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(reads, interventions), server)
+    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(
+        AdminServicer(reads, interventions, webhooks), server
+    )
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.listen_addr, settings.security)
     socket_dir = ""
@@ -204,6 +214,7 @@ async def build_server(
         ledger_channel,
         authenticator,
         admission,
+        dispatcher,
         socket_dir=socket_dir,
     )
     if settings.http_addr:
@@ -218,6 +229,8 @@ async def build_server(
     app.tasks.append(asyncio.create_task(admission.run(held), name="backlog-count"))
     if run_forwarder:
         app.tasks.append(asyncio.create_task(forwarder.run(), name="forwarder"))
+    if run_dispatcher:
+        app.tasks.append(asyncio.create_task(dispatcher.run(), name="webhook-dispatcher"))
     await set_serving(health_servicer, SERVICE_NAMES, True)
     return app
 

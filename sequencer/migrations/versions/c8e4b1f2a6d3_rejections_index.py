@@ -6,14 +6,14 @@ already in the predicates of ix_events_queued and ix_events_blocked, so state ch
 HOT updates before either and the write path pays little more.
 
 Revision ID: c8e4b1f2a6d3
-Revises: c7b19e4f2a60
+Revises: c3b8e1f0a6d2
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "c8e4b1f2a6d3"
-down_revision = "c7b19e4f2a60"
+down_revision = "c3b8e1f0a6d2"
 branch_labels = None
 depends_on = None
 
