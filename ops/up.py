@@ -15,13 +15,14 @@ import time
 import warnings
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import embedded_pg
+from common import embedded_pg, startup
 from common.migrate import upgrade
-from common.settings import Env
+from common.settings import Env, database_url
 
 ROOT = Path(__file__).resolve().parent.parent
 # The embedded PostgreSQL's data (git-ignored); LOGISTICS_DATA_DIR moves it.
@@ -99,6 +100,20 @@ def _auth_line(env: dict[str, str]) -> str:
 def main() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python"), env.get("PYTHONPATH", "")])
+    try:
+        server = prepare_database(env)
+    except Exception as exc:
+        # A bad DATABASE_URL (scheme, host, refused, password) is one line, not a traceback.
+        found = startup.one_line(exc, env.get("DATABASE_URL", ""))
+        if found is None:
+            raise
+        raise SystemExit(f"make up failed: {found[0]}") from None
+    run_services(env, server)
+
+
+def prepare_database(env: dict[str, str]) -> Any:
+    """The database (embedded unless DATABASE_URL is set) with both services' migrations at head;
+    the embedded server (to stop at the end) or None. Sets env's DATABASE_URL."""
     server = None
     if env.get("DATABASE_URL", "").strip():
         url = env["DATABASE_URL"]
@@ -110,9 +125,13 @@ def main() -> None:
         where = f"embedded PostgreSQL, data in {DATA_DIR}"
     print(f"database: {where}", flush=True)
     for service in ("ledger", "sequencer"):
-        upgrade(ROOT / service / "migrations", env["DATABASE_URL"], service)
+        upgrade(ROOT / service / "migrations", database_url(env), service)
     print("migrations: ledger and sequencer at head", flush=True)
+    return server
 
+
+def run_services(env: dict[str, str], server: Any) -> None:
+    """Ledger, then sequencer; until Ctrl-C, SIGTERM or a service's exit."""
     children: list[Child] = []
 
     def shutdown() -> None:
