@@ -22,6 +22,7 @@ from logistics.client._common import (
     service_config_json,
 )
 from logistics.client.aio import LedgerClient, SequencerClient, create_channel
+from logistics.client.config import ClientConfig, ClientConfigError
 from logistics.client.errors import (
     AccessError,
     ConflictError,
@@ -54,16 +55,22 @@ from logistics.client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from logistics.client.results import EntityKey, EntityType, EventState, Status
 from logistics.client.sync import SyncSequencerClient
 
 __all__ = [
     "MAX_BATCH",
     "TERMINAL_STATES",
     "AccessError",
+    "ClientConfig",
+    "ClientConfigError",
     "ConflictError",
     "DeadlineExceededError",
+    "EntityKey",
     "EntityNotFoundError",
+    "EntityType",
     "EventNotFoundError",
+    "EventState",
     "IdempotencyKeyInvalidError",
     "IdempotencyKeyMissingError",
     "IdempotencyKeyReusedError",
@@ -88,6 +95,7 @@ __all__ = [
     "SequenceConflictError",
     "SequencerClient",
     "ShipmentNotFoundError",
+    "Status",
     "SubmitOutcome",
     "SubmitResult",
     "SyncSequencerClient",

@@ -24,7 +24,7 @@ import tenacity
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from logistics.client import errors
+from logistics.client import errors, results
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 
@@ -295,8 +295,9 @@ class SubmitResult:
         return self.response.transaction_id
 
     @property
-    def state(self) -> events_pb2.EventState.ValueType:
-        return self.response.state
+    def state(self) -> results.EventState:
+        """The state as an IntEnum member: equal to the wire number, printed by name."""
+        return results.event_state(self.response.state)
 
     @property
     def terminal(self) -> bool:
