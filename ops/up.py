@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common import embedded_pg, startup
 from common.migrate import upgrade
 from common.settings import Env, database_url
+from logistics.client.config import ClientConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # The embedded PostgreSQL's data (git-ignored); LOGISTICS_DATA_DIR moves it.
@@ -32,9 +33,18 @@ DATA_DIR = Path(os.environ.get("LOGISTICS_DATA_DIR", ROOT / ".pgdata"))
 warnings.filterwarnings("ignore", module="platformdirs")
 
 
-def is_serving(address: str, timeout: float = 2.0) -> bool:
-    """One health check (the container health check uses it)."""
-    with grpc.insecure_channel(address) as channel:
+def is_serving(address: str, timeout: float = 2.0, config: ClientConfig | None = None) -> bool:
+    """One health check (the container health check uses it): plaintext, or TLS (mutual with a
+    client certificate) when LOGISTICS_TLS_CA is set. Health needs no token."""
+    config = config or ClientConfig()
+    credentials = config.credentials()
+    options = config.channel_options()
+    channel = (
+        grpc.secure_channel(address, credentials, options=options)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:

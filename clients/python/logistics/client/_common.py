@@ -49,7 +49,8 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_WATCH_TIMEOUT = 600.0
 
 Metadata = tuple[tuple[str, str], ...]
-EntityLike = events_pb2.EntityRef | tuple["events_pb2.EntityType.ValueType", str]
+#: An entity: an EntityRef, an `EntityKey`, or a `(entity type number, entity id)` tuple.
+EntityLike = events_pb2.EntityRef | tuple[int, str]
 
 
 # Service config (channel-level retries), shipped beside this module.
@@ -238,7 +239,7 @@ def entity_ref(entity: EntityLike) -> events_pb2.EntityRef:
     if isinstance(entity, events_pb2.EntityRef):
         return entity
     entity_type, entity_id = entity
-    return events_pb2.EntityRef(entity_type=entity_type, entity_id=entity_id)
+    return events_pb2.EntityRef(entity_type=events_pb2.EntityType.ValueType(entity_type), entity_id=entity_id)
 
 
 # Requests and results.
