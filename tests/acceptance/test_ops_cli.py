@@ -86,7 +86,7 @@ def direct(address: str, method: str, request: Any) -> Any:
 
 def same_failure(result: subprocess.CompletedProcess[str], failure: grpc.RpcError) -> None:
     """The CLI failed as the direct call did: the exit status of its code, one line naming it."""
-    code = failure.code()  # type: ignore[attr-defined]
+    code = failure.code()
     assert result.returncode == cli.EXIT_STATUSES.get(code, cli.EXIT_ERROR), result.stderr
     assert code.name in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
