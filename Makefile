@@ -8,10 +8,12 @@ export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python
 
 .PHONY: up test install node system-deps lint typecheck protos-check ts-check buf-lint buf-breaking gen gen-ts pytest migrate bench soak chaos lock clean
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check uv==0.13.8
 	@$(UV) pip install -q --python $(PY) -r requirements.lock
+	@# The client package, editable: `.venv/bin/python -m ops ...` imports `logistics` from any folder.
+	@$(UV) pip install -q --python $(PY) --no-deps -e clients/python
 	@touch $@
 
 install: $(VENV)/.installed
@@ -23,7 +25,7 @@ node_modules/.installed: package.json package-lock.json
 node: node_modules/.installed
 
 # Debian packages some tests drive (space-separated); installed only when missing.
-SYSTEM_PACKAGES :=
+SYSTEM_PACKAGES := jq
 
 system-deps:
 	@bash scripts/system_deps.sh $(SYSTEM_PACKAGES)
