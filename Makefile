@@ -76,8 +76,11 @@ pytest: install
 
 test: install node system-deps lint typecheck buf-lint buf-breaking protos-check ts-check pytest
 
+# requirements.lock: everything (runtime + dev) for make install; requirements-runtime.lock: the
+# runtime dependencies only, for the container image (Dockerfile), resolved to the same versions.
 lock:
 	@$(UV) pip compile pyproject.toml --group dev --python-version 3.11 --generate-hashes -q -o requirements.lock
+	@$(UV) pip compile pyproject.toml --python-version 3.11 --generate-hashes -q -c requirements.lock -o requirements-runtime.lock
 
 clean:
 	rm -rf $(VENV) node_modules .pgdata-test .pgdata-bench .mypy_cache .ruff_cache .pytest_cache

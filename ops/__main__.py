@@ -1,4 +1,4 @@
-"""python -m ops up | health [HOST:PORT] | gaps | parked | blocked | entity | status | watch | skip |
+"""python -m ops up | health [HOST:PORT] | bootstrap DIR | gaps | parked | blocked | entity | status | watch | skip |
 retry | webhooks ...  (`python -m ops --help`; docs/cli.md)"""
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ def main(argv: list[str]) -> None:
         from ops import up
 
         up.main()
+    elif command == "bootstrap":
+        from ops import bootstrap
+
+        sys.exit(bootstrap.main(argv[1:]))
     elif command == "health" and len(argv) <= 2:
         from logistics.client.config import ClientConfig, ClientConfigError
         from ops import up

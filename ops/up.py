@@ -103,7 +103,7 @@ def _auth_line(env: dict[str, str]) -> str:
         return "auth: credentials required (identities file / client certificates)"
     return (
         "auth: development mode, no credentials configured: every caller has every role, and\n"
-        "      x-client-id names the idempotency scope (allowed on loopback only)"
+        "      x-client-id names the idempotency scope (refused off loopback unless *_ALLOW_INSECURE=true)"
     )
 
 
