@@ -172,6 +172,11 @@ class Pending:
 
     @staticmethod
     def _check_same_payload(ev: ParsedEvent, payload_hash: bytes, kind: str) -> None:
+        # A skip of an MSI processed already changes nothing (the MSI is consumed either way),
+        # so it answers the original outcome, like a re-sent event; only an event with another
+        # payload is a conflict (a producer bug).
+        if ev.skip_reason:
+            return
         if payload_hash != ev.payload_hash:
             raise errors.SequenceConflict(
                 f"MSI {ev.sequence} of {ev.entity_id} was already processed with a different payload",

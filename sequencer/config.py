@@ -49,6 +49,8 @@ class Settings:
     forwarder_lease_max_hold: float = 60.0
     # How long one claim keeps retrying a failing ledger before letting go and backing off.
     forwarder_retry_budget: float = 20.0
+    # Refusals retrying cannot fix (not transient, not an outcome) before an event is BLOCKED.
+    block_after: int = 5
     watchers_per_caller: int = 100
     db_pool_size: int = 10
     shutdown_grace: float = 5.0
@@ -87,6 +89,7 @@ class Settings:
             forwarder_lease=env.seconds("FORWARDER_LEASE", 30.0, minimum=1.0),
             forwarder_lease_max_hold=env.seconds("FORWARDER_LEASE_MAX_HOLD", 60.0, minimum=0.0),
             forwarder_retry_budget=env.seconds("FORWARDER_RETRY_BUDGET", 20.0, minimum=0.1),
+            block_after=env.int("BLOCK_AFTER", 5, minimum=1, maximum=100),
             watchers_per_caller=env.int("WATCHERS_PER_CALLER", 100, minimum=1),
             db_pool_size=env.int("DB_POOL_SIZE", 10, minimum=1, maximum=500),
             shutdown_grace=env.seconds("SHUTDOWN_GRACE", 5.0),

@@ -40,10 +40,12 @@ def status_from_row(row: Row[Any], key: str | None = None) -> sequencer_pb2.Even
         entity_version=row.entity_version or 0,
         correlation_id=row.correlation_id,
         idempotency_key=key if key is not None else (row.idempotency_key or ""),
+        forward_attempts=row.forward_attempts,
+        ledger_code=row.ledger_code or "",
     )
     if row.state == PARKED:
         status.awaiting_sequence = awaiting(row.sequence, row.gap_awaiting, row.watermark)
-    for name in ("accepted_at", "queued_at", "processed_at"):
+    for name in ("accepted_at", "queued_at", "processed_at", "blocked_at"):
         stamp = timestamp(getattr(row, name))
         if stamp is not None:
             getattr(status, name).CopyFrom(stamp)

@@ -65,6 +65,12 @@ class NotAGap(SequencerError):
     reason = "NOT_A_GAP"
 
 
+class NotBlocked(SequencerError):
+    """RetryBlockedEvent named an MSI that is not its entity's BLOCKED event."""
+
+    reason = "NOT_BLOCKED"
+
+
 class EntityNotFound(SequencerError, NotFound):
     reason = "ENTITY_NOT_FOUND"
 

@@ -39,7 +39,7 @@ from sequencer.hints import Hint
 from sequencer.metrics import SequencerMetrics
 from sequencer.notifications import Notifier
 from sequencer.repository import EntityKey, Outcome
-from sequencer.states import QUEUED
+from sequencer.states import QUEUED, SKIPPED
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +68,29 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT_CODES
 
 
-def refusal_metadata(exc: grpc.aio.AioRpcError) -> dict[str, str]:
-    """The ErrorInfo metadata of an ApplyEvents refusal (empty without one)."""
+def refusal_info(exc: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
+    """The ErrorInfo reason and metadata of an ApplyEvents refusal (empty without one)."""
     status = rpc_status.from_call(exc)
     for detail in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
-            return dict(info.metadata)
-    return {}
+            return info.reason, dict(info.metadata)
+    return "", {}
 
 
 def refused_index(metadata: dict[str, str], size: int) -> int | None:
     """The item a refusal names (`index`), if any."""
     index = metadata.get("index", "")
     return int(index) if index.isdigit() and int(index) < size else None
+
+
+def _as_sent(event: QueuedEvent) -> events_pb2.Event:
+    """The event as the ledger gets it: a skip carries no payload (a skipped BLOCKED event
+    keeps its own in the mailbox, for the record)."""
+    message = events_pb2.Event.FromString(event.event)
+    if event.skip_reason is not None:
+        message.ClearField("payload")
+    return message
 
 
 class GiveUp(Exception):
@@ -254,7 +263,8 @@ class Forwarder:
         await self._send([event for key in held for event in found.get(key, ())])
 
     async def _send(self, batch: list[QueuedEvent]) -> None:
-        """Applies `batch` at the ledger and records the outcomes; what the ledger refuses rests."""
+        """Applies `batch` at the ledger and records the outcomes; what the ledger refuses rests,
+        and is counted towards blocking it."""
         while batch:
             try:
                 replies = await self._apply(batch)
@@ -262,7 +272,7 @@ class Forwarder:
                 await self._rest(sorted({e.key for e in batch}), min(self.settings.forwarder_lease, 2.0))
                 return
             except grpc.aio.AioRpcError as exc:
-                metadata = refusal_metadata(exc)
+                reason, metadata = refusal_info(exc)
                 fewer = metadata.get("max_batch", "")
                 if fewer.isdigit() and 0 < int(fewer) < len(batch):
                     # The ledger takes fewer events per call: send the batch in parts that fit.
@@ -271,23 +281,57 @@ class Forwarder:
                     for part in range(0, len(batch), self.batch_limit):
                         await self._send(batch[part : part + self.batch_limit])
                     return
-                # A refusal retrying cannot fix (a conflict, out of order): that entity rests,
-                # the others go on at once. Without an index the whole batch rests.
-                index = refused_index(metadata, len(batch))
-                refused = {batch[index].key} if index is not None else {e.key for e in batch}
-                log.error(
-                    "the ledger refused a batch; its entity backs off",
-                    extra={
-                        "code": exc.code().name,
-                        "details": exc.details(),
-                        "entities": sorted(f"{t}:{i}" for t, i in refused),
-                    },
-                )
-                await self._rest(sorted(refused), min(self.settings.forwarder_lease, 2.0))
-                batch = [e for e in batch if e.key not in refused]
+                batch = await self._refused(batch, exc, reason, refused_index(metadata, len(batch)))
                 continue
             await self._record(batch, replies)
             return
+
+    async def _refused(
+        self, batch: list[QueuedEvent], exc: grpc.aio.AioRpcError, reason: str, index: int | None
+    ) -> list[QueuedEvent]:
+        """Handles a refusal retrying cannot fix (a conflict, out of order, a bad credential...)
+        and returns what to send again at once. Only an entity's queued head is ever blamed:
+        a refused parked successor is cut from the batch with what follows it, and its entity's
+        events before it go on (it becomes the head of a later batch). A blamed head counts a
+        failed attempt; at SEQUENCER_BLOCK_AFTER it is BLOCKED and its entity stops there.
+        Without an index the refusal is the whole call's: every entity's head is blamed."""
+        self.metrics.forward_retries.inc()
+        if index is not None:
+            refused = batch[index]
+            if any(e.key == refused.key and e.sequence < refused.sequence for e in batch):
+                return [e for e in batch if e.key != refused.key or e.sequence < refused.sequence]
+            heads = [refused]
+        else:
+            heads = list({e.key: e for e in reversed(batch)}.values())
+        code = exc.code().name
+        detail = (exc.details() or "")[:1000]
+        counted = await self.store.refused(heads, code=code, reason=reason or code, detail=detail)
+        for refusal in counted:
+            extra = {
+                "entity_type": refusal.key[0],
+                "entity_id": refusal.key[1],
+                "sequence": refusal.sequence,
+                "transaction_id": str(refusal.transaction_id),
+                "code": code,
+                "reason": reason,
+                "detail": detail,
+                "attempts": refusal.attempts,
+            }
+            if refusal.blocked:
+                log.error("event blocked: the ledger keeps refusing it; an operator must retry or skip it", extra=extra)
+            else:
+                log.warning("the ledger refused an event; it is tried again after a rest", extra=extra)
+        # The more often refused, the longer the rest (1, 2, 4, 8 s...): about 15 s to block
+        # at the default 5 attempts. Blocked entities rest too; nothing forwards them.
+        attempts = {r.key: r.attempts for r in counted}
+        rests: dict[float, list[EntityKey]] = {}
+        for key in sorted({e.key for e in heads}):
+            seconds = min(self.settings.forwarder_lease, 2.0 ** (attempts.get(key, 1) - 1), 8.0)
+            rests.setdefault(seconds, []).append(key)
+        for seconds, keys in rests.items():
+            await self._rest(keys, seconds)
+        blamed = {e.key for e in heads}
+        return [e for e in batch if e.key not in blamed]
 
     async def _hold_leases(self, keys: list[EntityKey]) -> list[EntityKey]:
         """Those of `keys` whose lease this replica holds: still (kept between chains, so a busy
@@ -333,6 +377,14 @@ class Forwarder:
                 continue  # outcomes are recorded in MSI order: none after a missing one
             outcome = reply.original_outcome if reply.outcome == ledger_pb2.APPLY_OUTCOME_DUPLICATE else reply.outcome
             state = OUTCOME_STATES.get(outcome)
+            reason, detail = reply.reason, reply.reason_detail
+            if state is not None and event.skip_reason is not None:
+                # A skip is SKIPPED here whatever the ledger held at that MSI already (it answers
+                # that as a DUPLICATE: the MSI is consumed either way); the reason is the skip's.
+                state, reason = SKIPPED, ""
+                if outcome != ledger_pb2.APPLY_OUTCOME_SKIPPED:
+                    held = ledger_pb2.ApplyOutcome.Name(outcome)
+                    detail = f"the ledger had processed MSI {event.sequence} already ({held})"
             if state is None:
                 log.error(
                     "ledger answered an unknown outcome",
@@ -348,18 +400,12 @@ class Forwarder:
                         "sequence": event.sequence,
                         "transaction_id": str(event.transaction_id),
                         "correlation_id": event.correlation_id,
-                        "reason": reply.reason,
-                        "detail": reply.reason_detail,
+                        "reason": reason,
+                        "detail": detail,
                     },
                 )
             outcome_row = Outcome(
-                event.entity_type,
-                event.entity_id,
-                event.sequence,
-                state,
-                reply.reason,
-                reply.reason_detail,
-                reply.version,
+                event.entity_type, event.entity_id, event.sequence, state, reason, detail, reply.version
             )
             sent.append((event, outcome_row))
         if stopped:
@@ -407,7 +453,7 @@ class Forwarder:
         request = ledger_pb2.ApplyEventsRequest(
             requests=[
                 ledger_pb2.ApplyEventRequest(
-                    event=events_pb2.Event.FromString(e.event),
+                    event=_as_sent(e),
                     correlation_id=e.correlation_id,
                     transaction_id=str(e.transaction_id),
                     skip_reason=e.skip_reason or "",

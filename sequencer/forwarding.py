@@ -23,7 +23,7 @@ from sequencer.config import Settings
 from sequencer.hints import Change
 from sequencer.metrics import SequencerMetrics
 from sequencer.repository import EntityKey, Outcome
-from sequencer.states import QUEUED, state_name
+from sequencer.states import BLOCKED, QUEUED, state_name
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,17 @@ class QueuedEvent:
             row.correlation_id,
             row.skip_reason,
         )
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A refused attempt counted against an entity's queued event."""
+
+    key: EntityKey
+    sequence: int
+    transaction_id: uuid.UUID
+    attempts: int
+    blocked: bool
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,39 @@ class ForwardingStore:
         await self._announce(sent, results)
         return results
 
+    async def refused(self, heads: Sequence[QueuedEvent], *, code: str, reason: str, detail: str) -> list[Refused]:
+        """Counts a refusal retrying cannot fix against each of `heads` (their entities' queued
+        events); those reaching SEQUENCER_BLOCK_AFTER attempts are BLOCKED, and a hint says so."""
+        now = self.clock.now()
+
+        async def work(conn: AsyncConnection) -> list[Row[Any]]:
+            return await repo.count_refusals(
+                conn,
+                sorted((e.entity_type, e.entity_id, e.sequence) for e in heads),
+                code=code,
+                reason=reason,
+                detail=detail,
+                block_after=self.settings.block_after,
+                now=now,
+            )
+
+        rows = await db.transaction(self.single, work)
+        counted = [
+            Refused(
+                (int(r.entity_type), str(r.entity_id)),
+                int(r.sequence),
+                r.transaction_id,
+                int(r.forward_attempts),
+                r.state == BLOCKED,
+            )
+            for r in rows
+        ]
+        changes = [Change(*r.key, BLOCKED, str(r.transaction_id)) for r in counted if r.blocked]
+        if changes:
+            self.metrics.events.labels(state_name(BLOCKED)).inc(len(changes))
+            await self._hint(changes)
+        return counted
+
     async def _announce(self, sent: Sequence[tuple[QueuedEvent, Outcome]], results: Sequence[Recorded]) -> None:
         """Counts what was recorded and sends one hint of it (after the commit: the released
         events are known only then; a lost hint is caught by the watchers' poll)."""
@@ -192,8 +236,12 @@ class ForwardingStore:
             if recorded.released is not None:
                 self.metrics.events.labels(state_name(QUEUED)).inc()
                 changes.append(Change(*recorded.key, QUEUED, str(recorded.released)))
-        if not changes:
-            return
+        if changes:
+            await self._hint(changes)
+
+    async def _hint(self, changes: list[Change]) -> None:
+        """One wake-up hint of `changes`, after their commit (a lost hint is caught by the
+        watchers' poll)."""
         try:
             async with db.reading(self.single) as conn:
                 await repo.notify(conn, hints.encode(self.instance, changes))

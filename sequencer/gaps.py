@@ -1,5 +1,5 @@
-"""The gap monitor: alerts (once per gap) when a gap outlives the threshold, and keeps the gap
-and parked gauges fresh."""
+"""The gap monitor: alerts (once per gap) when a gap outlives the threshold, and keeps the gap,
+parked and blocked gauges fresh."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ class GapMonitor:
             )
         self.metrics.gaps.set(summary.gaps)
         self.metrics.parked.set(summary.parked)
+        self.metrics.blocked.set(summary.blocked)
         self.metrics.gaps_alerting.set(summary.alerting)
         self.metrics.oldest_gap_age.set((now - summary.oldest).total_seconds() if summary.oldest else 0.0)
         return len(alerted)

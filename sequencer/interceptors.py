@@ -21,6 +21,7 @@ ERROR_TABLE: ErrorTable = {
     errors.IdempotencyKeyReused: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SequenceConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.NotAGap: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.NotBlocked: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ParkedLimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.TooManyWatchers: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.EntityNotFound: grpc.StatusCode.NOT_FOUND,
@@ -46,6 +47,13 @@ POLICY: dict[str, frozenset[str]] = {
     _ADMIN + "ListParkedEvents": frozenset({"admin"}),
     _ADMIN + "GetEntity": frozenset({"admin"}),
     _ADMIN + "SkipSequence": frozenset({"admin"}),
+    _ADMIN + "ListBlockedEvents": frozenset({"admin"}),
+    _ADMIN + "RetryBlockedEvent": frozenset({"admin"}),
+    _ADMIN + "CreateWebhookSubscription": frozenset({"admin"}),
+    _ADMIN + "ListWebhookSubscriptions": frozenset({"admin"}),
+    _ADMIN + "DeleteWebhookSubscription": frozenset({"admin"}),
+    _ADMIN + "ListWebhookDeliveries": frozenset({"admin"}),
+    _ADMIN + "RedeliverWebhook": frozenset({"admin"}),
     _ADMIN + "GetIdempotencyRecord": ANYONE_KNOWN,
 }
 

@@ -23,9 +23,9 @@ from sequencer.repository import EntityKey
 from sequencer.rules import Entity, HeldEvent
 
 # Every lock of the batch, in one sorted order (keys, then entities), and what the rules need,
-# read after them (sequencer/sql/lock_submissions_v2.sql): one statement.
+# read after them (sequencer/sql/lock_submissions_v3.sql): one statement.
 LOCK_SUBMISSIONS = (
-    "SELECT * FROM sequencer.lock_submissions_v2(%(callers)s::text[], %(keys)s::text[], %(types)s::smallint[], "
+    "SELECT * FROM sequencer.lock_submissions_v3(%(callers)s::text[], %(keys)s::text[], %(types)s::smallint[], "
     "%(ids)s::text[], %(seqs)s::bigint[], %(row_lock)s, %(lock_timeout)s, %(now)s)"
 )
 
@@ -171,11 +171,11 @@ def snapshot(rows: Sequence[Sequence[Any]]) -> Snapshot:
     """LOCK_SUBMISSIONS' rows as what the rules decide on."""
     entities: dict[EntityKey, Entity] = {}
     answers: dict[tuple[str, str], StoredAnswer] = {}
-    for kind, t, i, s, watermark, parked, x, h, skip, c, k, m, f, r, a, created, expires in rows:
+    for kind, t, i, s, watermark, parked, x, h, skip, state, c, k, m, f, r, a, created, expires in rows:
         if kind == "entity":
             entities[(int(t), str(i))] = Entity(int(watermark), int(parked))
         elif kind == "held":
-            entities[(int(t), str(i))].held[int(s)] = HeldEvent(int(s), x, bytes(h), skip)
+            entities[(int(t), str(i))].held[int(s)] = HeldEvent(int(s), x, bytes(h), skip, int(state))
         else:
             answers[(c, k)] = StoredAnswer(m, bytes(f), bytes(r), bytes(a), created, expires)
     return Snapshot(entities, answers)

@@ -20,8 +20,13 @@ class SequencerMetrics:
         self.oldest_gap_age = Gauge(
             "sequencer_oldest_gap_age_seconds", "Age of the oldest open gap (0 when none)", registry=registry
         )
+        self.blocked = Gauge(
+            "sequencer_blocked_events", "Events the ledger refused past SEQUENCER_BLOCK_AFTER", registry=registry
+        )
         self.forward_retries = Counter(
-            "sequencer_forwarder_retries", "ApplyEvents attempts retried after a transient failure", registry=registry
+            "sequencer_forwarder_retries",
+            "ApplyEvents calls retried: after a transient failure, or a refusal counted towards blocking",
+            registry=registry,
         )
         self.ledger_latency = Histogram(
             "sequencer_ledger_apply_latency_seconds",

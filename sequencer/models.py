@@ -72,11 +72,35 @@ events = Table(
     Column("reason", Text, nullable=True),
     Column("reason_detail", Text, nullable=True),
     Column("entity_version", BigInteger, nullable=True),
+    # Refusals retrying cannot fix since the event was last queued; at SEQUENCER_BLOCK_AFTER the
+    # event is BLOCKED, with the refusal's gRPC code (ledger_code), reason and detail.
+    Column("forward_attempts", Integer, nullable=False, server_default=text("0")),
+    Column("blocked_at", DateTime(timezone=True), nullable=True),
+    Column("ledger_code", Text, nullable=True),
     CheckConstraint("sequence >= 1", name="sequence_positive"),
-    CheckConstraint("state BETWEEN 1 AND 6", name="state_known"),
+    CheckConstraint("state BETWEEN 1 AND 7", name="state_known"),
     Index("ix_events_transaction_id", "transaction_id"),
     # The forwarder's work list: only QUEUED rows, so it stays tiny.
     Index("ix_events_queued", "queued_at", postgresql_where=text("state = 2")),
+    # Blocked events, oldest first (the admin list, the gauge): only BLOCKED rows.
+    Index("ix_events_blocked", "blocked_at", "entity_type", "entity_id", postgresql_where=text("state = 7")),
+)
+
+# The operators' audit trail: every skip and every retry of a blocked event, who, when and why.
+interventions = Table(
+    "interventions",
+    metadata,
+    Column("entity_type", SmallInteger, primary_key=True),
+    Column("entity_id", Text, primary_key=True),
+    Column("id", Uuid, primary_key=True),
+    Column("sequence", BigInteger, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("caller_id", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    # For an intervention on a BLOCKED event: the refusal that blocked it.
+    Column("blocked_reason", Text, nullable=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("action IN ('skip', 'retry')", name="action_known"),
 )
 
 # Entities waiting for a missing MSI: at most one row per entity (its lowest missing MSI).

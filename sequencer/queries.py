@@ -33,6 +33,21 @@ FORWARDABLE = text(
     "ORDER BY x.entity_type, x.entity_id, v.sequence"
 )
 
+# Counts a refusal that retrying cannot fix against each named event (the QUEUED head its
+# entity's batch led with), keeping the refusal's gRPC code, reason and detail for the status.
+# The attempt that reaches :block_after makes the event BLOCKED, which stops its entity: only a
+# QUEUED head is forwarded or claimed. An event no longer QUEUED (another replica recorded its
+# outcome meanwhile) is left alone. Returns the events counted, with their attempts and state.
+COUNT_REFUSALS = text(
+    "UPDATE sequencer.events e SET forward_attempts = e.forward_attempts + 1, ledger_code = :code, "
+    "  reason = :reason, reason_detail = :detail, "
+    "  state = CASE WHEN e.forward_attempts + 1 >= :block_after THEN :blocked ELSE e.state END, "
+    "  blocked_at = CASE WHEN e.forward_attempts + 1 >= :block_after THEN :now END "
+    "FROM unnest(CAST(:types AS smallint[]), CAST(:ids AS text[]), CAST(:sequences AS bigint[])) AS w(t, i, q) "
+    "WHERE e.entity_type = w.t AND e.entity_id = w.i AND e.sequence = w.q AND e.state = :queued "
+    "RETURNING e.entity_type, e.entity_id, e.sequence, e.transaction_id, e.state, e.forward_attempts"
+)
+
 # Claims forwarding of up to :limit entities with queued work whose lease is free, expired or
 # already ours (a replica keeps its leases while it is busy with an entity). lease_taken_at
 # keeps the time of the first claim while the owner stays the same.

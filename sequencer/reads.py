@@ -153,5 +153,27 @@ class Reads:
         )
         if row.first_seen_at is not None:
             entity.oldest_gap_age.CopyFrom(duration((self.clock.now() - row.first_seen_at).total_seconds()))
+        if row.blocked_sequence is not None:
+            entity.blocked_sequence = row.blocked_sequence
+            entity.blocked_reason = row.blocked_reason or ""
+            entity.blocked_since.FromDatetime(row.blocked_at)
         entity.updated_at.FromDatetime(row.updated_at)
         return entity
+
+    async def list_blocked(self, requested_size: int, page_token: str) -> tuple[list[sequencer_pb2.EventStatus], str]:
+        """Blocked events, oldest first: what operators must decide on (retry or skip)."""
+        size = page_size(requested_size)
+        after = decode_token(page_token)
+        cursor = None
+        if after is not None:
+            try:
+                cursor = (dt.datetime.fromisoformat(after[0]), int(after[1]), str(after[2]))
+            except (ValueError, IndexError, TypeError) as exc:
+                raise InvalidArgument("page_token is malformed", field="page_token") from exc
+        async with reading(self.engine) as conn:
+            rows = await repo.list_blocked(conn, cursor, size + 1)
+        token = ""
+        if len(rows) > size:
+            last = rows[size - 1]
+            token = encode_token([last.blocked_at.isoformat(), last.entity_type, last.entity_id])
+        return [status_from_row(r) for r in rows[:size]], token

@@ -13,11 +13,9 @@ from sqlalchemy import Row, and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from logistics.events.v1 import events_pb2
 from sequencer import hints, queries
-from sequencer.models import entities, events, gaps, idempotency_keys
-
-PARKED = events_pb2.EVENT_STATE_PARKED
+from sequencer.models import entities, events, gaps, idempotency_keys, interventions
+from sequencer.states import BLOCKED, PARKED, QUEUED
 
 EntityKey = tuple[int, str]
 
@@ -115,6 +113,97 @@ async def record_outcomes(
     return list((await conn.execute(queries.RECORD_OUTCOMES, params)).all())
 
 
+async def count_refusals(
+    conn: AsyncConnection,
+    heads: Sequence[tuple[int, str, int]],
+    *,
+    code: str,
+    reason: str,
+    detail: str,
+    block_after: int,
+    now: dt.datetime,
+) -> list[Row[Any]]:
+    """Counts one refused attempt against each (entity, MSI) still QUEUED; the attempt that
+    reaches `block_after` blocks it (queries.COUNT_REFUSALS)."""
+    params = {
+        "types": [h[0] for h in heads],
+        "ids": [h[1] for h in heads],
+        "sequences": [h[2] for h in heads],
+        "code": code,
+        "reason": reason,
+        "detail": detail,
+        "block_after": block_after,
+        "now": now,
+        "queued": QUEUED,
+        "blocked": BLOCKED,
+    }
+    return list((await conn.execute(queries.COUNT_REFUSALS, params)).all())
+
+
+async def unblock(
+    conn: AsyncConnection, entity: EntityKey, sequence: int, *, skip_reason: str | None, now: dt.datetime
+) -> None:
+    """The entity's BLOCKED event QUEUED again with its attempts and refusal cleared; with a
+    skip reason it is forwarded as a skip."""
+    values: dict[str, Any] = {
+        "state": QUEUED,
+        "queued_at": now,
+        "forward_attempts": 0,
+        "blocked_at": None,
+        "ledger_code": None,
+        "reason": None,
+        "reason_detail": None,
+    }
+    if skip_reason is not None:
+        values["skip_reason"] = skip_reason
+    stmt = (
+        update(events)
+        .where(
+            events.c.entity_type == entity[0],
+            events.c.entity_id == entity[1],
+            events.c.sequence == sequence,
+            events.c.state == BLOCKED,
+        )
+        .values(**values)
+    )
+    if (await conn.execute(stmt)).rowcount != 1:
+        # The entity's lock is held and the rules saw it blocked: unreachable.
+        raise RuntimeError(f"MSI {sequence} of {entity[1]} was not blocked under its entity's lock")
+
+
+async def audit(
+    conn: AsyncConnection,
+    entity: EntityKey,
+    sequence: int,
+    *,
+    action: str,
+    caller: str,
+    reason: str,
+    now: dt.datetime,
+    blocked: bool,
+) -> None:
+    """An operator's intervention in the audit trail; on a BLOCKED event, with the refusal that
+    blocked it (read before the intervention clears it)."""
+    refusal = (
+        select(func.concat_ws(": ", events.c.ledger_code, events.c.reason, events.c.reason_detail))
+        .where(events.c.entity_type == entity[0], events.c.entity_id == entity[1], events.c.sequence == sequence)
+        .scalar_subquery()
+    )
+    await conn.execute(
+        interventions.insert().values(
+            entity_type=entity[0],
+            entity_id=entity[1],
+            id=uuid.uuid4(),
+            sequence=sequence,
+            action=action,
+            caller_id=caller,
+            reason=reason,
+            blocked_reason=refusal if blocked else None,
+            at=now,
+        )
+    )
+
+
 async def notify(conn: AsyncConnection, payload: str) -> None:
     """A wake-up hint (sequencer/hints.py) outside the ingress batch's statement."""
     await conn.execute(queries.NOTIFY, {"channel": hints.CHANNEL, "payload": payload})
@@ -185,7 +274,12 @@ async def statuses_for_entity(
     stmt = _status_select().where(events.c.entity_type == entity_type, events.c.entity_id == entity_id)
     if since is not None:
         stmt = stmt.where(
-            or_(events.c.accepted_at >= since, events.c.queued_at >= since, events.c.processed_at >= since)
+            or_(
+                events.c.accepted_at >= since,
+                events.c.queued_at >= since,
+                events.c.processed_at >= since,
+                events.c.blocked_at >= since,
+            )
         )
     return list((await conn.execute(stmt.order_by(events.c.sequence))).all())
 
@@ -211,6 +305,7 @@ async def gap_summary(conn: AsyncConnection, alert_before: dt.datetime) -> Any:
         .label("alerting"),
         select(func.min(gaps.c.first_seen_at)).scalar_subquery().label("oldest"),
         select(func.coalesce(func.sum(entities.c.parked_count), 0)).scalar_subquery().label("parked"),
+        select(func.count()).select_from(events).where(events.c.state == BLOCKED).scalar_subquery().label("blocked"),
     )
     row = (await conn.execute(stmt)).first()
     assert row is not None
@@ -241,13 +336,36 @@ async def list_parked(
 
 
 async def get_entity(conn: AsyncConnection, entity_type: int, entity_id: str) -> Any:
+    """An entity's row with its gap and its BLOCKED event (always the watermark's successor)."""
+    blocked = and_(
+        events.c.entity_type == entities.c.entity_type,
+        events.c.entity_id == entities.c.entity_id,
+        events.c.sequence == entities.c.watermark + 1,
+        events.c.state == BLOCKED,
+    )
     stmt = (
-        select(entities, gaps.c.awaiting_sequence, gaps.c.first_seen_at)
+        select(
+            entities,
+            gaps.c.awaiting_sequence,
+            gaps.c.first_seen_at,
+            events.c.sequence.label("blocked_sequence"),
+            events.c.blocked_at,
+            events.c.reason.label("blocked_reason"),
+        )
         .select_from(
             entities.outerjoin(
                 gaps, and_(gaps.c.entity_type == entities.c.entity_type, gaps.c.entity_id == entities.c.entity_id)
-            )
+            ).outerjoin(events, blocked)
         )
         .where(entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
     )
     return (await conn.execute(stmt)).first()
+
+
+async def list_blocked(conn: AsyncConnection, after: tuple[dt.datetime, int, str] | None, limit: int) -> list[Row[Any]]:
+    """BLOCKED events, oldest first (ix_events_blocked), with their status columns."""
+    stmt = _status_select().where(events.c.state == BLOCKED)
+    if after is not None:
+        stmt = stmt.where(tuple_(events.c.blocked_at, events.c.entity_type, events.c.entity_id) > tuple_(*after))
+    stmt = stmt.order_by(events.c.blocked_at, events.c.entity_type, events.c.entity_id).limit(limit)
+    return list((await conn.execute(stmt)).all())

@@ -12,6 +12,8 @@ import enum
 import uuid
 from dataclasses import dataclass, field
 
+from sequencer.states import BLOCKED, PARKED, QUEUED
+
 
 class Verdict(enum.Enum):
     QUEUED = "queued"  # the direct successor: forwarded
@@ -20,8 +22,10 @@ class Verdict(enum.Enum):
     SKIPPED = "skipped"  # an operator skipped this MSI; a late event is not applied
     CONFLICT = "conflict"  # the MSI is held with another payload: a producer bug
     PARKED_LIMIT = "parked_limit"  # the entity holds as many parked events as allowed
-    NOT_MISSING = "not_missing"  # a skip of an MSI that is held or processed
+    NOT_MISSING = "not_missing"  # a skip of an MSI that is held (not blocked) or processed
     NOTHING_BEHIND = "nothing_behind"  # a skip of an MSI no held event waits behind
+    UNBLOCKED = "unblocked"  # a skip or retry of the entity's BLOCKED event: it is QUEUED again
+    NOT_BLOCKED = "not_blocked"  # a retry of an MSI that is not the entity's blocked event
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class HeldEvent:
     transaction_id: uuid.UUID
     payload_hash: bytes
     skip_reason: str | None
+    state: int
 
 
 @dataclass(frozen=True)
@@ -66,26 +71,44 @@ class Entity:
         if existing is not None or sequence <= self.watermark:
             return _already_there(existing, payload_hash)
         if sequence == self.watermark + 1:
-            self._hold(HeldEvent(sequence, transaction_id, payload_hash, None), parked=False)
+            self._hold(HeldEvent(sequence, transaction_id, payload_hash, None, QUEUED), parked=False)
             return Decision(Verdict.QUEUED, transaction_id)
         if self.parked_count >= parked_limit:
             return Decision(Verdict.PARKED_LIMIT)
-        self._hold(HeldEvent(sequence, transaction_id, payload_hash, None), parked=True)
+        self._hold(HeldEvent(sequence, transaction_id, payload_hash, None, PARKED), parked=True)
         return Decision(Verdict.PARKED, transaction_id, awaiting=self.awaiting_for(sequence))
 
     def skip(self, sequence: int, transaction_id: uuid.UUID, marker_hash: bytes, reason: str) -> Decision:
-        """An operator's skip of `sequence`. Only a gap may be skipped: an MSI neither held nor
-        processed, with something held behind it. The skip marker is then held in its place,
-        like an event (QUEUED as the direct successor, else PARKED)."""
+        """An operator's skip of `sequence`: a gap (an MSI neither held nor processed, with
+        something held behind it), whose skip marker is then held in its place like an event
+        (QUEUED as the direct successor, else PARKED); or the entity's BLOCKED event, which is
+        then forwarded as a skip (UNBLOCKED, its own transaction)."""
+        blocked = self.blocked()
+        if blocked is not None and blocked.sequence == sequence:
+            return Decision(Verdict.UNBLOCKED, blocked.transaction_id)
         if sequence in self.held or sequence <= self.watermark:
             return Decision(Verdict.NOT_MISSING)
         if not any(s > sequence for s in self.held):
             return Decision(Verdict.NOTHING_BEHIND)
         parked = sequence != self.watermark + 1
-        self._hold(HeldEvent(sequence, transaction_id, marker_hash, reason), parked=parked)
+        marker = HeldEvent(sequence, transaction_id, marker_hash, reason, PARKED if parked else QUEUED)
+        self._hold(marker, parked=parked)
         if not parked:
             return Decision(Verdict.QUEUED, transaction_id)
         return Decision(Verdict.PARKED, transaction_id, awaiting=self.awaiting_for(sequence))
+
+    def retry(self, sequence: int) -> Decision:
+        """An operator's retry of `sequence`: only the entity's BLOCKED event goes again."""
+        blocked = self.blocked()
+        if blocked is None or blocked.sequence != sequence:
+            return Decision(Verdict.NOT_BLOCKED)
+        return Decision(Verdict.UNBLOCKED, blocked.transaction_id)
+
+    def blocked(self) -> HeldEvent | None:
+        """The event the entity is stopped at, if the ledger's refusals blocked it (always the
+        direct successor of the watermark: only a QUEUED event is forwarded)."""
+        head = self.held.get(self.watermark + 1)
+        return head if head is not None and head.state == BLOCKED else None
 
     def _hold(self, event: HeldEvent, *, parked: bool) -> None:
         self.held[event.sequence] = event

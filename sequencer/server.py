@@ -25,11 +25,11 @@ from sequencer.forwarding import ForwardingStore
 from sequencer.gaps import GapMonitor
 from sequencer.ingress import Ingress
 from sequencer.interceptors import build_interceptor
+from sequencer.interventions import Interventions
 from sequencer.metrics import SequencerMetrics
 from sequencer.notifications import Notifier
 from sequencer.reads import Reads
 from sequencer.servicer import AdminServicer, SequencerServicer
-from sequencer.skips import Skips
 from sequencer.sweeper import Sweeper
 from sequencer.watch import Watches
 
@@ -96,7 +96,7 @@ async def build_server(
     # Names this process in its notifications, so it can ignore its own wake-ups.
     instance = uuid.uuid4().hex
     ingress = Ingress(settings.database_url, settings, clock, metrics, instance)
-    skips = Skips(engine, settings, clock, metrics, ingress.answers, instance)
+    interventions = Interventions(engine, settings, clock, metrics, ingress.answers, instance)
     reads = Reads(engine, settings, clock)
     gaps = GapMonitor(engine, settings, clock, metrics)
     ledger_channel = channel(
@@ -111,14 +111,14 @@ async def build_server(
     ledger = ledger_pb2_grpc.LedgerServiceStub(ledger_channel)
     forwarder = Forwarder(ledger, store, notifier, settings, clock, metrics)
     if run_forwarder:
-        ingress.on_queued = skips.on_queued = forwarder.kick
+        ingress.on_queued = interventions.on_queued = forwarder.kick
 
     server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
     watches = Watches(reads, notifier, settings.watchers_per_caller)
     sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(
         SequencerServicer(ingress, reads, watches, settings), server
     )
-    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(reads, skips), server)
+    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(reads, interventions), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.listen_addr, settings.security)
     await notifier.start()

@@ -6,6 +6,8 @@ import contextlib
 import datetime as dt
 from collections.abc import AsyncGenerator, AsyncIterator
 
+import grpc
+
 from common.auth import authorize, current_identity
 from common.errors import DomainError
 from common.interceptors import Context, add_trailing_metadata, correlation_id
@@ -15,8 +17,8 @@ from sequencer.errors import InvalidArgument
 from sequencer.idempotency import CALLER_HEADER, KEY_HEADERS, Submission, resolve_caller, resolve_key, validate_key
 from sequencer.ingress import Ingress
 from sequencer.interceptors import item_status
+from sequencer.interventions import Interventions
 from sequencer.reads import Reads
-from sequencer.skips import Skips
 from sequencer.watch import Watches
 
 # Finer rules than the per-RPC policy: parts of an RPC that only admins may use.
@@ -141,9 +143,9 @@ class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
 
 
 class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
-    def __init__(self, reads: Reads, skips: Skips) -> None:
+    def __init__(self, reads: Reads, interventions: Interventions) -> None:
         self.service = reads
-        self.skips = skips
+        self.interventions = interventions
 
     async def ListGaps(
         self, request: sequencer_pb2.ListGapsRequest, context: Context
@@ -168,7 +170,7 @@ class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
         self, request: sequencer_pb2.SkipSequenceRequest, context: Context
     ) -> sequencer_pb2.SkipSequenceResponse:
         key = resolve_key(_metadata(context, KEY_HEADERS), request.request_id)
-        result = await self.skips.skip_sequence(
+        result = await self.interventions.skip_sequence(
             caller=_caller(context),
             key=key,
             request=request,
@@ -179,6 +181,55 @@ class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
         response = result.response
         assert isinstance(response, sequencer_pb2.SkipSequenceResponse)
         return response
+
+    async def ListBlockedEvents(
+        self, request: sequencer_pb2.ListBlockedEventsRequest, context: Context
+    ) -> sequencer_pb2.ListBlockedEventsResponse:
+        blocked, token = await self.service.list_blocked(request.page_size, request.page_token)
+        return sequencer_pb2.ListBlockedEventsResponse(blocked_events=blocked, next_page_token=token)
+
+    async def RetryBlockedEvent(
+        self, request: sequencer_pb2.RetryBlockedEventRequest, context: Context
+    ) -> sequencer_pb2.RetryBlockedEventResponse:
+        key = resolve_key(_metadata(context, KEY_HEADERS), request.request_id)
+        result = await self.interventions.retry_blocked(
+            caller=_caller(context), key=key, request=request, timeout=context.time_remaining()
+        )
+        _publish(context, result)
+        response = result.response
+        assert isinstance(response, sequencer_pb2.RetryBlockedEventResponse)
+        return response
+
+    # The webhook admin RPCs (SPEC 14) are not served by this release yet.
+    async def CreateWebhookSubscription(
+        self, request: sequencer_pb2.CreateWebhookSubscriptionRequest, context: Context
+    ) -> sequencer_pb2.CreateWebhookSubscriptionResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "webhooks are not served by this release")
+        raise AssertionError("unreachable")
+
+    async def ListWebhookSubscriptions(
+        self, request: sequencer_pb2.ListWebhookSubscriptionsRequest, context: Context
+    ) -> sequencer_pb2.ListWebhookSubscriptionsResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "webhooks are not served by this release")
+        raise AssertionError("unreachable")
+
+    async def DeleteWebhookSubscription(
+        self, request: sequencer_pb2.DeleteWebhookSubscriptionRequest, context: Context
+    ) -> sequencer_pb2.DeleteWebhookSubscriptionResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "webhooks are not served by this release")
+        raise AssertionError("unreachable")
+
+    async def ListWebhookDeliveries(
+        self, request: sequencer_pb2.ListWebhookDeliveriesRequest, context: Context
+    ) -> sequencer_pb2.ListWebhookDeliveriesResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "webhooks are not served by this release")
+        raise AssertionError("unreachable")
+
+    async def RedeliverWebhook(
+        self, request: sequencer_pb2.RedeliverWebhookRequest, context: Context
+    ) -> sequencer_pb2.RedeliverWebhookResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "webhooks are not served by this release")
+        raise AssertionError("unreachable")
 
     async def GetIdempotencyRecord(
         self, request: sequencer_pb2.GetIdempotencyRecordRequest, context: Context

@@ -13,9 +13,11 @@ APPLIED = events_pb2.EVENT_STATE_APPLIED
 REJECTED = events_pb2.EVENT_STATE_REJECTED
 DUPLICATE = events_pb2.EVENT_STATE_DUPLICATE
 SKIPPED = events_pb2.EVENT_STATE_SKIPPED
+BLOCKED = events_pb2.EVENT_STATE_BLOCKED
 
-# States an event row can be in (DUPLICATE is an answer, never a row's state).
-HELD = frozenset({PARKED, QUEUED})
+# States an event row can be in (DUPLICATE is an answer, never a row's state). A BLOCKED event
+# is held: it waits for an operator, and its entity with it.
+HELD = frozenset({PARKED, QUEUED, BLOCKED})
 TERMINAL = frozenset({APPLIED, REJECTED, SKIPPED})
 
 

@@ -89,6 +89,11 @@ def requests(tx: str, key: str) -> dict[str, Callable[[], tuple[Message, Any]]]:
         "GetEntity": lambda: (seq.GetEntityRequest(entity=shipment), None),
         "SkipSequence": lambda: (seq.SkipSequenceRequest(entity=shipment, sequence=2, reason="outage test"), _key()),
         "GetIdempotencyRecord": lambda: (seq.GetIdempotencyRecordRequest(idempotency_key=key), None),
+        "ListBlockedEvents": lambda: (seq.ListBlockedEventsRequest(page_size=10), None),
+        "RetryBlockedEvent": lambda: (
+            seq.RetryBlockedEventRequest(entity=shipment, sequence=2, reason="outage test"),
+            _key(),
+        ),
         "ApplyEvent": lambda: (apply("OUT-L1"), None),
         "ApplyEvents": lambda: (ledger_pb2.ApplyEventsRequest(requests=[apply("OUT-L2"), apply("OUT-L3")]), None),
         "GetShipment": lambda: (ledger_pb2.GetShipmentRequest(shipment_id="OUT-1"), None),

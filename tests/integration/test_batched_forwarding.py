@@ -123,8 +123,9 @@ async def test_batches_follow_a_ledger_that_takes_fewer_events(database_url: str
 async def test_a_refused_entity_rests_while_the_others_go_on(system: System, caplog: pytest.LogCaptureFixture) -> None:
     """The ledger already holds MSI 1 of one SKU with another payload (sent to it directly):
     the batch that carries it is refused naming that item, and the other entities of the batch
-    are applied at once; the refused one waits (it never applies the other payload)."""
-    caplog.set_level(logging.ERROR, logger="sequencer.forwarder")
+    are applied at once; the refused one waits (it never applies the other payload), with the
+    refusal counted towards blocking it."""
+    caplog.set_level(logging.WARNING, logger="sequencer.forwarder")
     direct = ledger_pb2.ApplyEventRequest(event=receive("SKU-REFUSED", 1, quantity=7), transaction_id=str(uuid.uuid4()))
     await system.ledger.ApplyEvent(direct, timeout=5)
     items = [sequencer_pb2.SubmitEventRequest(event=receive("SKU-REFUSED", 1, quantity=1), request_id="refused")]
@@ -135,10 +136,12 @@ async def test_a_refused_entity_rests_while_the_others_go_on(system: System, cap
     reply = await system.sequencer.SubmitEvents(sequencer_pb2.SubmitEventsRequest(requests=items), timeout=10)
     for result in reply.results[1:]:
         assert (await system.wait_terminal(result.response.transaction_id, timeout=10)).state == APPLIED
-    assert (await system.status(reply.results[0].response.transaction_id)).state == QUEUED
+    status = await system.status(reply.results[0].response.transaction_id)
+    assert (status.state, status.reason, status.ledger_code) == (QUEUED, "SEQUENCE_CONFLICT", "FAILED_PRECONDITION")
+    assert status.forward_attempts >= 1
     assert await on_hand(system, "SKU-REFUSED") == (7, 1)
-    refusals = [r for r in caplog.records if r.getMessage() == "the ledger refused a batch; its entity backs off"]
-    assert refusals and all(getattr(r, "entities", None) == [f"{INVENTORY}:SKU-REFUSED"] for r in refusals)
+    refusals = [r for r in caplog.records if r.getMessage().startswith("the ledger refused an event")]
+    assert refusals and all(getattr(r, "entity_id", None) == "SKU-REFUSED" for r in refusals)
 
 
 async def test_outcomes_are_recorded_once_and_release_the_next(

@@ -12,6 +12,7 @@ from logistics.events.v1 import events_pb2
 from sequencer import hints, states
 from sequencer.models import events
 from sequencer.rules import Entity, HeldEvent, Verdict
+from sequencer.states import APPLIED, BLOCKED, PARKED, QUEUED, SKIPPED
 
 A, B = b"payload-a", b"payload-b"
 
@@ -21,7 +22,7 @@ def tx() -> uuid.UUID:
 
 
 def test_state_numbers_are_the_contracts() -> None:
-    for name in ("PARKED", "QUEUED", "APPLIED", "REJECTED", "DUPLICATE", "SKIPPED"):
+    for name in ("PARKED", "QUEUED", "APPLIED", "REJECTED", "DUPLICATE", "SKIPPED", "BLOCKED"):
         assert getattr(states, name) == events_pb2.EventState.Value(f"EVENT_STATE_{name}")
     assert states.state_name(states.QUEUED) == "EVENT_STATE_QUEUED"
     # Every state a row can take is allowed by the table's CHECK constraint, and the numbers
@@ -57,13 +58,17 @@ def test_awaiting_names_the_gap_below_or_the_next_msi() -> None:
 
 def test_held_or_processed_msis() -> None:
     held = tx()
-    entity = Entity(watermark=5, parked_count=0, held={4: HeldEvent(4, held, A, None), 6: HeldEvent(6, held, A, None)})
+    entity = Entity(
+        watermark=5,
+        parked_count=0,
+        held={4: HeldEvent(4, held, A, None, APPLIED), 6: HeldEvent(6, held, A, None, PARKED)},
+    )
     assert entity.decide(4, A, 10, tx()).verdict is Verdict.DUPLICATE
     assert entity.decide(4, A, 10, tx()).transaction_id == held
     assert entity.decide(6, B, 10, tx()).verdict is Verdict.CONFLICT
     processed_long_ago = entity.decide(2, A, 10, tx())
     assert (processed_long_ago.verdict, processed_long_ago.transaction_id) == (Verdict.DUPLICATE, None)
-    skipped = Entity(watermark=3, parked_count=0, held={3: HeldEvent(3, held, b"marker", "lost upstream")})
+    skipped = Entity(watermark=3, parked_count=0, held={3: HeldEvent(3, held, b"marker", "lost upstream", SKIPPED)})
     assert skipped.decide(3, A, 10, tx()).verdict is Verdict.SKIPPED
 
 
@@ -113,7 +118,7 @@ def test_hints_round_trip_and_fall_back_to_resync() -> None:
 
 
 def test_only_a_gap_may_be_skipped_and_the_marker_takes_its_place() -> None:
-    entity = Entity(watermark=2, parked_count=1, held={5: HeldEvent(5, tx(), A, None)})
+    entity = Entity(watermark=2, parked_count=1, held={5: HeldEvent(5, tx(), A, None, PARKED)})
     assert entity.gap() == 3
     assert entity.skip(2, tx(), b"skip", "lost").verdict is Verdict.NOT_MISSING  # processed
     assert entity.skip(5, tx(), b"skip", "lost").verdict is Verdict.NOT_MISSING  # held
@@ -124,3 +129,27 @@ def test_only_a_gap_may_be_skipped_and_the_marker_takes_its_place() -> None:
     queued = entity.skip(3, tx(), b"skip", "lost")
     assert queued.verdict is Verdict.QUEUED and entity.parked_count == 2
     assert entity.gap() is None and entity.changed
+
+
+def test_a_blocked_event_stops_its_entity_until_an_operator_skips_or_retries_it() -> None:
+    blocked_tx = tx()
+    entity = Entity(
+        watermark=4,
+        parked_count=1,
+        held={5: HeldEvent(5, blocked_tx, A, None, BLOCKED), 6: HeldEvent(6, tx(), A, None, PARKED)},
+    )
+    assert entity.blocked() == entity.held[5]
+    # Resubmissions of the blocked MSI are answered as for any held event; successors park.
+    assert entity.decide(5, A, 10, tx()).verdict is Verdict.DUPLICATE
+    assert entity.decide(5, B, 10, tx()).verdict is Verdict.CONFLICT
+    assert entity.decide(7, A, 10, tx()).verdict is Verdict.PARKED
+    # Only the blocked MSI may be retried; a skip of it forwards its own transaction as a skip.
+    assert entity.retry(6).verdict is Verdict.NOT_BLOCKED
+    assert entity.retry(5) == entity.skip(5, tx(), b"marker", "why")
+    assert entity.retry(5).verdict is Verdict.UNBLOCKED and entity.retry(5).transaction_id == blocked_tx
+    assert entity.skip(6, tx(), b"marker", "why").verdict is Verdict.NOT_MISSING
+    # A queued (not blocked) head is neither retried nor skipped.
+    moving = Entity(watermark=4, parked_count=0, held={5: HeldEvent(5, tx(), A, None, QUEUED)})
+    assert moving.blocked() is None
+    assert moving.retry(5).verdict is Verdict.NOT_BLOCKED
+    assert moving.skip(5, tx(), b"marker", "why").verdict is Verdict.NOT_MISSING
