@@ -36,6 +36,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import psycopg
 import pytest
@@ -139,7 +140,7 @@ def _http_settings() -> dict[str, str]:
 def system(database_url: str) -> Iterator[System]:
     ledger = start_ledger(database_url)
     try:
-        sequencer = start_sequencer(database_url, ledger.port, **_http_settings())
+        sequencer = start_sequencer(database_url, ledger.port, **cast("dict[str, Any]", _http_settings()))
         try:
             yield System(sequencer, ledger, database_url)
         finally:
