@@ -27,10 +27,11 @@ import pytest
 from google.protobuf import json_format
 
 from logistics.events.v1 import events_pb2
+from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from ops import cli
 from tests.processes import ServiceProcess, start_ledger, start_sequencer
-from tests.support import shipment_event
+from tests.support import inventory_event, shipment_event
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 60.0
@@ -342,3 +343,77 @@ def test_credentials_come_from_the_environment(secured: tuple[ServiceProcess, st
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
     assert ok_json("gaps", address=address, env={"LOGISTICS_TOKEN_FILE": str(token_file)}) == {"gaps": []}
+
+
+@pytest.fixture
+def blocking(database_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+    """A sequencer that blocks an event after its first refused forwarding attempt."""
+    ledger = start_ledger(database_url)
+    try:
+        sequencer = start_sequencer(database_url, ledger.port, SEQUENCER_BLOCK_AFTER="1")
+        try:
+            yield sequencer, ledger
+        finally:
+            sequencer.terminate()
+    finally:
+        ledger.terminate()
+
+
+def poll_state(address: str, transaction_id: str, state: str) -> dict[str, Any]:
+    deadline = time.monotonic() + POLL_DEADLINE
+    while True:
+        status: dict[str, Any] = ok_json("status", transaction_id, address=address)["status"]
+        if status["state"] == state or time.monotonic() > deadline:
+            assert status["state"] == state, status
+            return status
+        time.sleep(0.2)
+
+
+def test_a_blocked_event_is_listed_retried_and_skipped(blocking: tuple[ServiceProcess, ServiceProcess]) -> None:
+    sequencer, ledger = blocking
+    address = sequencer.address
+    sku = f"SKU-CLI-{uuid.uuid4().hex[:8]}"
+    # The ledger holds another payload at MSI 1 (applied directly: development mode allows it).
+    with grpc.insecure_channel(ledger.address) as channel:
+        ledger_pb2_grpc.LedgerServiceStub(channel).ApplyEvent(
+            ledger_pb2.ApplyEventRequest(
+                event=inventory_event(sku, 1, "inventory_received", location="DOCK", quantity=7),
+                transaction_id=str(uuid.uuid4()),
+            ),
+            timeout=10,
+        )
+        with grpc.insecure_channel(address) as seq:
+            accepted = sequencer_pb2_grpc.SequencerServiceStub(seq).SubmitEvent(
+                sequencer_pb2.SubmitEventRequest(
+                    event=inventory_event(sku, 1, "inventory_received", location="DOCK", quantity=1)
+                ),
+                metadata=(("idempotency-key", f"cli-{sku}-1"),),
+                timeout=10,
+            )
+    blocked = poll_state(address, accepted.transaction_id, "EVENT_STATE_BLOCKED")
+    assert blocked["reason"] == "SEQUENCE_CONFLICT" and blocked["ledgerCode"] == "FAILED_PRECONDITION"
+
+    listed = ok_json("blocked", address=address)["blockedEvents"]
+    assert [(b["transactionId"], b["reason"]) for b in listed] == [(accepted.transaction_id, "SEQUENCE_CONFLICT")]
+    table = ops("blocked", address=address)
+    assert table.returncode == 0
+    header, *rows = table.stdout.splitlines()
+    assert header.split()[:3] == ["ENTITY", "MSI", "LEDGER"]
+    assert [row.split()[:4] for row in rows] == [
+        [f"inventory_item/{sku}", "1", "FAILED_PRECONDITION", "SEQUENCE_CONFLICT"]
+    ]
+    entity = ok_json("entity", "inventory", sku, address=address)["entity"]
+    assert entity["blockedSequence"] == "1" and entity["blockedReason"] == "SEQUENCE_CONFLICT"
+
+    # Retry: QUEUED again, refused again, BLOCKED again (the ledger still holds its own MSI 1).
+    retried = ok_json("retry", "inventory", sku, "1", "--reason", "one more try, OPS-11", address=address)
+    assert retried["status"]["transactionId"] == accepted.transaction_id
+    assert retried["status"]["state"] in ("EVENT_STATE_QUEUED", "EVENT_STATE_BLOCKED")
+    poll_state(address, accepted.transaction_id, "EVENT_STATE_BLOCKED")
+
+    # Skip the blocked MSI: the entity moves on; nothing is listed as blocked any more.
+    skipped = ops("skip", "inventory", sku, "1", "--reason", "the ledger holds its own MSI 1", address=address)
+    assert skipped.returncode == 0, skipped.stderr
+    poll_state(address, accepted.transaction_id, "EVENT_STATE_SKIPPED")
+    assert ok_json("blocked", address=address) == {"blockedEvents": []}
+    assert ops("blocked", address=address).stdout == "(none)\n"
