@@ -192,6 +192,9 @@ try it ({_buf_hint()}; grpcurl works the same with -plaintext):
   npx --no-install buf curl --protocol grpc --http2-prior-knowledge -d '{{"shipmentId": "SHP-1"}}' \\
     http://{ledger_addr}/logistics.ledger.v1.LedgerService/GetShipment
 
+operate it (docs/cli.md):
+  LOGISTICS_SEQUENCER_ADDR={sequencer_addr} .venv/bin/python -m ops gaps
+
 {_auth_line(env)}
 Ctrl-C stops everything.""",
         flush=True,

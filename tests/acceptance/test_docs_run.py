@@ -29,6 +29,7 @@ failed, its exit status and its output. Any other `docs-test:` marker is a failu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -136,8 +137,9 @@ def _http_settings() -> dict[str, str]:
     return {"SEQUENCER_HTTP_ADDR": "127.0.0.1:0"} if '"HTTP_ADDR"' in config else {}
 
 
-@pytest.fixture
-def system(database_url: str) -> Iterator[System]:
+@contextlib.contextmanager
+def running(database_url: str) -> Iterator[System]:
+    """Both services on a fresh database (started only for a document with blocks to run)."""
     ledger = start_ledger(database_url)
     try:
         sequencer = start_sequencer(database_url, ledger.port, **cast("dict[str, Any]", _http_settings()))
@@ -207,34 +209,40 @@ def _tail(text: str, lines: int = 25) -> str:
 
 @pytest.mark.parametrize("document", documents(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_block_of_the_document_runs_as_written(
-    document: Path, system: System, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    document: Path, database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     found = blocks(document)
     skipped = [b for b in found if b.marker == "skip"]
     failures: list[str] = []
-    for block in found:
-        if block.marker == "skip":
-            continue
-        result = run_block(block, system, tmp_path)
-        expect_failure = block.marker == "exit-nonzero"
-        if (result.returncode != 0) != expect_failure:
-            if expect_failure:
-                problem = f"{block.where} is marked exit-nonzero ({block.why}) but exited 0"
-            else:
-                problem = (
-                    f"{block.where} failed with exit {result.returncode} at {_failed_command(block, result.stderr)}"
-                )
-            failures.append(
-                f"{problem}\n  stdout:\n{_tail(result.stdout)}\n  stderr:\n{_tail(result.stderr)}\n"
-                "  (fix the block, or mark it: <!-- docs-test: skip (why) --> on the line before its fence)"
-            )
-        system.settle()
+    with contextlib.ExitStack() as stack:
+        to_run = [b for b in found if b.marker != "skip"]
+        system = stack.enter_context(running(database_url)) if to_run else None
+        for block in to_run:
+            assert system is not None
+            failures += check_block(block, system, tmp_path)
+            system.settle()
     with capsys.disabled():
         ran = len(found) - len(skipped)
         print(f"\n{document.relative_to(ROOT)}: {ran} blocks run, {len(skipped)} marked skip")
         for block in skipped:
             print(f"  skip {block.where}: {block.why}")
     assert not failures, "\n\n".join(failures)
+
+
+def check_block(block: Block, system: System, tmp_path: Path) -> list[str]:
+    """Runs one block; its failure as a message (none when it did what its marker says)."""
+    result = run_block(block, system, tmp_path)
+    expect_failure = block.marker == "exit-nonzero"
+    if (result.returncode != 0) == expect_failure:
+        return []
+    if expect_failure:
+        problem = f"{block.where} is marked exit-nonzero ({block.why}) but exited 0"
+    else:
+        problem = f"{block.where} failed with exit {result.returncode} at {_failed_command(block, result.stderr)}"
+    return [
+        f"{problem}\n  stdout:\n{_tail(result.stdout)}\n  stderr:\n{_tail(result.stderr)}\n"
+        "  (fix the block, or mark it: <!-- docs-test: skip (why) --> on the line before its fence)"
+    ]
 
 
 def test_markers_are_read_as_documented(tmp_path: Path) -> None:
