@@ -182,3 +182,18 @@ def run_audit(db: Database, prefix: str, result: dict[str, Any], rows: dict[tupl
             if shipments.get(entity_id) != want_status:
                 audit.fail(f"{entity_id}: shipment status {shipments.get(entity_id)}, model says {want_status}")
     return audit
+
+
+#: Codes an overload must never answer because of the load (SPEC 12: INTERNAL, UNAVAILABLE; and
+#: no transport answer: CANCELLED is what grpc core says when its queue of calls overflows).
+OVERLOAD_FORBIDDEN = ("INTERNAL", "UNAVAILABLE", "UNKNOWN", "CANCELLED")
+
+
+def overload_audit(audit: Audit, figures: dict[str, Any]) -> None:
+    """What the overload workload adds to the audit: no INTERNAL/UNAVAILABLE under load, and
+    every request refused during the load admitted when re-sent later with its key."""
+    for code in OVERLOAD_FORBIDDEN:
+        if figures["errors"].get(code):
+            audit.fail(f"overload: {figures['errors'][code]} calls answered {code} under load")
+    if figures["late_admitted"] != figures["late"]:
+        audit.fail(f"overload: {figures['late'] - figures['late_admitted']} refused requests never admitted later")

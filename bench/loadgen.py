@@ -11,6 +11,7 @@ and the audit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from bench import echo
 from bench.model import INVENTORY, SHIPMENT, Stream
@@ -230,6 +232,16 @@ class Run:
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+#: The overload workload's client side: several connections (local subchannel pools), each with
+#: at most OVERLOAD_SLOTS calls on the wire, as the shipped client does, so its open-loop burst
+#: meets the server's admission, not the HTTP/2 stream limit of one connection. 640 in all: past
+#: the per-caller limit (512), so admission is what answers the excess.
+OVERLOAD_CHANNELS = 4
+OVERLOAD_SLOTS = 160
+#: Callers re-sending refused requests after the load phase (with their keys, as RetryInfo says).
+OVERLOAD_LATE_CALLERS = 32
+OVERLOAD_LATE_SECONDS = 180.0
 
 
 def _code(number: int) -> grpc.StatusCode:
@@ -472,6 +484,162 @@ async def duplicate_storm(run: Run) -> dict[str, Any]:
     return {"elapsed": time.perf_counter() - started, "callers": callers, "bad_rounds": bad}
 
 
+def _overload_refusal(exc: grpc.aio.AioRpcError) -> tuple[str, float] | None:
+    """(reason, RetryInfo delay) of an admission refusal; None for any other failure."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    raw = next((v for k, v in exc.trailing_metadata() or () if k == "grpc-status-details-bin"), None)
+    if not isinstance(raw, bytes):
+        return None
+    reason, delay = "", 1.0
+    for detail in status_pb2.Status.FromString(raw).details:
+        info = error_details_pb2.ErrorInfo()
+        retry = error_details_pb2.RetryInfo()
+        if detail.Is(info.DESCRIPTOR):
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(retry.DESCRIPTOR):
+            detail.Unpack(retry)
+            delay = retry.retry_delay.ToNanoseconds() / 1e9
+    return (reason, delay) if reason in ("CALLER_OVERLOADED", "BACKLOG_FULL") else None
+
+
+async def overload(run: Run, stubs: list[Any]) -> dict[str, Any]:
+    """Open loop: SubmitEvent calls issued at a fixed rate whatever the answers (never waiting
+    for one before the next), each once. Refusals (CALLER_OVERLOADED, BACKLOG_FULL) and failures
+    are counted; after the load phase, every request not admitted is sent again with its key,
+    waiting as RetryInfo says, so the audit can check every admitted event applied once, in order.
+    Ack latency counts from the scheduled arrival (client-side queueing included)."""
+    rate = float(run.spec["rate"])
+    duration = float(run.spec["duration"])
+    pool = _entity_pool(run, max(int(run.spec["entities"]), int(rate)), shipment_share=0.0)
+    slots = [asyncio.Semaphore(OVERLOAD_SLOTS) for _ in stubs]
+    metadata_base = (("x-client-id", CALLER),)
+    refusals: collections.Counter[str] = collections.Counter()
+    errors: collections.Counter[str] = collections.Counter()
+    owed: list[Sent] = []
+    tasks: set[asyncio.Task[None]] = set()
+    max_client_inflight = 0
+    inflight = 0
+    expired = 0
+    queue_waits: list[float] = []
+    wire_latencies: list[float] = []
+    refusal_latencies: list[float] = []
+
+    async def arrival(sent: Sent, due: float, lane: int) -> None:
+        nonlocal inflight, max_client_inflight, expired
+        inflight += 1
+        max_client_inflight = max(max_client_inflight, inflight)
+        metadata = (("idempotency-key", sent.key), *metadata_base)
+        try:
+            async with slots[lane]:
+                queued = time.monotonic() - due
+                queue_waits.append(queued)
+                if queued >= DEADLINE:
+                    # Its deadline passed in this client's queue: never sent (re-sent later).
+                    expired += 1
+                    owed.append(sent)
+                    return
+                sent_at = time.monotonic()
+                call = stubs[lane].SubmitEvent(sent.request, metadata=metadata, timeout=DEADLINE - queued)
+                try:
+                    response: sequencer_pb2.SubmitEventResponse = await call
+                except grpc.aio.AioRpcError as exc:
+                    refusal = _overload_refusal(exc)
+                    if refusal is not None:
+                        refusals[refusal[0]] += 1
+                        refusal_latencies.append(time.monotonic() - sent_at)
+                    else:
+                        errors[exc.code().name] += 1
+                    owed.append(sent)
+                    return
+                wire_latencies.append(time.monotonic() - sent_at)
+            sent.latency = time.monotonic() - due
+            sent.transaction_id = response.transaction_id
+            sent.state = int(response.state)
+            run.sent.append(sent)
+            run.calls.append(Call(sent.sent_at, sent.latency, 1, 1, "main"))
+        finally:
+            inflight -= 1
+
+    started = time.monotonic()
+    issued = 0
+    wall0 = time.time()
+    while (now := time.monotonic()) < started + duration:
+        due_count = int((now - started) * rate) + 1
+        while issued < due_count:
+            index = pool[issued % len(pool)]
+            sequence, _ = run.streams[index].next_spec()
+            sent = run.request(index, sequence)
+            due = started + issued / rate
+            sent.sent_at = wall0 + (due - started)
+            task = asyncio.create_task(arrival(sent, due, issued % len(stubs)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            issued += 1
+        await asyncio.sleep(0.001)
+    offered_seconds = time.monotonic() - started
+    if tasks:
+        await asyncio.gather(*tasks)
+    load_seconds = time.monotonic() - started
+
+    # Later: every request not admitted, again with its key, until admitted (RetryInfo waits).
+    late_started = time.monotonic()
+    late_deadline = late_started + OVERLOAD_LATE_SECONDS
+    queue = collections.deque(sorted(owed, key=lambda s: (s.entity, s.sequence)))
+    late_refusals = 0
+
+    async def late_caller() -> None:
+        nonlocal late_refusals
+        while queue and time.monotonic() < late_deadline:
+            sent = queue.popleft()
+            metadata = (("idempotency-key", sent.key), *metadata_base)
+            while True:
+                begun = time.perf_counter()
+                try:
+                    response: sequencer_pb2.SubmitEventResponse = await stubs[0].SubmitEvent(
+                        sent.request, metadata=metadata, timeout=DEADLINE
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    refusal = _overload_refusal(exc)
+                    if time.monotonic() >= late_deadline:
+                        sent.error = exc.code().name
+                        break
+                    late_refusals += refusal is not None
+                    await asyncio.sleep((refusal[1] if refusal else 0.2) * run.rng.uniform(1.0, 1.2))
+                    continue
+                sent.latency = time.perf_counter() - begun
+                sent.transaction_id = response.transaction_id
+                sent.state = int(response.state)
+                sent.phase = "late"
+                break
+            run.sent.append(sent)
+            run.calls.append(Call(sent.sent_at, sent.latency, 1, 0 if sent.error else 1, "late"))
+
+    await asyncio.gather(*(late_caller() for _ in range(OVERLOAD_LATE_CALLERS)))
+    for sent in queue:  # never re-sent: the late phase ran out of time
+        sent.error = "NOT_RETRIED"
+        run.sent.append(sent)
+    return {
+        "rate": rate,
+        "issued": issued,
+        "offered_seconds": offered_seconds,
+        "load_seconds": load_seconds,
+        "admitted": sum(1 for s in run.sent if s.phase == "main"),
+        "refused": dict(refusals),
+        "errors": dict(errors),
+        "late": len(owed),
+        "late_admitted": sum(1 for s in run.sent if s.phase == "late" and not s.error),
+        "late_refusals": late_refusals,
+        "late_seconds": time.monotonic() - late_started,
+        "max_client_inflight": max_client_inflight,
+        "expired_in_client_queue": expired,
+        "client_queue_waits": queue_waits,
+        "admitted_wire_latencies": wire_latencies,
+        "refusal_latencies": refusal_latencies,
+    }
+
+
 async def echo_workload(spec: dict[str, Any]) -> dict[str, Any]:
     """The transport ceiling: the same callers, deadlines and metadata, against the echo server."""
     # A request of the size the pipeline sees: a typical SubmitEventRequest.
@@ -509,7 +677,38 @@ def peak_rss_mb_self() -> float | None:
     return peak_rss_mb(os.getpid())
 
 
+async def overload_pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+    """The overload workload on its own connections (see OVERLOAD_CHANNELS)."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(spec["target"], options=options) for _ in range(OVERLOAD_CHANNELS)]
+    try:
+        for channel in channels:
+            await channel.channel_ready()
+        # grpc.aio stubs (the generated types describe the sync ones).
+        stubs: list[Any] = [sequencer_pb2_grpc.SequencerServiceStub(c) for c in channels]
+        run = Run(spec, stubs[0], random.Random(int(spec["seed"])))  # noqa: S311
+        started_wall = time.time()
+        figures = await overload(run, stubs)
+        elapsed = figures["load_seconds"]
+    finally:
+        for channel in channels:
+            await channel.close()
+    return {
+        "started_wall": started_wall,
+        "elapsed": elapsed,
+        "requests": [s.record() for s in run.sent],
+        "calls": [c.record() for c in run.calls],
+        "entities": [[s.entity_type, s.entity_id, s.specs] for s in run.streams],
+        "retried": figures["late"],
+        "mismatches": [],
+        "loadgen_peak_rss_mb": peak_rss_mb_self(),
+        "overload": figures,
+    }
+
+
 async def pipeline(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["workload"] == "overload":
+        return await overload_pipeline(spec)
     async with grpc.aio.insecure_channel(spec["target"], options=CHANNEL_OPTIONS) as channel:
         await channel.channel_ready()
         run = Run(spec, sequencer_pb2_grpc.SequencerServiceStub(channel), random.Random(int(spec["seed"])))  # noqa: S311

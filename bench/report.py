@@ -145,3 +145,19 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
 def write_json(path: Path, report: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+
+
+def overload_line(figures: dict[str, Any]) -> str:
+    """The overload workload in one line: offered, admitted, refused by reason, errors, late."""
+    refused = ", ".join(f"{reason} {fmt(rate)}/s" for reason, rate in figures["refused_per_s"].items()) or "none"
+    errors = ", ".join(f"{code} {n}" for code, n in figures["other_errors"].items()) or "none"
+    return (
+        f"    offered {fmt(figures['offered_per_s'])}/s (target {fmt(figures['target_rate'])}/s), "
+        f"admitted {fmt(figures['admitted_per_s'])}/s, "
+        f"refused {refused} (p99 {fmt(figures['refusal_p99_ms'], ' ms')}); "
+        f"other errors: {errors}; expired in the client's queue {figures['expired_in_client_queue']}\n"
+        f"    admitted ack p99 {fmt(figures['admitted_ack_p99_ms'], ' ms')} from arrival, "
+        f"{fmt(figures['admitted_wire_p99_ms'], ' ms')} from send; "
+        f"client queue wait p99 {fmt(figures['client_queue_wait_p99_ms'], ' ms')}; "
+        f"re-sent later {figures['late_resent']}, admitted {figures['late_admitted']}"
+    )

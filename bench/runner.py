@@ -34,7 +34,11 @@ S2A_P99_TARGETS_MS = {"in_order": 150.0}
 #: steady load the pipeline keeps up with, so memory is measured at work, not in overload.
 SOAK_LOAD_SHARE = 0.5
 SOAK_PROBE_SECONDS = 10.0
-WORKLOADS = ("in_order", "batch", "hot_set", "out_of_order", "retries", "duplicate_storm")
+WORKLOADS = ("in_order", "batch", "hot_set", "out_of_order", "retries", "duplicate_storm", "overload")
+#: The overload workload offers this multiple of the sustainable load (SPEC 12): the in_order
+#: applied/s of this run, or of a short probe when in_order does not run.
+OVERLOAD_FACTOR = 10.0
+OVERLOAD_PROBE_SECONDS = 5.0
 PREFIXES = {
     "warmup": "wu",
     "in_order": "io",
@@ -43,6 +47,7 @@ PREFIXES = {
     "out_of_order": "oo",
     "retries": "rt",
     "duplicate_storm": "ds",
+    "overload": "ov",
     "soak": "sk",
 }
 
@@ -65,11 +70,17 @@ class Plan:
     soak_warmup: float = 0.0
     rate: float | None = None
     sample_interval: float = 5.0
+    overload_rate: float | None = None
 
     def seconds(self, workload: str) -> float:
-        share = {"in_order": 1.0, "batch": 0.5, "hot_set": 0.6, "out_of_order": 0.75, "retries": 0.75}.get(
-            workload, 1.0
-        )
+        share = {
+            "in_order": 1.0,
+            "batch": 0.5,
+            "hot_set": 0.6,
+            "out_of_order": 0.75,
+            "retries": 0.75,
+            "overload": 0.5,
+        }.get(workload, 1.0)
         if self.smoke and workload == "batch":
             # One call or two per caller (100 events each): enough to check the path, and the
             # backlog it leaves drains in seconds.
@@ -97,6 +108,11 @@ def parse(argv: list[str]) -> Plan:
         help=f"soak: events/s offered (default: {SOAK_LOAD_SHARE:.0%} of a {SOAK_PROBE_SECONDS:g} s in_order probe)",
     )
     parser.add_argument("--sample-interval", type=float, help="soak: seconds between RSS samples (default 5)")
+    parser.add_argument(
+        "--overload-rate",
+        type=float,
+        help=f"overload: events/s offered, open loop (default {OVERLOAD_FACTOR:g} x the in_order applied/s)",
+    )
     parser.add_argument("--concurrency", type=int, help="concurrent callers (default 64; smoke 8)")
     parser.add_argument("--workloads", help=f"comma-separated subset of {','.join(WORKLOADS)}")
     parser.add_argument("--entities", type=int, help="entities of the stream workloads (default 1000)")
@@ -128,6 +144,8 @@ def parse(argv: list[str]) -> Plan:
     duration = args.duration if args.duration is not None else default_duration
     if duration <= 0 or (args.rate is not None and args.rate <= 0) or (args.sample_interval or 1) <= 0:
         parser.error("--duration, --rate and --sample-interval must be positive")
+    if args.overload_rate is not None and args.overload_rate <= 0:
+        parser.error("--overload-rate must be positive")
     return Plan(
         duration=duration,
         concurrency=args.concurrency or (8 if smoke else 64),
@@ -145,6 +163,7 @@ def parse(argv: list[str]) -> Plan:
         soak_warmup=args.soak_warmup if args.soak_warmup is not None else soak.default_warmup(duration),
         rate=args.rate,
         sample_interval=args.sample_interval or 5.0,
+        overload_rate=args.overload_rate,
     )
 
 
@@ -277,10 +296,10 @@ class Bench:
             "replay_seconds": round(self.plan.duration * 0.4, 2) if name == "retries" else 0,
         }
 
-    def run_workload(self, name: str, seconds: float | None = None) -> dict[str, Any]:
+    def run_workload(self, name: str, seconds: float | None = None, **extra: Any) -> dict[str, Any]:
         assert self.db is not None and self.sequencer is not None and self.ledger is not None
         prefix = PREFIXES[name]
-        spec = self.spec(name, seconds)
+        spec = {**self.spec(name, seconds), **extra}
         before = self.snapshot()
         result = self.loadgen(spec)
         first = audits.accepted(result)
@@ -288,7 +307,24 @@ class Bench:
         after = self.snapshot()
         rows = audits.sequencer_rows(self.db, prefix)
         audit = audits.run_audit(self.db, prefix, result, rows)
+        if "overload" in result:
+            audits.overload_audit(audit, result["overload"])
         return self.summarise(name, spec, result, first, rows, audit, drain_s, before, after)
+
+    def overload_rate(self, rows: list[dict[str, Any]]) -> tuple[float, str]:
+        """Ten times the sustainable load: --overload-rate, else the in_order applied/s of this
+        run, else of a short in_order probe."""
+        if self.plan.overload_rate is not None:
+            return self.plan.overload_rate, "--overload-rate"
+        probe = next((r for r in rows if r["workload"] == "in_order"), None)
+        if probe is None:
+            seconds = min(OVERLOAD_PROBE_SECONDS, self.plan.duration)
+            probe = self.run_workload("in_order", seconds=seconds)
+            rows.append(probe)
+        if not probe["applied_per_s"]:
+            raise RuntimeError(f"the in_order run applied nothing: {probe['details']['audit']}")
+        rate = round(probe["applied_per_s"] * OVERLOAD_FACTOR)
+        return rate, f"{OVERLOAD_FACTOR:g} x in_order's {probe['applied_per_s']} applied/s"
 
     def summarise(
         self,
@@ -305,11 +341,12 @@ class Bench:
         assert self.sequencer is not None and self.ledger is not None
         requests = result["requests"]
         entities = result["entities"]
-        answered = [r for r in requests if not r[7] and r[8] != "replay"]
+        answered = [r for r in requests if not r[7] and r[8] not in ("replay", "late")]
         creating = [r for r in first.values()]
         # Ack latency is per call (a SubmitEvents call acknowledges all its items at once);
-        # calls: [sent_at, latency, items, answered items, phase].
-        calls = [c for c in result["calls"] if c[4] != "replay"]
+        # calls: [sent_at, latency, items, answered items, phase]. Overload's late re-sends are
+        # not load-phase answers.
+        calls = [c for c in result["calls"] if c[4] not in ("replay", "late")]
         ack = [c[1] for c in calls if c[3]]
         replay_records = [r for r in requests if r[6] and not r[7]]
         burst = [r for r in requests if r[8] == "replay" and not r[7]]
@@ -359,6 +396,7 @@ class Bench:
             "sequencer_peak_rss_mb": _round(peak_rss_mb(self.sequencer.pid)),
             "ledger_peak_rss_mb": _round(peak_rss_mb(self.ledger.pid)),
             "audit": "PASS" if audit.passed else "FAIL",
+            "overload": overload_section(result, ack_summary),
             "details": {
                 "concurrency": spec["concurrency"],
                 "storm_callers": spec["storm_callers"] if name == "duplicate_storm" else None,
@@ -434,9 +472,15 @@ class Bench:
         started = time.monotonic()
         self.begin()
         assert self.db is not None
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name in plan.workloads:
-            row = self.run_workload(name)
+            if name == "overload":
+                rate, source = self.overload_rate(rows)
+                print(f"overload: offering {rate:g} events/s open loop ({source})", flush=True)
+                row = self.run_workload(name, rate=rate)
+                row["overload"]["rate_source"] = source
+            else:
+                row = self.run_workload(name)
             rows.append(row)
             problems = row["details"]["audit"]["problems"]
             print(
@@ -596,6 +640,41 @@ class Bench:
         }
 
 
+def overload_section(result: dict[str, Any], ack: dict[str, Any]) -> dict[str, Any] | None:
+    """The overload workload's own figures: offered, admitted and refused per second (by reason)
+    over the load phase, the ack latency of admitted calls, and the late re-sends."""
+    figures = result.get("overload")
+    if not figures:
+        return None
+    # Offered over the offering window; answers over the load phase (until the last is in).
+    offered, seconds = figures["offered_seconds"], figures["load_seconds"]
+    wire = report.latency_summary(figures["admitted_wire_latencies"])
+    queue = report.latency_summary(figures["client_queue_waits"])
+    refusal = report.latency_summary(figures["refusal_latencies"])
+    return {
+        "target_rate": figures["rate"],
+        "offered_per_s": report.rate(figures["issued"], offered),
+        "admitted_per_s": report.rate(figures["admitted"], seconds),
+        "refused_per_s": {reason: report.rate(n, seconds) for reason, n in sorted(figures["refused"].items())},
+        "refused": figures["refused"],
+        "other_errors": figures["errors"],
+        "expired_in_client_queue": figures["expired_in_client_queue"],
+        "load_seconds": round(seconds, 2),
+        # From the scheduled arrival (the client's queue included), and from the send alone.
+        "admitted_ack_p50_ms": ack["p50_ms"],
+        "admitted_ack_p99_ms": ack["p99_ms"],
+        "admitted_wire_p50_ms": wire["p50_ms"],
+        "admitted_wire_p99_ms": wire["p99_ms"],
+        "client_queue_wait_p99_ms": queue["p99_ms"],
+        "refusal_p99_ms": refusal["p99_ms"],
+        "late_resent": figures["late"],
+        "late_admitted": figures["late_admitted"],
+        "late_refusals": figures["late_refusals"],
+        "late_seconds": round(figures["late_seconds"], 2),
+        "max_client_inflight": figures["max_client_inflight"],
+    }
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
@@ -640,6 +719,8 @@ def render(result: dict[str, Any]) -> str:
         if row.get("replays_vs_echo") is not None:
             parts.append(f"replays/echo {row['replays_vs_echo']:.0%}")
         lines.append(f"  {row['workload']}: " + ", ".join(parts))
+        if row.get("overload"):
+            lines.append(report.overload_line(row["overload"]))
     if result["targets"]:
         lines += ["", "SPEC 10 targets (reported; the exit status follows the audits only):"]
         lines.append(report.targets_table(result["targets"]))

@@ -62,7 +62,10 @@ class SecuritySettings:
     allow_insecure: bool = False
     max_message_bytes: int = 1024 * 1024
     max_metadata_bytes: int = 16 * 1024
-    max_concurrent_streams: int = 100
+    # HTTP/2 streams one connection may hold. Above any caller's in-flight limit: a burst is
+    # answered by admission (RESOURCE_EXHAUSTED + RetryInfo), not refused by the transport
+    # (RST_STREAM REFUSED_STREAM, which the client sees as UNAVAILABLE). docs/flow-control.md.
+    max_concurrent_streams: int = 1000
     keepalive_min_ping_interval: float = 10.0
 
     @classmethod
@@ -75,7 +78,7 @@ class SecuritySettings:
             allow_insecure=env.bool("ALLOW_INSECURE", False),
             max_message_bytes=env.int("MAX_MESSAGE_BYTES", 1024 * 1024, minimum=1024, maximum=64 * 1024 * 1024),
             max_metadata_bytes=env.int("MAX_METADATA_BYTES", 16 * 1024, minimum=1024, maximum=1024 * 1024),
-            max_concurrent_streams=env.int("MAX_CONCURRENT_STREAMS", 100, minimum=1, maximum=10_000),
+            max_concurrent_streams=env.int("MAX_CONCURRENT_STREAMS", 1000, minimum=1, maximum=10_000),
             keepalive_min_ping_interval=env.seconds("KEEPALIVE_MIN_PING_INTERVAL", 10.0, minimum=0.1),
         )
         if bool(settings.tls_cert) != bool(settings.tls_key):
@@ -105,6 +108,11 @@ class SecuritySettings:
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_metadata_size", self.max_metadata_bytes),
             ("grpc.max_concurrent_streams", self.max_concurrent_streams),
+            # grpc core queues calls the Python server has not picked up yet and, past 1,000 by
+            # default, cancels some (CANCELLED, a transport answer to a burst). Room for ten
+            # connections' worth of streams: a burst waits for the server's admission instead.
+            ("grpc.server.max_pending_requests", 10 * self.max_concurrent_streams),
+            ("grpc.server.max_pending_requests_hard_limit", 20 * self.max_concurrent_streams),
             # Keepalive enforcement: clients pinging more often than this are sent GOAWAY.
             ("grpc.http2.min_ping_interval_without_data_ms", ping_ms),
             ("grpc.http2.max_ping_strikes", 2),

@@ -57,3 +57,17 @@ class MalformedRequest(DomainError):
     """The request bytes are not a valid message of the RPC's request type."""
 
     reason = "MALFORMED_REQUEST"
+
+
+class Overloaded(DomainError):
+    """Admission refused the call for now (a flow-control bound, SPEC 12): nothing was stored,
+    and the same request with the same key succeeds once the load drains. `retry_after` is the
+    wait the answer's google.rpc.RetryInfo names."""
+
+    reason = "OVERLOADED"
+    #: Seconds to wait before retrying, when the raiser names none.
+    default_retry_after: ClassVar[float] = 1.0
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **metadata: Any) -> None:
+        super().__init__(message, **metadata)
+        self.retry_after = self.default_retry_after if retry_after is None else retry_after

@@ -7,6 +7,7 @@ Each service passes its own table from domain error classes to gRPC codes (its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
@@ -15,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -27,6 +28,7 @@ from common.errors import (
     InvalidArgument,
     MalformedRequest,
     NotFound,
+    Overloaded,
     PermissionDenied,
     Retryable,
     Unauthenticated,
@@ -40,6 +42,9 @@ MAX_CORRELATION_ID = 128
 
 ErrorTable = Mapping[type[DomainError], grpc.StatusCode]
 Context = grpc.aio.ServicerContext[Any, Any]
+#: A service's admission gate: given the method and the call's metadata (after authentication),
+#: a hold for the call's duration, or a raised domain error (an Overloaded) to refuse it.
+Gate = Callable[[str, tuple[Any, ...]], contextlib.AbstractContextManager[None]]
 
 _trailing: contextvars.ContextVar[list[tuple[str, str]]] = contextvars.ContextVar("trailing")
 
@@ -65,7 +70,16 @@ def status_for(error: DomainError, table: ErrorTable, domain: str) -> status_pb2
     )
     detail = any_pb2.Any()
     detail.Pack(info)
-    return status_pb2.Status(code=code.value[0], message=error.message, details=[detail])
+    details = [detail]
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        # google.rpc.RetryInfo: how long the caller should wait before the same request again.
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(float(retry_after) * 1e9))
+        retry = any_pb2.Any()
+        retry.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        details.append(retry)
+    return status_pb2.Status(code=code.value[0], message=error.message, details=details)
 
 
 def _internal_status(domain: str) -> status_pb2.Status:
@@ -101,6 +115,7 @@ COMMON_TABLE: ErrorTable = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     DeadlineReached: grpc.StatusCode.DEADLINE_EXCEEDED,
     Retryable: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 _MALFORMED = object()
@@ -156,8 +171,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         metrics: RpcMetrics,
         authenticator: Authenticator,
         policy: Mapping[str, frozenset[str]],
+        gate: Gate | None = None,
     ) -> None:
         self.table = {**COMMON_TABLE, **table}
+        self.gate: Gate = gate or (lambda _method, _metadata: contextlib.nullcontext())
         self.domain = domain
         self.metrics = metrics
         self.authenticator = authenticator
@@ -184,7 +201,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     await self._echo(context)
                     self._admit(method, metadata, request, context)
-                    response = await inner_unary(request, context)
+                    with self.gate(method, metadata):
+                        response = await inner_unary(request, context)
                 except BaseException as exc:
                     await self._fail(exc, method, started, context)
                     raise
@@ -205,8 +223,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     await self._echo(context)
                     self._admit(method, metadata, request, context)
-                    async for item in inner_stream(request, context):
-                        yield item
+                    with self.gate(method, metadata):
+                        async for item in inner_stream(request, context):
+                            yield item
                 except BaseException as exc:
                     await self._fail(exc, method, started, context)
                     raise

@@ -7,8 +7,26 @@ from dataclasses import dataclass, field
 
 from common.auth import SecuritySettings
 from common.settings import ConfigError, Env, database_url
+from sequencer.sealing import SecretBox
 
 LOCK_STRATEGIES = ("advisory", "row")
+# Seconds before each attempt of a webhook delivery (Svix's schedule): immediately, 5 s, 5 min,
+# 30 min, 2 h, 5 h, 10 h, 10 h; each delay but the first gets jitter.
+WEBHOOK_RETRY_SCHEDULE = (0.0, 5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+def seconds_list(env: Env, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """A comma-separated list of non-negative seconds (at least one)."""
+    raw = env.str(name, "")
+    if not raw:
+        return default
+    try:
+        values = tuple(float(part) for part in raw.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"{env.prefix}{name} must be comma-separated seconds, got {raw!r}") from exc
+    if not values or any(v < 0 for v in values):
+        raise ConfigError(f"{env.prefix}{name} must list one or more non-negative seconds, got {raw!r}")
+    return values
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,12 @@ class Settings:
     # Refusals retrying cannot fix (not transient, not an outcome) before an event is BLOCKED.
     block_after: int = 5
     watchers_per_caller: int = 100
+    # Flow control (SPEC 12): requests one caller may have in flight, accepted events not yet
+    # processed (PARKED + QUEUED + BLOCKED) before submissions are refused, and how often that
+    # is counted.
+    max_inflight_per_caller: int = 512
+    max_backlog: int = 100_000
+    backlog_refresh_interval: float = 1.0
     db_pool_size: int = 10
     shutdown_grace: float = 5.0
     log_level: str = "INFO"
@@ -63,6 +87,22 @@ class Settings:
     ledger_tls_key: str = ""
     ledger_tls_server_name: str = ""
     ledger_token_file: str = ""
+    # Webhooks (docs/webhooks.md). Hosts a subscription may target (comma-separated; `*.` a
+    # subdomain wildcard); empty: none, except loopback in development mode.
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    webhook_retry_schedule: tuple[float, ...] = WEBHOOK_RETRY_SCHEDULE
+    webhook_timeout: float = 15.0
+    # A subscription whose every attempt failed for this long is disabled (and alerted).
+    webhook_disable_after: float = 5 * 86400.0
+    # 32 bytes, base64: seals the signing secrets at rest (AES-GCM). Empty: stored unsealed.
+    webhook_secret_key: str = ""
+    webhook_poll_interval: float = 1.0
+    # Deliveries in flight per replica, and how long a replica's claim on one lasts.
+    webhook_concurrency: int = 8
+    webhook_lease: float = 60.0
+    # Finished (delivered or failed) outbox deliveries older than this are deleted, with their
+    # attempts, by the sweeper (every sink's).
+    outbox_retention: float = 7 * 86400.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -91,6 +131,9 @@ class Settings:
             forwarder_retry_budget=env.seconds("FORWARDER_RETRY_BUDGET", 20.0, minimum=0.1),
             block_after=env.int("BLOCK_AFTER", 5, minimum=1, maximum=100),
             watchers_per_caller=env.int("WATCHERS_PER_CALLER", 100, minimum=1),
+            max_inflight_per_caller=env.int("MAX_INFLIGHT_PER_CALLER", 512, minimum=1, maximum=1_000_000),
+            max_backlog=env.int("MAX_BACKLOG", 100_000, minimum=1, maximum=1_000_000_000),
+            backlog_refresh_interval=env.seconds("BACKLOG_REFRESH_INTERVAL", 1.0, minimum=0.05),
             db_pool_size=env.int("DB_POOL_SIZE", 10, minimum=1, maximum=500),
             shutdown_grace=env.seconds("SHUTDOWN_GRACE", 5.0),
             log_level=env.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -100,11 +143,28 @@ class Settings:
             ledger_tls_key=env.str("LEDGER_TLS_KEY", ""),
             ledger_tls_server_name=env.str("LEDGER_TLS_SERVER_NAME", ""),
             ledger_token_file=env.str("LEDGER_TOKEN_FILE", ""),
+            webhook_allowed_hosts=tuple(
+                h.strip().lower() for h in env.str("WEBHOOK_ALLOWED_HOSTS", "").split(",") if h.strip()
+            ),
+            webhook_retry_schedule=seconds_list(env, "WEBHOOK_RETRY_SCHEDULE", WEBHOOK_RETRY_SCHEDULE),
+            webhook_timeout=env.seconds("WEBHOOK_TIMEOUT", 15.0, minimum=0.1),
+            webhook_disable_after=env.seconds("WEBHOOK_DISABLE_AFTER", 5 * 86400.0, minimum=1.0),
+            webhook_secret_key=env.str("WEBHOOK_SECRET_KEY", ""),
+            webhook_poll_interval=env.seconds("WEBHOOK_POLL_INTERVAL", 1.0, minimum=0.01),
+            webhook_concurrency=env.int("WEBHOOK_CONCURRENCY", 8, minimum=1, maximum=256),
+            webhook_lease=env.seconds("WEBHOOK_LEASE", 60.0, minimum=1.0),
+            outbox_retention=env.seconds("OUTBOX_RETENTION", 7 * 86400.0, minimum=1.0),
         )
         env.reject_unknown()
         if bool(settings.ledger_tls_cert) != bool(settings.ledger_tls_key):
             raise ConfigError("SEQUENCER_LEDGER_TLS_CERT and SEQUENCER_LEDGER_TLS_KEY go together")
         if settings.ledger_tls_cert and not settings.ledger_tls_ca:
             raise ConfigError("SEQUENCER_LEDGER_TLS_CERT needs SEQUENCER_LEDGER_TLS_CA")
+        if settings.webhook_lease <= settings.webhook_timeout:
+            raise ConfigError(
+                "SEQUENCER_WEBHOOK_LEASE must exceed SEQUENCER_WEBHOOK_TIMEOUT (a claim outlives its attempt)"
+            )
+        if settings.webhook_secret_key:
+            SecretBox.from_setting(settings.webhook_secret_key)
         settings.security.check_exposure(settings.listen_addr, "SEQUENCER_")
         return settings

@@ -50,3 +50,26 @@ def status_from_row(row: Row[Any], key: str | None = None) -> sequencer_pb2.Even
         if stamp is not None:
             getattr(status, name).CopyFrom(stamp)
     return status
+
+
+def status_from_delivery(row: Row[Any]) -> sequencer_pb2.EventStatus:
+    """An outbox delivery as the EventStatus it reports: the state change it was written for
+    (its own columns), and the event's fixed facts (joined from the events row)."""
+    status = sequencer_pb2.EventStatus(
+        transaction_id=str(row.transaction_id),
+        entity=events_pb2.EntityRef(entity_type=row.entity_type, entity_id=row.entity_id),
+        sequence=row.sequence,
+        state=row.event_state,
+        reason=row.reason or "",
+        reason_detail=row.reason_detail or "",
+        entity_version=row.entity_version or 0,
+        correlation_id=row.correlation_id,
+        idempotency_key=row.idempotency_key or "",
+        forward_attempts=row.forward_attempts or 0,
+        ledger_code=row.ledger_code or "",
+    )
+    for name in ("accepted_at", "queued_at", "processed_at", "blocked_at"):
+        stamp = timestamp(getattr(row, name))
+        if stamp is not None:
+            getattr(status, name).CopyFrom(stamp)
+    return status

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from common.errors import DeadlineReached, DomainError, InvalidArgument, NotFound, Retryable
+from common.errors import DeadlineReached, DomainError, InvalidArgument, NotFound, Overloaded, Retryable
 
 __all__ = [
+    "BacklogFull",
+    "CallerOverloaded",
     "DeadlineReached",
     "EntityNotFound",
     "EventNotFound",
@@ -15,11 +17,16 @@ __all__ = [
     "InvalidArgument",
     "InvalidEvent",
     "NotAGap",
+    "Overloaded",
     "ParkedLimitReached",
     "Retryable",
     "SequenceConflict",
     "SequencerError",
     "TooManyWatchers",
+    "WebhookDeliveryNotFound",
+    "WebhookSubscriptionDisabled",
+    "WebhookSubscriptionNotFound",
+    "WebhookTargetNotAllowed",
 ]
 
 
@@ -85,3 +92,39 @@ class IdempotencyRecordNotFound(SequencerError, NotFound):
 
 class TooManyWatchers(SequencerError):
     reason = "TOO_MANY_WATCHERS"
+
+
+class WebhookTargetNotAllowed(SequencerError, InvalidArgument):
+    """The subscription's URL is malformed or its host is not on SEQUENCER_WEBHOOK_ALLOWED_HOSTS."""
+
+    reason = "WEBHOOK_TARGET_NOT_ALLOWED"
+
+
+class WebhookSubscriptionNotFound(SequencerError, NotFound):
+    reason = "WEBHOOK_SUBSCRIPTION_NOT_FOUND"
+
+
+class WebhookDeliveryNotFound(SequencerError, NotFound):
+    reason = "WEBHOOK_DELIVERY_NOT_FOUND"
+
+
+class WebhookSubscriptionDisabled(SequencerError):
+    """The delivery's subscription is disabled: nothing is sent for it (create a new one)."""
+
+    reason = "WEBHOOK_SUBSCRIPTION_DISABLED"
+
+
+class CallerOverloaded(SequencerError, Overloaded):
+    """The caller already has SEQUENCER_MAX_INFLIGHT_PER_CALLER requests in flight (SPEC 12)."""
+
+    reason = "CALLER_OVERLOADED"
+    # In-flight requests end within milliseconds: a short wait frees a slot.
+    default_retry_after = 0.1
+
+
+class BacklogFull(SequencerError, Overloaded):
+    """Accepted events not yet processed reached SEQUENCER_MAX_BACKLOG (SPEC 12)."""
+
+    reason = "BACKLOG_FULL"
+    # The backlog drains at the ledger's pace and is counted about once a second.
+    default_retry_after = 1.0

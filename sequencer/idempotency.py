@@ -7,10 +7,13 @@ import collections
 import datetime as dt
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf.message import Message
 
+from common.auth import Identity
 from sequencer.errors import IdempotencyKeyInvalid, IdempotencyKeyMissing, IdempotencyKeyReused
 
 KEY_HEADERS = ("idempotency-key", "x-idempotency-key")
@@ -60,6 +63,14 @@ def resolve_caller(values: list[str]) -> str:
     if not CALLER_PATTERN.fullmatch(caller):
         raise IdempotencyKeyInvalid("x-client-id may contain only letters, digits and . _ : @ - (1-128)")
     return caller
+
+
+def caller_scope(identity: Identity, metadata: Iterable[tuple[str, Any]]) -> str:
+    """The idempotency, read and admission scope: the authenticated caller; in development mode
+    (no credentials configured, loopback only) the self-declared `x-client-id`."""
+    if identity.via == "development":
+        return resolve_caller([str(v) for k, v in metadata if k == CALLER_HEADER])
+    return identity.caller
 
 
 def fingerprint(request: Message) -> bytes:

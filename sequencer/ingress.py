@@ -35,6 +35,7 @@ from common.errors import DomainError
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 from sequencer import mailbox
+from sequencer.admission import Admission, Limits
 from sequencer.config import Settings
 from sequencer.errors import (
     DeadlineReached,
@@ -106,8 +107,13 @@ class Ingress:
         clock: Clock,
         metrics: SequencerMetrics,
         instance: str,
+        admission: Admission | None = None,
     ) -> None:
         self.url = libpq_url(database_url)
+        # The backlog bound (SPEC 12): checked once per call, after validation, before anything.
+        self.admission = admission or Admission(
+            Limits(settings.max_inflight_per_caller, settings.max_backlog, settings.backlog_refresh_interval)
+        )
         self.settings = settings
         self.clock = clock
         self.metrics = metrics
@@ -183,7 +189,8 @@ class Ingress:
         event = request.event
         logs.bind(entity_type=event.entity_type, entity_id=event.entity_id, sequence=event.sequence)
         pending = self.prepare(caller=caller, key=key, request=request, correlation_id=correlation_id, timeout=timeout)
-        result = await self.accept(pending)
+        with self.admission.admitting(1):
+            result = await self.accept(pending)
         response = result.response
         assert isinstance(response, sequencer_pb2.SubmitEventResponse)
         logs.bind(transaction_id=response.transaction_id, state=state_name(response.state), replayed=result.replayed)
@@ -209,7 +216,12 @@ class Ingress:
                 f"a batch holds at most {self.settings.max_batch} requests, got {len(requests)}", field="requests"
             )
         items = [self._item(caller, i, r, correlation_id, timeout) for i, r in enumerate(requests)]
-        return await self.submit_many(items)
+        admitted = sum(1 for item in items if isinstance(item, Pending))
+        if not admitted:
+            return await self.submit_many(items)
+        # The whole call is refused or admitted: one answer, one RetryInfo, nothing stored.
+        with self.admission.admitting(admitted):
+            return await self.submit_many(items)
 
     def _item(
         self,

@@ -7,7 +7,7 @@ from google.rpc import status_pb2
 
 from common.auth import Authenticator
 from common.errors import DomainError
-from common.interceptors import COMMON_TABLE, ErrorTable, ServiceInterceptor, status_for
+from common.interceptors import COMMON_TABLE, ErrorTable, Gate, ServiceInterceptor, status_for
 from common.metrics import RpcMetrics
 from sequencer import errors
 
@@ -18,12 +18,18 @@ ERROR_TABLE: ErrorTable = {
     errors.IdempotencyKeyInvalid: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InvalidEvent: grpc.StatusCode.INVALID_ARGUMENT,
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.WebhookTargetNotAllowed: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.WebhookSubscriptionDisabled: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.WebhookSubscriptionNotFound: grpc.StatusCode.NOT_FOUND,
+    errors.WebhookDeliveryNotFound: grpc.StatusCode.NOT_FOUND,
     errors.IdempotencyKeyReused: grpc.StatusCode.FAILED_PRECONDITION,
     errors.SequenceConflict: grpc.StatusCode.FAILED_PRECONDITION,
     errors.NotAGap: grpc.StatusCode.FAILED_PRECONDITION,
     errors.NotBlocked: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ParkedLimitReached: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.TooManyWatchers: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.CallerOverloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.BacklogFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.EntityNotFound: grpc.StatusCode.NOT_FOUND,
     errors.EventNotFound: grpc.StatusCode.NOT_FOUND,
     errors.IdempotencyRecordNotFound: grpc.StatusCode.NOT_FOUND,
@@ -58,8 +64,11 @@ POLICY: dict[str, frozenset[str]] = {
 }
 
 
-def build_interceptor(metrics: RpcMetrics, authenticator: Authenticator) -> ServiceInterceptor:
-    return ServiceInterceptor(ERROR_TABLE, DOMAIN, metrics, authenticator, POLICY)
+def build_interceptor(
+    metrics: RpcMetrics, authenticator: Authenticator, gate: Gate | None = None
+) -> ServiceInterceptor:
+    """The interceptor with this service's table and policy, and the admission gate (SPEC 12)."""
+    return ServiceInterceptor(ERROR_TABLE, DOMAIN, metrics, authenticator, POLICY, gate)
 
 
 def item_status(error: DomainError) -> status_pb2.Status:

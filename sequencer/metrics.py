@@ -23,6 +23,19 @@ class SequencerMetrics:
         self.blocked = Gauge(
             "sequencer_blocked_events", "Events the ledger refused past SEQUENCER_BLOCK_AFTER", registry=registry
         )
+        self.backlog = Gauge(
+            "sequencer_backlog_events",
+            "Held events (PARKED, QUEUED, BLOCKED) as admission last counted them (SEQUENCER_MAX_BACKLOG bounds it)",
+            registry=registry,
+        )
+        self.admission_refusals = Counter(
+            "sequencer_admission_refusals",
+            "Calls refused by flow control (SPEC 12), by reason: CALLER_OVERLOADED or BACKLOG_FULL",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("CALLER_OVERLOADED", "BACKLOG_FULL"):
+            self.admission_refusals.labels(reason)
         self.forward_retries = Counter(
             "sequencer_forwarder_retries",
             "ApplyEvents calls retried: after a transient failure, or a refusal counted towards blocking",
@@ -36,6 +49,24 @@ class SequencerMetrics:
         )
         self.ledger_outcomes = Counter(
             "sequencer_ledger_outcomes", "Ledger outcomes recorded, by outcome", ["outcome"], registry=registry
+        )
+        self.webhook_deliveries = Counter(
+            "sequencer_webhook_deliveries",
+            "Webhook delivery attempts by result: delivered (2xx), retrying (another attempt is due), "
+            "failed (given up: schedule spent, 410, or the subscription disabled)",
+            ["result"],
+            registry=registry,
+        )
+        self.webhook_latency = Histogram(
+            "sequencer_webhook_attempt_latency_seconds",
+            "Time from sending a webhook to its answer (or the failure)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.webhook_oldest_undelivered_age = Gauge(
+            "sequencer_webhook_oldest_undelivered_age_seconds",
+            "Age of the oldest webhook delivery still pending on an active subscription (0 when none)",
+            registry=registry,
         )
         self.keys_swept = Counter(
             "sequencer_idempotency_keys_swept", "Expired idempotency records deleted", registry=registry

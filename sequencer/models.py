@@ -11,6 +11,9 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
+    ForeignKey,
+    Identity,
     Index,
     Integer,
     LargeBinary,
@@ -21,6 +24,7 @@ from sqlalchemy import (
     Uuid,
     text,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from common.db import NAMING_CONVENTION
 
@@ -82,6 +86,9 @@ events = Table(
     Index("ix_events_transaction_id", "transaction_id"),
     # The forwarder's work list: only QUEUED rows, so it stays tiny.
     Index("ix_events_queued", "queued_at", postgresql_where=text("state = 2")),
+    # The backlog count of admission (SPEC 12): held rows only (PARKED, QUEUED, BLOCKED), so it
+    # stays as small as the backlog itself.
+    Index("ix_events_held", "state", postgresql_where=text("state IN (1, 2, 7)")),
     # Blocked events, oldest first (the admin list, the gauge): only BLOCKED rows.
     Index("ix_events_blocked", "blocked_at", "entity_type", "entity_id", postgresql_where=text("state = 7")),
 )
@@ -131,4 +138,107 @@ idempotency_keys = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Index("ix_idempotency_keys_expires_at", "expires_at"),
+)
+
+# The outbox (docs/webhooks.md): who is told about outcomes, and what is still to tell them.
+# Sink-neutral: `sink` names the dispatcher that serves a subscription ('webhook' here; the
+# broker publishers add theirs) and `target` is what that sink sends to (a URL, a subject).
+outbox_subscriptions = Table(
+    "outbox_subscriptions",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("sink", Text, nullable=False),
+    Column("target", Text, nullable=False),
+    # The event states reported (EventState numbers).
+    Column("states", ARRAY(SmallInteger), nullable=False),
+    # Only this entity type's events when set.
+    Column("entity_type", SmallInteger, nullable=True),
+    Column("description", Text, nullable=False, server_default=text("''")),
+    # 1 ACTIVE, 2 DISABLED (WebhookSubscriptionState).
+    Column("state", SmallInteger, nullable=False),
+    # The signing secret, sealed (sequencer/webhooks.py: SecretBox); never returned by a read.
+    Column("secret", LargeBinary, nullable=True),
+    Column("created_by", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    # Since when every attempt has failed (NULL: the last one succeeded, or none was made).
+    Column("failing_since", DateTime(timezone=True), nullable=True),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+    Column("disabled_reason", Text, nullable=True),
+    CheckConstraint("state IN (1, 2)", name="state_known"),
+)
+
+# One row per (subscription, event state change) to report, written by the trigger on events
+# in the transaction of the change (sequencer/sql/outbox_enqueue_v1.sql). It keeps what the
+# change said (state, reason, version), since a BLOCKED event's row moves on when retried.
+outbox_deliveries = Table(
+    "outbox_deliveries",
+    metadata,
+    # Also the `webhook-id`: stable across retries.
+    Column("id", Uuid, primary_key=True, server_default=text("gen_random_uuid()")),
+    # Commit order among one entity's deliveries of the same MSI (BLOCKED, then APPLIED).
+    Column("position", BigInteger, Identity(always=True), nullable=False),
+    Column(
+        "subscription_id",
+        Uuid,
+        ForeignKey("outbox_subscriptions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("entity_type", SmallInteger, nullable=False),
+    Column("entity_id", Text, nullable=False),
+    Column("sequence", BigInteger, nullable=False),
+    Column("transaction_id", Uuid, nullable=False),
+    Column("event_state", SmallInteger, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("reason_detail", Text, nullable=True),
+    Column("entity_version", BigInteger, nullable=True),
+    Column("processed_at", DateTime(timezone=True), nullable=True),
+    Column("forward_attempts", Integer, nullable=True),
+    Column("blocked_at", DateTime(timezone=True), nullable=True),
+    Column("ledger_code", Text, nullable=True),
+    # 1 PENDING, 2 DELIVERED, 3 FAILED (WebhookDeliveryState).
+    Column("status", SmallInteger, nullable=False, server_default=text("1")),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    # Failed attempts since the delivery was (re)started: the position in the retry schedule.
+    Column("step", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    # The dispatcher replica sending it, until when (a lease: a crashed sender's claim expires).
+    Column("claimed_by", Text, nullable=True),
+    Column("claimed_until", DateTime(timezone=True), nullable=True),
+    Column("last_http_status", Integer, nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True), nullable=True),
+    CheckConstraint("status IN (1, 2, 3)", name="status_known"),
+    # The claim's work list: each (subscription, entity)'s lowest pending delivery.
+    Index(
+        "ix_outbox_deliveries_pending",
+        "subscription_id",
+        "entity_type",
+        "entity_id",
+        "sequence",
+        "position",
+        postgresql_where=text("status = 1"),
+    ),
+    Index("ix_outbox_deliveries_subscription_id_position", "subscription_id", "position"),
+    # The retention sweep's work list: finished deliveries, oldest first.
+    Index("ix_outbox_deliveries_finished", "created_at", postgresql_where=text("status <> 1")),
+)
+
+# Every attempt of a delivery: when, what came back, how long it took.
+outbox_attempts = Table(
+    "outbox_attempts",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column(
+        "delivery_id",
+        Uuid,
+        ForeignKey("outbox_deliveries.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("attempted_at", DateTime(timezone=True), nullable=False),
+    Column("http_status", Integer, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("latency_seconds", Float, nullable=False),
+    Column("replica", Text, nullable=False),
+    Index("ix_outbox_attempts_delivery_id", "delivery_id"),
 )

@@ -101,3 +101,9 @@ SWEEP_EXPIRED_KEYS = text(
     "  WHERE expires_at <= :now ORDER BY expires_at LIMIT :batch FOR UPDATE SKIP LOCKED"
     ") d WHERE k.caller_id = d.caller_id AND k.idempotency_key = d.idempotency_key"
 )
+
+# The backlog of SPEC 12: held events (states.HELD: PARKED = 1, QUEUED = 2, BLOCKED = 7; accepted,
+# not yet processed; a unit test holds the literals to states.HELD),
+# counted over the partial index ix_events_held (index-only where the visibility map allows) and
+# capped at :cap rows, so a backlog far past the bound costs no more to count than the bound.
+COUNT_HELD = text("SELECT count(*) FROM (SELECT 1 FROM sequencer.events WHERE state IN (1, 2, 7) LIMIT :cap) h")

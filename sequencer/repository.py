@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, func, or_, select, tuple_, update
+from sqlalchemy import Row, and_, bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -53,6 +53,15 @@ async def get_key_record(conn: AsyncConnection, caller: str, key: str, now: dt.d
     """The live (unexpired) record of a key, if any."""
     result = await conn.execute(_LIVE_KEY_RECORD, {"caller": caller, "key": key, "now": now})
     return result.first()
+
+
+async def lock_key(conn: AsyncConnection, caller: str, key: str) -> None:
+    """The key's transaction-scoped lock, in lock_submissions_v2's namespace, so a concurrent
+    first use of the key by any RPC waits for this one."""
+    await conn.execute(
+        text("SELECT pg_advisory_xact_lock(hashtextextended('idem:' || :caller || ':' || :key, 0))"),
+        {"caller": caller, "key": key},
+    )
 
 
 async def store_key_record(conn: AsyncConnection, **values: Any) -> None:
@@ -360,6 +369,11 @@ async def get_entity(conn: AsyncConnection, entity_type: int, entity_id: str) ->
         .where(entities.c.entity_type == entity_type, entities.c.entity_id == entity_id)
     )
     return (await conn.execute(stmt)).first()
+
+
+async def count_held(conn: AsyncConnection, cap: int) -> int:
+    """Held events (PARKED, QUEUED or BLOCKED), at most `cap`: the backlog figure of admission."""
+    return int((await conn.execute(queries.COUNT_HELD, {"cap": cap})).scalar_one())
 
 
 async def list_blocked(conn: AsyncConnection, after: tuple[dt.datetime, int, str] | None, limit: int) -> list[Row[Any]]:

@@ -1,28 +1,36 @@
 """Builds and runs the sequencer's grpc.aio server: servicers, health, reflection, interceptors,
-and the background work (forwarder, key sweeper, gap monitor)."""
+and the background work (forwarder, webhook dispatcher, key sweeper, gap monitor)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from common.auth import Authenticator
+from common.auth import Authenticator, current_identity
 from common.clock import Clock, SystemClock
 from common.db import make_engine, require_migrated
 from common.grpc_server import add_health_and_reflection, bind, bounded, channel, new_server, serve, set_serving
+from common.interceptors import Gate
 from logistics.ledger.v1 import ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
+from sequencer import repository
+from sequencer.admission import Admission, Limits
 from sequencer.config import Settings
+from sequencer.dispatcher import Dispatcher
 from sequencer.forwarder import Forwarder
 from sequencer.forwarding import ForwardingStore
 from sequencer.gaps import GapMonitor
+from sequencer.idempotency import caller_scope
 from sequencer.ingress import Ingress
 from sequencer.interceptors import build_interceptor
 from sequencer.interventions import Interventions
@@ -32,8 +40,12 @@ from sequencer.reads import Reads
 from sequencer.servicer import AdminServicer, SequencerServicer
 from sequencer.sweeper import Sweeper
 from sequencer.watch import Watches
+from sequencer.webhooks import Webhooks
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# Open status streams have their own per-caller cap (SEQUENCER_WATCHERS_PER_CALLER) and last
+# minutes: they would starve the in-flight slots of a caller's requests.
+UNGATED = frozenset({"/logistics.sequencer.v1.SequencerService/WatchEventStatus"})
 SERVICE_NAMES = (
     sequencer_pb2.DESCRIPTOR.services_by_name["SequencerService"].full_name,
     sequencer_pb2.DESCRIPTOR.services_by_name["SequencerAdminService"].full_name,
@@ -56,6 +68,8 @@ class App:
     metrics: SequencerMetrics
     ledger_channel: grpc.aio.Channel
     authenticator: Authenticator
+    admission: Admission
+    dispatcher: Dispatcher
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -69,9 +83,25 @@ class App:
         await bounded(asyncio.gather(*self.tasks, return_exceptions=True), 5, "background tasks")
         await bounded(self.ingress.close(), 5, "ingress")
         await bounded(self.forwarder.close(), 5, "forwarder")
+        await bounded(self.dispatcher.close(), 5, "webhook dispatcher")
         await bounded(self.notifier.close(), 5, "notification listener")
         await bounded(self.ledger_channel.close(), 5, "ledger channel")
         await self.engine.dispose()
+
+
+def admission_gate(admission: Admission) -> Gate:
+    """The interceptor's gate: every RPC but the status streams holds one in-flight slot of its
+    caller (the idempotency scope) while it is handled."""
+
+    @contextlib.contextmanager
+    def gate(method: str, metadata: tuple[Any, ...]) -> Iterator[None]:
+        if method in UNGATED:
+            yield
+            return
+        with admission.hold(caller_scope(current_identity(), metadata)):
+            yield
+
+    return gate
 
 
 async def build_server(
@@ -80,6 +110,7 @@ async def build_server(
     clock: Clock | None = None,
     registry: CollectorRegistry | None = None,
     run_forwarder: bool = True,
+    run_dispatcher: bool = True,
 ) -> App:
     """Builds, starts and returns the server (no globals: tests run several on port 0)."""
     clock = clock or SystemClock()
@@ -95,7 +126,10 @@ async def build_server(
     notifier = Notifier(settings.database_url)
     # Names this process in its notifications, so it can ignore its own wake-ups.
     instance = uuid.uuid4().hex
-    ingress = Ingress(settings.database_url, settings, clock, metrics, instance)
+    admission = Admission(
+        Limits(settings.max_inflight_per_caller, settings.max_backlog, settings.backlog_refresh_interval), metrics
+    )
+    ingress = Ingress(settings.database_url, settings, clock, metrics, instance, admission)
     interventions = Interventions(engine, settings, clock, metrics, ingress.answers, instance)
     reads = Reads(engine, settings, clock)
     gaps = GapMonitor(engine, settings, clock, metrics)
@@ -112,15 +146,23 @@ async def build_server(
     forwarder = Forwarder(ledger, store, notifier, settings, clock, metrics)
     if run_forwarder:
         ingress.on_queued = interventions.on_queued = forwarder.kick
+    webhooks = Webhooks(engine, settings, clock, ingress.answers, development=authenticator.development)
+    dispatcher = Dispatcher(engine, settings, clock, metrics, notifier, instance)
+    webhooks.on_work = dispatcher.kick
 
-    server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
+    server = new_server(build_interceptor(metrics.rpc, authenticator, admission_gate(admission)), settings.security)
     watches = Watches(reads, notifier, settings.watchers_per_caller)
     sequencer_pb2_grpc.add_SequencerServiceServicer_to_server(
         SequencerServicer(ingress, reads, watches, settings), server
     )
-    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(AdminServicer(reads, interventions), server)
+    sequencer_pb2_grpc.add_SequencerAdminServiceServicer_to_server(
+        AdminServicer(reads, interventions, webhooks), server
+    )
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.listen_addr, settings.security)
+    # The backlog is counted before the first request is admitted, then about once a second.
+    held = _held_counter(engine)
+    await admission.refresh(held)
     await notifier.start()
     ingress.start()
     await server.start()
@@ -137,13 +179,28 @@ async def build_server(
         metrics,
         ledger_channel,
         authenticator,
+        admission,
+        dispatcher,
     )
     app.tasks.append(asyncio.create_task(Sweeper(engine, settings, clock).run(), name="key-sweeper"))
     app.tasks.append(asyncio.create_task(gaps.run(), name="gap-monitor"))
+    app.tasks.append(asyncio.create_task(admission.run(held), name="backlog-count"))
     if run_forwarder:
         app.tasks.append(asyncio.create_task(forwarder.run(), name="forwarder"))
+    if run_dispatcher:
+        app.tasks.append(asyncio.create_task(dispatcher.run(), name="webhook-dispatcher"))
     await set_serving(health_servicer, SERVICE_NAMES, True)
     return app
+
+
+def _held_counter(engine: AsyncEngine) -> Callable[[int], Awaitable[int]]:
+    """The backlog count admission runs about once a second: one statement on a pooled connection."""
+
+    async def count(cap: int) -> int:
+        async with engine.connect() as conn:
+            return await repository.count_held(conn, cap)
+
+    return count
 
 
 async def main() -> None:

@@ -6,20 +6,19 @@ import contextlib
 import datetime as dt
 from collections.abc import AsyncGenerator, AsyncIterator
 
-import grpc
-
 from common.auth import authorize, current_identity
 from common.errors import DomainError
 from common.interceptors import Context, add_trailing_metadata, correlation_id
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 from sequencer.config import Settings
 from sequencer.errors import InvalidArgument
-from sequencer.idempotency import CALLER_HEADER, KEY_HEADERS, Submission, resolve_caller, resolve_key, validate_key
+from sequencer.idempotency import KEY_HEADERS, Submission, caller_scope, resolve_key, validate_key
 from sequencer.ingress import Ingress
 from sequencer.interceptors import item_status
 from sequencer.interventions import Interventions
 from sequencer.reads import Reads
 from sequencer.watch import Watches
+from sequencer.webhooks import Webhooks
 
 # Finer rules than the per-RPC policy: parts of an RPC that only admins may use.
 ENTITY_WATCH = "WatchEventStatus(entity)"
@@ -34,10 +33,7 @@ def _metadata(context: Context, names: tuple[str, ...]) -> list[str]:
 def _caller(context: Context) -> str:
     """The idempotency and read scope: the authenticated caller; in development mode (no
     credentials configured, loopback only) the self-declared `x-client-id`."""
-    identity = current_identity()
-    if identity.via == "development":
-        return resolve_caller(_metadata(context, (CALLER_HEADER,)))
-    return identity.caller
+    return caller_scope(current_identity(), context.invocation_metadata() or ())
 
 
 def _read_scope(context: Context) -> str | None:
@@ -143,9 +139,10 @@ class SequencerServicer(sequencer_pb2_grpc.SequencerServiceServicer):
 
 
 class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
-    def __init__(self, reads: Reads, interventions: Interventions) -> None:
+    def __init__(self, reads: Reads, interventions: Interventions, webhooks: Webhooks) -> None:
         self.service = reads
         self.interventions = interventions
+        self.webhooks = webhooks
 
     async def ListGaps(
         self, request: sequencer_pb2.ListGapsRequest, context: Context
@@ -200,37 +197,6 @@ class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
         assert isinstance(response, sequencer_pb2.RetryBlockedEventResponse)
         return response
 
-    # The webhook admin RPCs (SPEC 14) are not served by this release yet.
-    async def CreateWebhookSubscription(
-        self, request: sequencer_pb2.CreateWebhookSubscriptionRequest, context: Context
-    ) -> sequencer_pb2.CreateWebhookSubscriptionResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "webhooks are not served by this release")
-        raise AssertionError("unreachable")
-
-    async def ListWebhookSubscriptions(
-        self, request: sequencer_pb2.ListWebhookSubscriptionsRequest, context: Context
-    ) -> sequencer_pb2.ListWebhookSubscriptionsResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "webhooks are not served by this release")
-        raise AssertionError("unreachable")
-
-    async def DeleteWebhookSubscription(
-        self, request: sequencer_pb2.DeleteWebhookSubscriptionRequest, context: Context
-    ) -> sequencer_pb2.DeleteWebhookSubscriptionResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "webhooks are not served by this release")
-        raise AssertionError("unreachable")
-
-    async def ListWebhookDeliveries(
-        self, request: sequencer_pb2.ListWebhookDeliveriesRequest, context: Context
-    ) -> sequencer_pb2.ListWebhookDeliveriesResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "webhooks are not served by this release")
-        raise AssertionError("unreachable")
-
-    async def RedeliverWebhook(
-        self, request: sequencer_pb2.RedeliverWebhookRequest, context: Context
-    ) -> sequencer_pb2.RedeliverWebhookResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "webhooks are not served by this release")
-        raise AssertionError("unreachable")
-
     async def GetIdempotencyRecord(
         self, request: sequencer_pb2.GetIdempotencyRecordRequest, context: Context
     ) -> sequencer_pb2.GetIdempotencyRecordResponse:
@@ -241,3 +207,39 @@ class AdminServicer(sequencer_pb2_grpc.SequencerAdminServiceServicer):
             scope = request.caller_id
         record = await self.service.get_key_record(scope, request.idempotency_key)
         return sequencer_pb2.GetIdempotencyRecordResponse(record=record)
+
+    async def CreateWebhookSubscription(
+        self, request: sequencer_pb2.CreateWebhookSubscriptionRequest, context: Context
+    ) -> sequencer_pb2.CreateWebhookSubscriptionResponse:
+        key = resolve_key(_metadata(context, KEY_HEADERS), request.request_id)
+        result = await self.webhooks.create(caller=_caller(context), key=key, request=request)
+        _publish(context, result)
+        response = result.response
+        assert isinstance(response, sequencer_pb2.CreateWebhookSubscriptionResponse)
+        return response
+
+    async def ListWebhookSubscriptions(
+        self, request: sequencer_pb2.ListWebhookSubscriptionsRequest, context: Context
+    ) -> sequencer_pb2.ListWebhookSubscriptionsResponse:
+        subscriptions, token = await self.webhooks.list_subscriptions(request.page_size, request.page_token)
+        return sequencer_pb2.ListWebhookSubscriptionsResponse(subscriptions=subscriptions, next_page_token=token)
+
+    async def DeleteWebhookSubscription(
+        self, request: sequencer_pb2.DeleteWebhookSubscriptionRequest, context: Context
+    ) -> sequencer_pb2.DeleteWebhookSubscriptionResponse:
+        await self.webhooks.delete(request.id)
+        return sequencer_pb2.DeleteWebhookSubscriptionResponse()
+
+    async def ListWebhookDeliveries(
+        self, request: sequencer_pb2.ListWebhookDeliveriesRequest, context: Context
+    ) -> sequencer_pb2.ListWebhookDeliveriesResponse:
+        deliveries, token = await self.webhooks.list_deliveries(
+            request.subscription_id, request.page_size, request.page_token
+        )
+        return sequencer_pb2.ListWebhookDeliveriesResponse(deliveries=deliveries, next_page_token=token)
+
+    async def RedeliverWebhook(
+        self, request: sequencer_pb2.RedeliverWebhookRequest, context: Context
+    ) -> sequencer_pb2.RedeliverWebhookResponse:
+        delivery = await self.webhooks.redeliver(request.delivery_id)
+        return sequencer_pb2.RedeliverWebhookResponse(delivery=delivery)

@@ -41,7 +41,8 @@ def _bench(args: list[str], report_path: Path) -> subprocess.CompletedProcess[st
 
 def test_bench_smoke_runs_every_workload_and_audits_pass(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
-    proc = _bench(["--smoke"], report_path)
+    # The overload workload has its own smoke below (with small admission limits).
+    proc = _bench(["--smoke", "--workloads", ",".join(WORKLOADS)], report_path)
 
     report = json.loads(report_path.read_text())
     assert report["mode"] == "smoke"
@@ -93,6 +94,32 @@ def test_bench_smoke_runs_every_workload_and_audits_pass(tmp_path: Path) -> None
         assert pgbench["events_per_s"] is None
         assert "not available" in pgbench["note"]
     assert "all audits: PASS" in proc.stdout
+
+
+def test_bench_overload_smoke_refuses_cleanly_and_audits_every_admitted_event(tmp_path: Path) -> None:
+    """The overload workload, briefly, against a sequencer with tiny admission limits: an open-loop
+    rate far past what 4 in-flight calls can carry, so refusals come with reasons; the audit
+    passes (no INTERNAL/UNAVAILABLE under load, every refused request admitted when re-sent with
+    its key, every admitted event applied once, in order). Rates are reported, never asserted."""
+    report_path = tmp_path / "overload.json"
+    limits = ["--service-env", "SEQUENCER_MAX_INFLIGHT_PER_CALLER=4", "--service-env", "SEQUENCER_MAX_BACKLOG=300"]
+    proc = _bench(["--smoke", "--workloads", "overload", "--overload-rate", "400", *limits], report_path)
+
+    report = json.loads(report_path.read_text())
+    assert report["all_passed"] is True
+    row = report["workloads"]["overload"]
+    assert row["audit"] == "PASS", row["details"]["audit"]
+    figures = row["overload"]
+    assert figures["target_rate"] == 400 and figures["rate_source"] == "--overload-rate"
+    assert figures["refused"].get("CALLER_OVERLOADED", 0) > 0
+    assert set(figures["refused"]) <= {"CALLER_OVERLOADED", "BACKLOG_FULL"}
+    assert not {"INTERNAL", "UNAVAILABLE", "UNKNOWN", "CANCELLED"} & set(figures["other_errors"])
+    assert figures["late_resent"] == figures["late_admitted"] > 0
+    for key in ("offered_per_s", "admitted_per_s", "admitted_ack_p99_ms"):
+        assert figures[key] is not None, key
+    assert row["sequencer_peak_rss_mb"] and row["ledger_peak_rss_mb"]
+    assert row["events"] > 0 and row["errors"] == 0
+    assert "overload: PASS" in proc.stdout and "refused CALLER_OVERLOADED" in proc.stdout
 
 
 def test_bench_soak_samples_rss_and_reports_growth(tmp_path: Path) -> None:

@@ -94,6 +94,17 @@ def requests(tx: str, key: str) -> dict[str, Callable[[], tuple[Message, Any]]]:
             seq.RetryBlockedEventRequest(entity=shipment, sequence=2, reason="outage test"),
             _key(),
         ),
+        "CreateWebhookSubscription": lambda: (
+            seq.CreateWebhookSubscriptionRequest(url="http://127.0.0.1:9/hooks"),
+            _key(),
+        ),
+        "ListWebhookSubscriptions": lambda: (seq.ListWebhookSubscriptionsRequest(page_size=10), None),
+        "DeleteWebhookSubscription": lambda: (seq.DeleteWebhookSubscriptionRequest(id=str(uuid.uuid4())), None),
+        "ListWebhookDeliveries": lambda: (
+            seq.ListWebhookDeliveriesRequest(subscription_id=str(uuid.uuid4()), page_size=10),
+            None,
+        ),
+        "RedeliverWebhook": lambda: (seq.RedeliverWebhookRequest(delivery_id=str(uuid.uuid4())), None),
         "ApplyEvent": lambda: (apply("OUT-L1"), None),
         "ApplyEvents": lambda: (ledger_pb2.ApplyEventsRequest(requests=[apply("OUT-L2"), apply("OUT-L3")]), None),
         "GetShipment": lambda: (ledger_pb2.GetShipmentRequest(shipment_id="OUT-1"), None),

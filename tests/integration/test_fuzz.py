@@ -33,7 +33,16 @@ SERVICES = [
     ledger_pb2.DESCRIPTOR.services_by_name["LedgerService"],
 ]
 METHODS = [(s, m) for s in SERVICES for m in s.methods]
-STATE_CHANGING = {"SubmitEvent", "SubmitEvents", "SkipSequence", "ApplyEvent", "ApplyEvents"}
+STATE_CHANGING = {
+    "SubmitEvent",
+    "SubmitEvents",
+    "SkipSequence",
+    "ApplyEvent",
+    "ApplyEvents",
+    "CreateWebhookSubscription",
+    "DeleteWebhookSubscription",
+    "RedeliverWebhook",
+}
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE}
 
 # A few valid requests to mutate, so mutations reach deep into the handlers.
@@ -77,6 +86,15 @@ SEEDS: dict[str, list[Message]] = {
                 ),
             ]
         ),
+    ],
+    "CreateWebhookSubscription": [
+        sequencer_pb2.CreateWebhookSubscriptionRequest(
+            url="http://127.0.0.1:9/hooks",
+            states=[events_pb2.EVENT_STATE_APPLIED, events_pb2.EVENT_STATE_REJECTED],
+            entity_type=events_pb2.ENTITY_TYPE_SHIPMENT,
+            description="fuzz",
+            request_id="fz-sub",
+        )
     ],
     "SkipSequence": [
         sequencer_pb2.SkipSequenceRequest(
@@ -198,6 +216,8 @@ class Target:
             "SELECT (SELECT count(*) FROM sequencer.events), (SELECT count(*) FROM sequencer.idempotency_keys),"
             " (SELECT count(*) FROM sequencer.entities), (SELECT coalesce(sum(watermark), 0) FROM sequencer.entities),"
             " (SELECT count(*) FROM sequencer.gaps), (SELECT count(*) FROM ledger.entity_history),"
+            " (SELECT count(*) FROM sequencer.outbox_subscriptions),"
+            " (SELECT count(*) FROM sequencer.outbox_deliveries),"
             " (SELECT coalesce(sum(version), 0) FROM ledger.entity_versions),"
             " (SELECT count(*) FROM ledger.shipments), (SELECT count(*) FROM ledger.inventory_balances)"
         )

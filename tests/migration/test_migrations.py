@@ -40,7 +40,18 @@ LANDED = {
     "sequencer/migrations/versions/a4e7c2d91f35_batched_forwarding.py": (
         "1327c8251405cd902340302207851d545e0de88b96145792c9c8391b93878ec7"
     ),
+    "sequencer/migrations/versions/b5d2f8e3c1a7_blocked_events.py": (
+        "2983007e283fa2c554de53809a04a1fcedf9175e869d2d25f1b00aed6d86f66d"
+    ),
+    "sequencer/migrations/versions/c7b19e4f2a60_backlog_index.py": (
+        "7c6af8f4dfc8c0e3032681c882dc6dd1e7cd1d2b10debe39e1910fd4294b1cb0"
+    ),
+    "sequencer/migrations/versions/c3b8e1f0a6d2_outbox.py": (
+        "df1f29ddb92b6300d58ecf72b5e94e00390f29a12fdf15de60864456b867fe89"
+    ),
     "sequencer/sql/lock_submissions_v2.sql": "3f8198512585c37e0b9775e685c25869f11b3a74f7062887d2e22b3e250f6b49",
+    "sequencer/sql/lock_submissions_v3.sql": "8efaddd0b8ae4c9869a16e685c8ed198b73d548832eebb8edf7105d8de22371b",
+    "sequencer/sql/outbox_enqueue_v1.sql": "8f5cd40ce07b1b2f09f8dba75e298c69450bf3467cdbc6714c6fb15b92abd798",
     "sequencer/sql/record_outcomes_v1.sql": "ea3a89fd981423df0e258d920b9e065fac6a6418808e195ceb4d4ca5f6f11cf2",
 }
 

@@ -282,7 +282,7 @@ def test_asyncio_errors_map_the_same_way() -> None:
 
 
 def test_every_server_reason_has_a_class() -> None:
-    reasons = {case[0] for case in REASON_CASES} | {"TRANSIENT", "DEADLINE_EXCEEDED"}
+    reasons = {case[0] for case in REASON_CASES} | {"TRANSIENT", "DEADLINE_EXCEEDED"} | set(_common.OVERLOAD_REASONS)
     assert set(lc.errors.REASONS) == reasons
 
 
@@ -578,3 +578,96 @@ def test_submit_many_checks_its_arguments_before_any_call(client: lc.SyncSequenc
     assert client.submit_many([]) == []  # nothing to send: no call (none is answered here)
     with pytest.raises(ValueError, match="2 keys for 1 events"):
         client.submit_many(events(1), ["a", "b"])
+
+
+# Flow control (SPEC 12): admission refusals carry a google.rpc.RetryInfo the client honours.
+
+
+def overload_error(reason: str, delay_s: float | None) -> tuple[tuple[tuple[str, Any], ...], grpc.StatusCode, str]:
+    """RESOURCE_EXHAUSTED with ErrorInfo `reason` and, when given, a RetryInfo of `delay_s`."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain="sequencer.logistics", metadata={"limit": "8"})
+    details = [any_pb2.Any()]
+    details[0].Pack(info)
+    if delay_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(delay_s * 1e9))
+        details.append(any_pb2.Any())
+        details[1].Pack(retry)
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message="busy", details=details))
+    return (("x-correlation-id", "corr-err"), *status.trailing_metadata), status.code, status.details
+
+
+def aio_error(reason: str, delay_s: float | None) -> grpc.aio.AioRpcError:
+    trailing, code, details = overload_error(reason, delay_s)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), details=details)
+
+
+@pytest.mark.parametrize("reason", sorted(_common.OVERLOAD_REASONS))
+def test_overload_refusal_is_retried_with_the_same_key(
+    channel: Any, client: lc.SyncSequencerClient, reason: str
+) -> None:
+    future = in_thread(client.submit, event(), timeout=30)
+    first_md, first_request, rpc = take_unary_unary(channel, SUBMIT)
+    rpc.terminate(None, *overload_error(reason, 0.01))
+    second_md, second_request, rpc = take_unary_unary(channel, SUBMIT)
+    rpc.terminate(ACCEPTED, (("x-correlation-id", "corr-1"),), grpc.StatusCode.OK, "")
+
+    result = future.result(RESULT_WAIT)
+    assert as_dict(first_md)["idempotency-key"] == as_dict(second_md)["idempotency-key"] == result.idempotency_key
+    assert first_request == second_request
+    assert result.attempts == 2 and result.response == ACCEPTED
+
+
+def test_overload_refusals_are_bounded_by_their_own_attempts(channel: Any) -> None:
+    policy = lc.RetryPolicy(max_attempts=1, max_overload_attempts=3, initial_backoff=0.001, max_backoff=0.01)
+    client = lc.SyncSequencerClient(channel=channel, retry=policy)
+    future = in_thread(client.submit, event(), timeout=30)
+    for _ in range(3):
+        _, _, rpc = take_unary_unary(channel, SUBMIT)
+        rpc.terminate(None, *overload_error("BACKLOG_FULL", 0.01))
+    with pytest.raises(lc.BacklogFullError) as caught:
+        future.result(RESULT_WAIT)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.retry_delay == pytest.approx(0.01)
+    assert isinstance(caught.value, lc.ResourceExhaustedError)
+
+
+def test_the_wait_follows_retry_info_with_jitter_and_a_cap() -> None:
+    policy = lc.RetryPolicy(max_retry_delay=2.0)
+
+    def state_after(exc: BaseException, attempt: int = 1) -> tenacity.RetryCallState:
+        retry_state = tenacity.RetryCallState(tenacity.Retrying(), None, (), {})
+        retry_state.attempt_number = attempt
+        retry_state.set_exception((type(exc), exc, None))
+        return retry_state
+
+    waits = [policy.wait_after(state_after(aio_error("CALLER_OVERLOADED", 0.5))) for _ in range(50)]
+    assert all(0.5 <= w <= 0.6 for w in waits) and len(set(waits)) > 1
+    assert all(2.0 <= policy.wait_after(state_after(aio_error("BACKLOG_FULL", 60.0))) <= 2.4 for _ in range(20))
+    # Refused again and again, the call backs off past the delay (x2 each time), to the cap.
+    assert 1.0 <= policy.wait_after(state_after(aio_error("CALLER_OVERLOADED", 0.5), attempt=2)) <= 1.2
+    assert 2.0 <= policy.wait_after(state_after(aio_error("CALLER_OVERLOADED", 0.5), attempt=5)) <= 2.4
+    # No RetryInfo: the documented default; another RESOURCE_EXHAUSTED reason is no overload.
+    assert _common.overload_delay(aio_error("BACKLOG_FULL", None)) == _common.DEFAULT_OVERLOAD_DELAY
+    assert _common.overload_delay(aio_error("PARKED_LIMIT_REACHED", 0.5)) is None
+    assert not policy.is_retryable(aio_error("PARKED_LIMIT_REACHED", 0.5))
+    assert policy.is_retryable(aio_error("CALLER_OVERLOADED", 0.5))
+
+
+def test_calls_past_max_concurrent_calls_wait_in_the_client_within_their_deadline(channel: Any) -> None:
+    client = lc.SyncSequencerClient(channel=channel, retry=FAST, max_concurrent_calls=1)
+    first = in_thread(client.submit, event(1), timeout=30)
+    _, first_request, first_rpc = take_unary_unary(channel, SUBMIT)
+    # The only slot is taken: this call waits in the client and its deadline runs out unsent.
+    with pytest.raises(lc.DeadlineExceededError) as caught:
+        client.submit(event(2), timeout=0.2)
+    assert "max_concurrent_calls" in caught.value.details
+    queued = in_thread(client.submit, event(3), timeout=30)
+    first_rpc.terminate(ACCEPTED, (), grpc.StatusCode.OK, "")
+    assert first.result(RESULT_WAIT).response == ACCEPTED
+    # The slot freed, the queued call goes out (and the timed-out one never did).
+    _, third_request, third_rpc = take_unary_unary(channel, SUBMIT)
+    assert first_request.event.sequence == 1 and third_request.event.sequence == 3
+    third_rpc.terminate(ACCEPTED, (), grpc.StatusCode.OK, "")
+    assert queued.result(RESULT_WAIT).attempts == 1

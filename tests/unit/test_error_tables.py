@@ -51,6 +51,9 @@ NAMED: dict[str, grpc.StatusCode] = {
     "NotAGap": grpc.StatusCode.FAILED_PRECONDITION,
     "ParkedLimitReached": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "TooManyWatchers": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "CallerOverloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "BacklogFull": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "Overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK}

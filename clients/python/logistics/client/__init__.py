@@ -25,6 +25,8 @@ from logistics.client.aio import LedgerClient, SequencerClient, create_channel
 from logistics.client.config import ClientConfig, ClientConfigError
 from logistics.client.errors import (
     AccessError,
+    BacklogFullError,
+    CallerOverloadedError,
     ConflictError,
     DeadlineExceededError,
     EntityNotFoundError,
@@ -62,6 +64,8 @@ __all__ = [
     "MAX_BATCH",
     "TERMINAL_STATES",
     "AccessError",
+    "BacklogFullError",
+    "CallerOverloadedError",
     "ClientConfig",
     "ClientConfigError",
     "ConflictError",

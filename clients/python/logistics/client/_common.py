@@ -47,6 +47,14 @@ TERMINAL_STATES = frozenset(
 DEFAULT_TIMEOUT = 10.0
 #: Deadline of a status stream when the caller gives none (streams need one too).
 DEFAULT_WATCH_TIMEOUT = 600.0
+#: Unary calls one client has on the wire at once; more wait in the client (within their
+#: deadline). Under the server's HTTP/2 streams per connection (`*_MAX_CONCURRENT_STREAMS`,
+#: 1000), so a burst is queued here instead of refused by the transport (docs/flow-control.md).
+DEFAULT_MAX_CONCURRENT_CALLS = 100
+#: ErrorInfo reasons of admission refusals (SPEC 12): retried after the RetryInfo delay.
+OVERLOAD_REASONS = frozenset({"CALLER_OVERLOADED", "BACKLOG_FULL"})
+#: The wait after an overload refusal that carried no RetryInfo.
+DEFAULT_OVERLOAD_DELAY = 1.0
 
 Metadata = tuple[tuple[str, str], ...]
 #: An entity: an EntityRef, an `EntityKey`, or a `(entity type number, entity id)` tuple.
@@ -91,10 +99,17 @@ class RetryPolicy:
     retryable_codes: frozenset[grpc.StatusCode] = frozenset(
         {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
     )
+    #: Attempts of one call while the server refuses it as overloaded (CALLER_OVERLOADED,
+    #: BACKLOG_FULL): each waits at least the server's RetryInfo delay; the deadline bounds them too.
+    max_overload_attempts: int = 30
+    #: The longest RetryInfo delay honoured as given (a longer one is cut to this).
+    max_retry_delay: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+        if self.max_attempts < 1 or self.max_overload_attempts < 1:
+            raise ValueError("max_attempts and max_overload_attempts must be at least 1")
+        if self.max_retry_delay < 0:
+            raise ValueError("max_retry_delay must not be negative")
         if self.initial_backoff < 0 or self.max_backoff < self.initial_backoff or self.backoff_multiplier < 1:
             raise ValueError("backoffs must satisfy 0 <= initial_backoff <= max_backoff, multiplier >= 1")
 
@@ -118,8 +133,36 @@ class RetryPolicy:
         return random.uniform(0.0, ceiling)  # noqa: S311 - jitter, not cryptography
 
     def is_retryable(self, exc: BaseException) -> bool:
-        """A failed attempt worth another: a retryable code, or batch items that failed with one."""
-        return isinstance(exc, PendingItems) or self.retries(status_code(exc))
+        """A failed attempt worth another: a retryable code, batch items that failed with one, or
+        an admission refusal (retried after its RetryInfo delay)."""
+        return isinstance(exc, PendingItems) or self.retries(status_code(exc)) or overload_delay(exc) is not None
+
+    def wait_after(self, retry_state: tenacity.RetryCallState) -> float:
+        """The sleep before the next attempt. After an overload refusal: at least its RetryInfo
+        delay, growing by backoff_multiplier with each further attempt of the call (so callers
+        refused again and again back off instead of returning every 0.1 s), capped at
+        max_retry_delay, plus up to 20% jitter so refused callers do not return in step. Else
+        full-jitter exponential backoff."""
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        delay = overload_delay(exc) if exc is not None else None
+        if delay is not None:
+            grown = delay * self.backoff_multiplier ** max(0, retry_state.attempt_number - 1)
+            return min(grown, self.max_retry_delay) * random.uniform(1.0, 1.2)  # noqa: S311 - jitter
+        return float(self._backoff_wait(retry_state))
+
+    @functools.cached_property
+    def _backoff_wait(self) -> tenacity.wait.wait_base:
+        # Full jitter: a random wait in [0, initial * multiplier ** (n - 1)], capped.
+        return tenacity.wait_random_exponential(
+            multiplier=self.initial_backoff, max=self.max_backoff, exp_base=self.backoff_multiplier
+        )
+
+    def stop_after_attempts(self, retry_state: tenacity.RetryCallState) -> bool:
+        """Gives up after max_attempts, or max_overload_attempts while the server says overloaded."""
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        overloaded = exc is not None and overload_delay(exc) is not None
+        limit = self.max_overload_attempts if overloaded else self.max_attempts
+        return retry_state.attempt_number >= limit
 
     def retries(self, code: grpc.StatusCode | None) -> bool:
         """Whether a failure with `code` is retried: one answer for whole calls and batch items."""
@@ -128,15 +171,22 @@ class RetryPolicy:
     def tenacity_kwargs(self, deadline: float) -> dict[str, Any]:
         """Arguments for tenacity.Retrying / AsyncRetrying: the one retry loop of both clients."""
         return {
-            "stop": tenacity.stop_after_attempt(self.max_attempts) | StopBeforeDeadline(deadline),
-            # Full jitter: a random wait in [0, initial * multiplier ** (n - 1)], capped.
-            "wait": tenacity.wait_random_exponential(
-                multiplier=self.initial_backoff, max=self.max_backoff, exp_base=self.backoff_multiplier
-            ),
+            "stop": StopAfterAttempts(self) | StopBeforeDeadline(deadline),
+            "wait": self.wait_after,
             "retry": tenacity.retry_if_exception(self.is_retryable),
             "before_sleep": _log_retry,
             "reraise": True,
         }
+
+
+class StopAfterAttempts(tenacity.stop.stop_base):
+    """The policy's attempt limits (ordinary failures, overload refusals) as a tenacity stop."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        return self.policy.stop_after_attempts(retry_state)
 
 
 class StopBeforeDeadline(tenacity.stop.stop_base):
@@ -516,6 +566,28 @@ def _rich_status(exc: grpc.RpcError) -> status_pb2.Status | None:
     return status
 
 
+def retry_info_delay(status: status_pb2.Status | None) -> float | None:
+    """The google.rpc.RetryInfo delay of a status, in seconds (None: it carries none)."""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.RetryInfo()
+        if detail.Is(info.DESCRIPTOR) and detail.Unpack(info):
+            return float(info.retry_delay.ToNanoseconds()) / 1e9
+    return None
+
+
+def overload_delay(exc: BaseException | None) -> float | None:
+    """How long to wait before retrying a call the server refused as overloaded (RESOURCE_EXHAUSTED
+    with reason CALLER_OVERLOADED or BACKLOG_FULL); None for any other failure."""
+    if not isinstance(exc, grpc.RpcError) or status_code(exc) != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    status = _rich_status(exc)
+    info = error_info(status)
+    if info is None or info.reason not in OVERLOAD_REASONS:
+        return None
+    delay = retry_info_delay(status)
+    return DEFAULT_OVERLOAD_DELAY if delay is None else max(0.0, delay)
+
+
 def error_info(status: status_pb2.Status | None) -> error_details_pb2.ErrorInfo | None:
     for detail in status.details if status is not None else ():
         info = error_details_pb2.ErrorInfo()
@@ -531,6 +603,7 @@ def typed_error(
     *,
     correlation_id: str = "",
     idempotency_key: str = "",
+    retry_delay: float | None = None,
 ) -> errors.LogisticsError:
     """The typed exception for a failure, chosen by its ErrorInfo reason, else by its code: the
     one status-to-exception mapping, for failed calls and failed batch items alike."""
@@ -544,6 +617,7 @@ def typed_error(
         domain=info.domain if info is not None else "",
         correlation_id=correlation_id,
         idempotency_key=idempotency_key,
+        retry_delay=retry_delay,
     )
 
 
@@ -552,8 +626,13 @@ def map_error(exc: grpc.RpcError) -> errors.LogisticsError:
     code = status_code(exc) or grpc.StatusCode.UNKNOWN
     details = exc.details() if isinstance(exc, (grpc.aio.AioRpcError, grpc.Call)) else ""
     trailing = text_metadata(received_trailing(exc))
+    status = _rich_status(exc)
     return typed_error(
-        code, details or "", error_info(_rich_status(exc)), correlation_id=trailing.get(CORRELATION_HEADER, "")
+        code,
+        details or "",
+        error_info(status),
+        correlation_id=trailing.get(CORRELATION_HEADER, ""),
+        retry_delay=retry_info_delay(status),
     )
 
 
@@ -575,6 +654,7 @@ def status_error(
         error_info(status),
         correlation_id=correlation_id,
         idempotency_key=idempotency_key,
+        retry_delay=retry_info_delay(status),
     )
 
 
@@ -590,6 +670,14 @@ def reopen_after(policy: RetryPolicy, exc: BaseException) -> bool:
         assert isinstance(exc, grpc.RpcError)
         raise map_error(exc) from exc
     return True
+
+
+def queued_past_deadline() -> errors.DeadlineExceededError:
+    """The error of a call whose deadline ran out while it waited for one of the client's slots."""
+    return errors.DeadlineExceededError(
+        "the deadline ran out while the call waited for a free slot (max_concurrent_calls)",
+        code=grpc.StatusCode.DEADLINE_EXCEEDED,
+    )
 
 
 def wait_timed_out(transaction_id: str, last: sequencer_pb2.EventStatus | None) -> errors.DeadlineExceededError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Protocol, Self, TypeVar
@@ -13,6 +14,7 @@ import tenacity
 from logistics.client import _common
 from logistics.client._common import (
     DEFAULT_BATCH_TIMEOUT,
+    DEFAULT_MAX_CONCURRENT_CALLS,
     DEFAULT_TIMEOUT,
     DEFAULT_WATCH_TIMEOUT,
     TERMINAL_STATES,
@@ -77,9 +79,15 @@ class _Client(_common.CallerIdentity):
         credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
         options: Iterable[tuple[str, Any]] = (),
+        max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
     ) -> None:
         if (target is None) == (channel is None):
             raise ValueError("give exactly one of target or channel")
+        if max_concurrent_calls < 1:
+            raise ValueError("max_concurrent_calls must be at least 1")
+        # Attempts on the wire at once; the rest queue here, within their deadline, instead of
+        # being refused by the server's HTTP/2 stream limit (docs/flow-control.md).
+        self._slots = asyncio.Semaphore(max_concurrent_calls)
         self._owns_channel = channel is None
         if channel is None:
             assert target is not None
@@ -145,13 +153,26 @@ class _Client(_common.CallerIdentity):
         try:
             async for attempt in tenacity.AsyncRetrying(**self.retry.tenacity_kwargs(deadline)):
                 with attempt:
-                    call = method(request(), timeout=_common.remaining(deadline), metadata=metadata)
-                    response = await call
-                    trailing = _common.text_metadata(await call.trailing_metadata())
+                    async with self._slot(deadline):
+                        call = method(request(), timeout=_common.remaining(deadline), metadata=metadata)
+                        response = await call
+                        trailing = _common.text_metadata(await call.trailing_metadata())
                     return answer(response, trailing, attempt.retry_state.attempt_number)
         except grpc.aio.AioRpcError as exc:
             raise _common.map_error(exc) from exc
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, deadline: float) -> AsyncIterator[None]:
+        """One of the client's call slots for one attempt, waited for until the deadline."""
+        try:
+            await asyncio.wait_for(self._slots.acquire(), _common.remaining(deadline))
+        except TimeoutError as exc:
+            raise _common.queued_past_deadline() from exc
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def _pages(
         self,

@@ -17,6 +17,8 @@ __all__ = [
     "CODES",
     "REASONS",
     "AccessError",
+    "BacklogFullError",
+    "CallerOverloadedError",
     "ConflictError",
     "DeadlineExceededError",
     "EntityNotFoundError",
@@ -71,6 +73,7 @@ class LogisticsError(Exception):
         domain: str = "",
         correlation_id: str = "",
         idempotency_key: str = "",
+        retry_delay: float | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -80,6 +83,8 @@ class LogisticsError(Exception):
         self.domain = domain
         self.correlation_id = correlation_id
         self.idempotency_key = idempotency_key
+        #: Seconds the server asked the caller to wait before retrying (google.rpc.RetryInfo).
+        self.retry_delay = retry_delay
 
     @property
     def message(self) -> str:
@@ -225,6 +230,20 @@ class TooManyWatchersError(ResourceExhaustedError):
     REASON = "TOO_MANY_WATCHERS"
 
 
+class CallerOverloadedError(ResourceExhaustedError):
+    """The caller had too many requests in flight (SEQUENCER_MAX_INFLIGHT_PER_CALLER); nothing
+    was stored. The client already retried after `retry_delay` until its deadline or attempts ran out."""
+
+    REASON = "CALLER_OVERLOADED"
+
+
+class BacklogFullError(ResourceExhaustedError):
+    """The sequencer's backlog of events not yet applied is full (SEQUENCER_MAX_BACKLOG);
+    nothing was stored. Retry later with the same key."""
+
+    REASON = "BACKLOG_FULL"
+
+
 class TransientError(RetryableError):
     """The server hit a transient failure (serialization failure, lost connection)."""
 
@@ -262,6 +281,8 @@ REASONS: Mapping[str, type[LogisticsError]] = {
         InventoryItemNotFoundError,
         ParkedLimitReachedError,
         TooManyWatchersError,
+        CallerOverloadedError,
+        BacklogFullError,
         TransientError,
         DeadlineExceededError,
         UnauthenticatedError,

@@ -6,9 +6,11 @@ It decides nothing itself: keys, metadata, results, errors and the retry policy 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -17,6 +19,7 @@ import tenacity
 from logistics.client import _common
 from logistics.client._common import (
     DEFAULT_BATCH_TIMEOUT,
+    DEFAULT_MAX_CONCURRENT_CALLS,
     DEFAULT_TIMEOUT,
     TERMINAL_STATES,
     Metadata,
@@ -62,9 +65,14 @@ class SyncSequencerClient(_common.CallerIdentity):
         retry: RetryPolicy | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Iterable[tuple[str, Any]] = (),
+        max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
     ) -> None:
         if (target is None) == (channel is None):
             raise ValueError("give exactly one of target or channel")
+        if max_concurrent_calls < 1:
+            raise ValueError("max_concurrent_calls must be at least 1")
+        # Calls on the wire at once from all threads sharing this client (as in the asyncio one).
+        self._slots = threading.BoundedSemaphore(max_concurrent_calls)
         self._owns_channel = channel is None
         if channel is None:
             assert target is not None
@@ -122,13 +130,23 @@ class SyncSequencerClient(_common.CallerIdentity):
         which may ask for another attempt (a batch with transiently failed items)."""
         try:
             for attempt in tenacity.Retrying(**self.retry.tenacity_kwargs(deadline)):
-                with attempt:
+                with attempt, self._slot(deadline):
                     response, call = method.with_call(request(), timeout=_common.remaining(deadline), metadata=metadata)
                     trailing = _common.text_metadata(call.trailing_metadata())
                     return answer(response, trailing, attempt.retry_state.attempt_number)
         except grpc.RpcError as exc:
             raise _common.map_error(exc) from exc
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    @contextlib.contextmanager
+    def _slot(self, deadline: float) -> Iterator[None]:
+        """One of the client's call slots for one attempt, waited for until the deadline."""
+        if not self._slots.acquire(timeout=_common.remaining(deadline)):
+            raise _common.queued_past_deadline()
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     def submit(
         self,
