@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import http.server
 import json
 import os
 import pty
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import pytest
@@ -417,3 +419,69 @@ def test_a_blocked_event_is_listed_retried_and_skipped(blocking: tuple[ServicePr
     poll_state(address, accepted.transaction_id, "EVENT_STATE_SKIPPED")
     assert ok_json("blocked", address=address) == {"blockedEvents": []}
     assert ops("blocked", address=address).stdout == "(none)\n"
+
+
+class _Receiver(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append({"id": self.headers["webhook-id"], "body": json.loads(body)})
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A real HTTP receiver on loopback (development mode allows loopback targets)."""
+    received: list[dict[str, Any]] = []
+    handler = type("Receiver", (_Receiver,), {"received": received})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_webhook_is_delivered_listed_and_redelivered(
+    services: tuple[ServiceProcess, ServiceProcess], receiver: tuple[str, list[dict[str, Any]]]
+) -> None:
+    sequencer, _ = services
+    address = sequencer.address
+    url, received = receiver
+    created = ok_json("webhooks", "create", url, "--state", "applied", "--key", "cli-hook-1", address=address)
+    subscription = created["subscription"]
+    shipment = f"SHP-HOOK-{uuid.uuid4().hex[:8]}"
+    accepted = submit(address, shipment, 1, "shipment_created")
+    poll_state(address, accepted.transaction_id, "EVENT_STATE_APPLIED")
+
+    deadline = time.monotonic() + POLL_DEADLINE
+    deliveries: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        deliveries = ok_json("webhooks", "deliveries", subscription["id"], address=address)["deliveries"]
+        if deliveries and deliveries[0]["state"] == "WEBHOOK_DELIVERY_STATE_DELIVERED":
+            break
+        time.sleep(0.2)
+    assert [(d["transactionId"], d["state"], d["lastHttpStatus"]) for d in deliveries] == [
+        (accepted.transaction_id, "WEBHOOK_DELIVERY_STATE_DELIVERED", 204)
+    ]
+    assert [r["id"] for r in received] == [deliveries[0]["id"]]
+    table = ops("webhooks", "deliveries", subscription["id"], address=address)
+    assert table.returncode == 0 and "DELIVERED" in table.stdout and f"shipment/{shipment}" in table.stdout
+
+    # Redeliver: the same delivery (same webhook-id) goes out again.
+    again = ok_json("webhooks", "redeliver", deliveries[0]["id"], address=address)["delivery"]
+    assert again["id"] == deliveries[0]["id"]
+    deadline = time.monotonic() + POLL_DEADLINE
+    while len(received) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [r["id"] for r in received] == [deliveries[0]["id"]] * 2
+    # The key makes `create` repeatable: the same command replays, no second subscription.
+    replay = ok_json("webhooks", "create", url, "--state", "applied", "--key", "cli-hook-1", address=address)
+    assert replay["subscription"]["id"] == subscription["id"]
