@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
 from common import logs
-from common.auth import Authenticator, SecuritySettings
+from common.auth import Authenticator, SecuritySettings, is_loopback
 from common.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
@@ -198,12 +198,19 @@ def listening(
     """The fields of the start-up log line: where it listens (the bound ports, so port 0 works
     for tests and `make up`) and who may call (development mode is loud)."""
     host = listen_addr.rpartition(":")[0]
+    loopback = is_loopback(listen_addr)
+    if not authenticator.development:
+        auth = "credentials required"
+    elif loopback:
+        auth = "development: every caller has every role (loopback listener)"
+    else:
+        # Only *_ALLOW_INSECURE gets here (check_exposure): say so, never "loopback only".
+        auth = "development: every caller has every role, on a non-loopback listener (ALLOW_INSECURE)"
     return {
         "address": f"{host}:{port}",
         "port": port,
         "metrics_port": metrics_port,
+        "exposure": "loopback" if loopback else "network",
         "tls": "mutual" if security.tls_client_ca else ("on" if security.tls else "off"),
-        "auth": "development: every caller has every role (loopback only)"
-        if authenticator.development
-        else "credentials required",
+        "auth": auth,
     }

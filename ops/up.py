@@ -16,13 +16,15 @@ import urllib.request
 import warnings
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import embedded_pg
+from common import embedded_pg, startup
 from common.migrate import upgrade
-from common.settings import Env
+from common.settings import Env, database_url
+from logistics.client.config import ClientConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # The embedded PostgreSQL's data (git-ignored); LOGISTICS_DATA_DIR moves it.
@@ -32,9 +34,18 @@ DATA_DIR = Path(os.environ.get("LOGISTICS_DATA_DIR", ROOT / ".pgdata"))
 warnings.filterwarnings("ignore", module="platformdirs")
 
 
-def is_serving(address: str, timeout: float = 2.0) -> bool:
-    """One health check (the container health check uses it)."""
-    with grpc.insecure_channel(address) as channel:
+def is_serving(address: str, timeout: float = 2.0, config: ClientConfig | None = None) -> bool:
+    """One health check (the container health check uses it): plaintext, or TLS (mutual with a
+    client certificate) when LOGISTICS_TLS_CA is set. Health needs no token."""
+    config = config or ClientConfig()
+    credentials = config.credentials()
+    options = config.channel_options()
+    channel = (
+        grpc.secure_channel(address, credentials, options=options)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:
@@ -110,13 +121,27 @@ def _auth_line(env: dict[str, str]) -> str:
         return "auth: credentials required (identities file / client certificates)"
     return (
         "auth: development mode, no credentials configured: every caller has every role, and\n"
-        "      x-client-id names the idempotency scope (allowed on loopback only)"
+        "      x-client-id names the idempotency scope (refused off loopback unless *_ALLOW_INSECURE=true)"
     )
 
 
 def main() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python"), env.get("PYTHONPATH", "")])
+    try:
+        server = prepare_database(env)
+    except Exception as exc:
+        # A bad DATABASE_URL (scheme, host, refused, password) is one line, not a traceback.
+        found = startup.one_line(exc, env.get("DATABASE_URL", ""))
+        if found is None:
+            raise
+        raise SystemExit(f"make up failed: {found[0]}") from None
+    run_services(env, server)
+
+
+def prepare_database(env: dict[str, str]) -> Any:
+    """The database (embedded unless DATABASE_URL is set) with both services' migrations at head;
+    the embedded server (to stop at the end) or None. Sets env's DATABASE_URL."""
     server = None
     if env.get("DATABASE_URL", "").strip():
         url = env["DATABASE_URL"]
@@ -128,9 +153,13 @@ def main() -> None:
         where = f"embedded PostgreSQL, data in {DATA_DIR}"
     print(f"database: {where}", flush=True)
     for service in ("ledger", "sequencer"):
-        upgrade(ROOT / service / "migrations", env["DATABASE_URL"], service)
+        upgrade(ROOT / service / "migrations", database_url(env), service)
     print("migrations: ledger and sequencer at head", flush=True)
+    return server
 
+
+def run_services(env: dict[str, str], server: Any) -> None:
+    """Ledger, then sequencer; until Ctrl-C, SIGTERM or a service's exit."""
     children: list[Child] = []
 
     def shutdown() -> None:
@@ -188,6 +217,9 @@ try it ({_buf_hint()}; grpcurl works the same with -plaintext):
   npx --no-install buf curl --protocol grpc --http2-prior-knowledge -d '{{"shipmentId": "SHP-1"}}' \\
     http://{ledger_addr}/logistics.ledger.v1.LedgerService/GetShipment
   curl -s http://{http_addr}/v1/shipments/SHP-1
+
+operate it (docs/cli.md):
+  LOGISTICS_SEQUENCER_ADDR={sequencer_addr} .venv/bin/python -m ops gaps
 
 {_auth_line(env)}
 Ctrl-C stops everything.""",

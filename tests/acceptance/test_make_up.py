@@ -154,6 +154,11 @@ def test_make_up_runs_everything_from_nothing(data_dir: Path) -> None:
                 .shipment
             )
             assert shipment.status == ledger_pb2.SHIPMENT_STATUS_CREATED and shipment.version == 1
+        # The operator line the banner prints runs as printed (the CLI from the project's venv).
+        printed = up.output[up.output.index("operate it (docs/cli.md):") + 1].strip()
+        assert printed == f"LOGISTICS_SEQUENCER_ADDR={sequencer_addr} .venv/bin/python -m ops gaps"
+        cli = subprocess.run(["bash", "-c", printed], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert (cli.returncode, cli.stdout) == (0, "(none)\n"), cli.stderr
         # The HTTP/JSON listener is up too (SPEC 13), and its ledger read sees the same shipment.
         http_addr = re.search(r"sequencer\s+http://(\S+)", "\n".join(up.output))
         assert http_addr, "\n".join(up.output)

@@ -24,7 +24,7 @@ def container_ports(service: dict[str, Any]) -> set[int]:
 
 def test_services_and_dependencies() -> None:
     services = compose()["services"]
-    assert set(services) == {"postgres", "migrate", "ledger", "sequencer"}
+    assert set(services) == {"postgres", "bootstrap", "migrate", "ledger", "sequencer"}
     assert services["postgres"]["image"] == "postgres:16"
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
@@ -66,5 +66,5 @@ def test_health_checks_use_the_listen_ports() -> None:
 
 def test_dockerfile_copies_every_package() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
-    for package in ("common", "sequencer", "ledger", "ops", "clients/python"):
+    for package in ("common", "sequencer", "ledger", "ops", "clients/python/logistics"):
         assert f"COPY {package} " in dockerfile
