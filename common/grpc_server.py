@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
 from common import logs, tracing
-from common.auth import Authenticator, SecuritySettings
+from common.auth import Authenticator, SecuritySettings, is_loopback
 from common.grpc_metrics import Method, UnknownMethods, methods_of
 from common.metrics import serve_metrics
 
@@ -137,8 +137,12 @@ async def serve(
     metrics_port = serve_metrics(registry, settings.metrics_addr)
     app = await build(settings, registry=registry)
     where = listening(settings.listen_addr, app.port, metrics_port, settings.security, app.authenticator)
-    log.info(f"{service} listening", extra={**where, **fields})
-    await run_until_signal(app.server, app.health, names, settings.shutdown_grace, app.close)
+    # A service with more listeners (the sequencer's HTTP) names them in the same line.
+    extra = app.listening_fields() if hasattr(app, "listening_fields") else {}
+    log.info(f"{service} listening", extra={**where, **extra, **fields})
+    await run_until_signal(
+        app.server, app.health, names, settings.shutdown_grace, app.close, drain=getattr(app, "drain", None)
+    )
 
 
 async def run_until_signal(
@@ -147,8 +151,10 @@ async def run_until_signal(
     names: Iterable[str],
     grace: float,
     cleanup: Callable[[], Awaitable[None]],
+    drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Serves until SIGTERM/SIGINT, then: health NOT_SERVING, stop(grace), cleanup."""
+    """Serves until SIGTERM/SIGINT, then: health NOT_SERVING, drain (listeners in front of the
+    gRPC server, e.g. HTTP), stop(grace), cleanup."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -156,6 +162,8 @@ async def run_until_signal(
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": grace})
     await set_serving(health_servicer, names, False)
+    if drain is not None:
+        await bounded(drain(), grace + 5, "drain")
     await bounded(server.stop(grace), grace + 5, "grpc server")
     await bounded(cleanup(), 10, "cleanup")
     log.info("stopped")
@@ -215,12 +223,19 @@ def listening(
     """The fields of the start-up log line: where it listens (the bound ports, so port 0 works
     for tests and `make up`) and who may call (development mode is loud)."""
     host = listen_addr.rpartition(":")[0]
+    loopback = is_loopback(listen_addr)
+    if not authenticator.development:
+        auth = "credentials required"
+    elif loopback:
+        auth = "development: every caller has every role (loopback listener)"
+    else:
+        # Only *_ALLOW_INSECURE gets here (check_exposure): say so, never "loopback only".
+        auth = "development: every caller has every role, on a non-loopback listener (ALLOW_INSECURE)"
     return {
         "address": f"{host}:{port}",
         "port": port,
         "metrics_port": metrics_port,
+        "exposure": "loopback" if loopback else "network",
         "tls": "mutual" if security.tls_client_ca else ("on" if security.tls else "off"),
-        "auth": "development: every caller has every role (loopback only)"
-        if authenticator.development
-        else "credentials required",
+        "auth": auth,
     }

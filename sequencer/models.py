@@ -93,6 +93,8 @@ events = Table(
     Index("ix_events_held", "state", postgresql_where=text("state IN (1, 2, 7)")),
     # Blocked events, oldest first (the admin list, the gauge): only BLOCKED rows.
     Index("ix_events_blocked", "blocked_at", "entity_type", "entity_id", postgresql_where=text("state = 7")),
+    # The latest rejections (the integration dashboard): only REJECTED rows.
+    Index("ix_events_rejected", "processed_at", postgresql_where=text("state = 4")),
 )
 
 # The operators' audit trail: every skip and every retry of a blocked event, who, when and why.

@@ -7,14 +7,14 @@ revision, skip markers and calls without a recorded trace have none. Additive on
 the previous release neither writes nor reads it.
 
 Revision ID: c7e4a9d2b6f1
-Revises: c3b8e1f0a6d2
+Revises: c8e4b1f2a6d3
 """
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "c7e4a9d2b6f1"
-down_revision = "c3b8e1f0a6d2"
+down_revision = "c8e4b1f2a6d3"
 branch_labels = None
 depends_on = None
 
