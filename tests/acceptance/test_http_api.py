@@ -471,11 +471,13 @@ async def test_served_routes_equal_the_annotations(http: Http) -> None:
         )
         assert sample and sample >= 1, (template, status)
         if not rpc_path.startswith("/logistics.ledger"):
+            service, _, name = rpc_path.lstrip("/").partition("/")
             assert any(
-                s.labels.get("method") == rpc_path
+                s.labels.get("grpc_service") == service and s.labels.get("grpc_method") == name and s.value >= 1
                 for metric in http.registry.collect()
-                if metric.name == "sequencer_rpc_requests"
+                if metric.name == "grpc_server_handled"
                 for s in metric.samples
+                if s.name == "grpc_server_handled_total"
             ), rpc_path
     status, _, body = await http.request("GET", "/v1/events")
     assert_problem(status, body, 405, "METHOD_NOT_ALLOWED")
