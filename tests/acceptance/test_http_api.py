@@ -471,9 +471,11 @@ async def test_served_routes_equal_the_annotations(http: Http) -> None:
         )
         assert sample and sample >= 1, (template, status)
         if not rpc_path.startswith("/logistics.ledger"):
-            service, _, name = rpc_path.lstrip("/").partition("/")
+            grpc_service, _, grpc_method = rpc_path.lstrip("/").partition("/")
             assert any(
-                s.labels.get("grpc_service") == service and s.labels.get("grpc_method") == name and s.value >= 1
+                s.labels.get("grpc_service") == grpc_service
+                and s.labels.get("grpc_method") == grpc_method
+                and s.value >= 1
                 for metric in http.registry.collect()
                 if metric.name == "grpc_server_handled"
                 for s in metric.samples
