@@ -8,10 +8,12 @@ export PYTHONPATH := $(CURDIR):$(CURDIR)/clients/python
 
 .PHONY: up test install node system-deps lint typecheck protos-check ts-check buf-lint buf-breaking gen gen-ts pytest migrate bench soak chaos lock clean
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml clients/python/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check uv==0.13.8
 	@$(UV) pip install -q --python $(PY) -r requirements.lock
+	@# The client package, editable: `.venv/bin/python -m ops ...` imports `logistics` from any folder.
+	@$(UV) pip install -q --python $(PY) --no-deps -e clients/python
 	@touch $@
 
 install: $(VENV)/.installed
@@ -23,7 +25,7 @@ node_modules/.installed: package.json package-lock.json
 node: node_modules/.installed
 
 # Debian packages some tests drive (space-separated); installed only when missing.
-SYSTEM_PACKAGES :=
+SYSTEM_PACKAGES := jq chromium chromium-driver prometheus
 
 system-deps:
 	@bash scripts/system_deps.sh $(SYSTEM_PACKAGES)
@@ -36,6 +38,7 @@ migrate: install
 
 gen: install
 	@$(PY) scripts/gen_protos.py
+	@$(PY) scripts/gen_openapi.py
 
 lint: install
 	@$(VENV)/bin/ruff check .
@@ -74,8 +77,11 @@ pytest: install
 
 test: install node system-deps lint typecheck buf-lint buf-breaking protos-check ts-check pytest
 
+# requirements.lock: everything (runtime + dev) for make install; requirements-runtime.lock: the
+# runtime dependencies only, for the container image (Dockerfile), resolved to the same versions.
 lock:
 	@$(UV) pip compile pyproject.toml --group dev --python-version 3.11 --generate-hashes -q -o requirements.lock
+	@$(UV) pip compile pyproject.toml --python-version 3.11 --generate-hashes -q -c requirements.lock -o requirements-runtime.lock
 
 clean:
 	rm -rf $(VENV) node_modules .pgdata-test .pgdata-bench .mypy_cache .ruff_cache .pytest_cache

@@ -20,6 +20,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, **(extra or {})}
     env["PYTHONPATH"] = PYTHONPATH
+    # A sequencer's HTTP listener on a free port, never the default 8080 (runs side by side).
+    env.setdefault("SEQUENCER_HTTP_ADDR", "127.0.0.1:0")
     return env
 
 

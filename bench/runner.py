@@ -192,6 +192,7 @@ class Bench:
                 **env,
                 "SEQUENCER_LISTEN_ADDR": "127.0.0.1:0",
                 "SEQUENCER_METRICS_ADDR": "127.0.0.1:0",
+                "SEQUENCER_HTTP_ADDR": "127.0.0.1:0",
                 "SEQUENCER_LEDGER_TARGET": self.ledger.address,
             },
             self.out / "logs" / "sequencer.log",

@@ -59,6 +59,12 @@ class MalformedRequest(DomainError):
     reason = "MALFORMED_REQUEST"
 
 
+class RequestTooLarge(DomainError):
+    """The request message is larger than the server's configured limit (*_MAX_MESSAGE_BYTES)."""
+
+    reason = "REQUEST_TOO_LARGE"
+
+
 class Overloaded(DomainError):
     """Admission refused the call for now (a flow-control bound, SPEC 12): nothing was stored,
     and the same request with the same key succeeds once the load drains. `retry_after` is the

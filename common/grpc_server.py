@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -14,8 +14,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
 
-from common import logs
-from common.auth import Authenticator, SecuritySettings
+from common import logs, tracing
+from common.auth import Authenticator, SecuritySettings, is_loopback
+from common.grpc_metrics import Method, UnknownMethods, methods_of
 from common.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,17 @@ def _register_reflection_v1_descriptor() -> None:
     pool.Add(proto)
 
 
+def served_methods(service_names: Iterable[str]) -> list[Method]:
+    """Every method the server serves: the services', health's and reflection's (v1 and
+    v1alpha), for the metrics' pre-initialised series."""
+    _register_reflection_v1_descriptor()
+    return methods_of([*service_names, health.SERVICE_NAME, REFLECTION_V1, REFLECTION_V1ALPHA])
+
+
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> health.aio.HealthServicer:
-    """Registers health (overall and per service, all SERVING) and reflection (v1 and v1alpha)."""
+    """Registers health (overall and per service, all SERVING) and reflection (v1 and v1alpha),
+    then the fallback that answers unknown methods UNIMPLEMENTED through the interceptors (so
+    they are counted): call it after the services are registered."""
     names = list(service_names)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -75,6 +85,7 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[s
     }
     for name in (REFLECTION_V1ALPHA, REFLECTION_V1):
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_generic_rpc_handlers((UnknownMethods(),))
     return health_servicer
 
 
@@ -93,10 +104,22 @@ async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterabl
         await health_servicer.set(name, status)
 
 
-def new_server(interceptor: grpc.aio.ServerInterceptor, security: SecuritySettings) -> grpc.aio.Server:
-    """A grpc.aio server with the service's interceptor and the configured limits. SO_REUSEPORT
-    is off, so a port already taken is an error instead of a silent second listener."""
-    return grpc.aio.server(interceptors=[interceptor], options=[("grpc.so_reuseport", 0), *security.grpc_options()])
+def transport_ceiling(max_message_bytes: int) -> int:
+    """The transport's own receive limit: above the configured one, so a request between the
+    two reaches the interceptor, which answers RESOURCE_EXHAUSTED (REQUEST_TOO_LARGE) and counts
+    it; only a request over this ceiling is refused by grpc unseen (docs/observability.md)."""
+    return 4 * max_message_bytes
+
+
+def new_server(interceptors: Sequence[grpc.aio.ServerInterceptor], security: SecuritySettings) -> grpc.aio.Server:
+    """A grpc.aio server with the interceptors (outermost first) and the configured limits.
+    SO_REUSEPORT is off, so a port already taken is an error instead of a silent second
+    listener."""
+    options = [
+        (name, transport_ceiling(value) if name == "grpc.max_receive_message_length" else value)
+        for name, value in security.grpc_options()
+    ]
+    return grpc.aio.server(interceptors=list(interceptors), options=[("grpc.so_reuseport", 0), *options])
 
 
 async def serve(
@@ -109,12 +132,17 @@ async def serve(
     """A service's main: JSON logs, the metrics endpoint, the server built by `build`, the
     start-up line (with `fields`), then serving until SIGTERM/SIGINT and a graceful stop."""
     logs.configure(service, settings.log_level)
+    tracing.configure(service)
     registry = CollectorRegistry()
     metrics_port = serve_metrics(registry, settings.metrics_addr)
     app = await build(settings, registry=registry)
     where = listening(settings.listen_addr, app.port, metrics_port, settings.security, app.authenticator)
-    log.info(f"{service} listening", extra={**where, **fields})
-    await run_until_signal(app.server, app.health, names, settings.shutdown_grace, app.close)
+    # A service with more listeners (the sequencer's HTTP) names them in the same line.
+    extra = app.listening_fields() if hasattr(app, "listening_fields") else {}
+    log.info(f"{service} listening", extra={**where, **extra, **fields})
+    await run_until_signal(
+        app.server, app.health, names, settings.shutdown_grace, app.close, drain=getattr(app, "drain", None)
+    )
 
 
 async def run_until_signal(
@@ -123,8 +151,10 @@ async def run_until_signal(
     names: Iterable[str],
     grace: float,
     cleanup: Callable[[], Awaitable[None]],
+    drain: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """Serves until SIGTERM/SIGINT, then: health NOT_SERVING, stop(grace), cleanup."""
+    """Serves until SIGTERM/SIGINT, then: health NOT_SERVING, drain (listeners in front of the
+    gRPC server, e.g. HTTP), stop(grace), cleanup."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +162,8 @@ async def run_until_signal(
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": grace})
     await set_serving(health_servicer, names, False)
+    if drain is not None:
+        await bounded(drain(), grace + 5, "drain")
     await bounded(server.stop(grace), grace + 5, "grpc server")
     await bounded(cleanup(), 10, "cleanup")
     log.info("stopped")
@@ -163,6 +195,7 @@ def channel(
     key: str = "",
     server_name: str = "",
     token_file: str = "",
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A client channel: TLS when `ca` is given (mutual TLS with cert/key), and a bearer token
     on every call when `token_file` is given."""
@@ -172,7 +205,7 @@ def channel(
     if not ca:
         if token_file:
             raise ValueError("a bearer token needs TLS: configure the CA of the server")
-        return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=list(interceptors))
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(ca),
         private_key=_read(key) if key else None,
@@ -181,7 +214,7 @@ def channel(
     if token_file:
         token = _read(token_file).decode().strip()
         credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
-    return grpc.aio.secure_channel(target, credentials, options=options)
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=list(interceptors))
 
 
 def listening(
@@ -190,12 +223,19 @@ def listening(
     """The fields of the start-up log line: where it listens (the bound ports, so port 0 works
     for tests and `make up`) and who may call (development mode is loud)."""
     host = listen_addr.rpartition(":")[0]
+    loopback = is_loopback(listen_addr)
+    if not authenticator.development:
+        auth = "credentials required"
+    elif loopback:
+        auth = "development: every caller has every role (loopback listener)"
+    else:
+        # Only *_ALLOW_INSECURE gets here (check_exposure): say so, never "loopback only".
+        auth = "development: every caller has every role, on a non-loopback listener (ALLOW_INSECURE)"
     return {
         "address": f"{host}:{port}",
         "port": port,
         "metrics_port": metrics_port,
+        "exposure": "loopback" if loopback else "network",
         "tls": "mutual" if security.tls_client_ca else ("on" if security.tls else "off"),
-        "auth": "development: every caller has every role (loopback only)"
-        if authenticator.development
-        else "credentials required",
+        "auth": auth,
     }

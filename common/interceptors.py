@@ -1,4 +1,5 @@
-"""The server interceptor both services use: correlation id, error mapping, logs and metrics.
+"""The server interceptor both services use: correlation id, error mapping, logs and tracing
+(the gRPC metrics are common.grpc_metrics', the outermost interceptor).
 
 Each service passes its own table from domain error classes to gRPC codes (its
 `interceptors.py`); the mechanism is here once.
@@ -13,14 +14,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from common import logs
+from common import logs, tracing
 from common.auth import Authenticator, authorize, set_identity
 from common.errors import (
     DeadlineReached,
@@ -30,10 +34,10 @@ from common.errors import (
     NotFound,
     Overloaded,
     PermissionDenied,
+    RequestTooLarge,
     Retryable,
     Unauthenticated,
 )
-from common.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
 
@@ -115,19 +119,29 @@ COMMON_TABLE: ErrorTable = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     DeadlineReached: grpc.StatusCode.DEADLINE_EXCEEDED,
     Retryable: grpc.StatusCode.UNAVAILABLE,
+    RequestTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 _MALFORMED = object()
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+@dataclass(frozen=True)
+class _TooLarge:
+    size: int
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None, limit: int | None) -> Callable[[bytes], Any] | None:
     """Request bytes that do not parse become a sentinel the handler answers INVALID_ARGUMENT,
-    instead of grpc's own INTERNAL."""
+    instead of grpc's own INTERNAL; bytes over `limit` one it answers RESOURCE_EXHAUSTED with an
+    ErrorInfo (the transport's own ceiling is higher, see common.grpc_server.transport_ceiling,
+    so this refusal is counted and logged like any other answer)."""
     if deserialize is None:
         return None
 
     def parse(raw: bytes) -> Any:
+        if limit is not None and len(raw) > limit:
+            return _TooLarge(len(raw))
         try:
             return deserialize(raw)
         except Exception:  # noqa: BLE001 - any decode failure means the caller sent garbage
@@ -168,15 +182,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self,
         table: ErrorTable,
         domain: str,
-        metrics: RpcMetrics,
         authenticator: Authenticator,
         policy: Mapping[str, frozenset[str]],
         gate: Gate | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.table = {**COMMON_TABLE, **table}
         self.gate: Gate = gate or (lambda _method, _metadata: contextlib.nullcontext())
         self.domain = domain
-        self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
         self.authenticator = authenticator
         self.policy = policy
         self.open_prefixes = ("/grpc.health.", "/grpc.reflection.")
@@ -196,44 +210,46 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             inner_unary: Any = handler.unary_unary
 
             async def unary(request: Any, context: Context) -> Any:
-                self._begin(method, metadata, context)
-                started = time.perf_counter()
-                try:
-                    await self._echo(context)
-                    self._admit(method, metadata, request, context)
-                    with self.gate(method, metadata):
-                        response = await inner_unary(request, context)
-                except BaseException as exc:
-                    await self._fail(exc, method, started, context)
-                    raise
-                self._done(method, started, context)
-                return response
+                with self._traced(method, metadata):
+                    self._begin(method, metadata, context)
+                    started = time.perf_counter()
+                    try:
+                        await self._echo(context)
+                        self._admit(method, metadata, request, context)
+                        with self.gate(method, metadata):
+                            response = await inner_unary(request, context)
+                    except BaseException as exc:
+                        await self._fail(exc, method, started, context)
+                        raise
+                    self._done(method, started, context)
+                    return response
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=_tolerant(handler.request_deserializer, self.max_message_bytes),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             inner_stream: Any = handler.unary_stream
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
-                self._begin(method, metadata, context)
-                started = time.perf_counter()
-                try:
-                    await self._echo(context)
-                    self._admit(method, metadata, request, context)
-                    with self.gate(method, metadata):
-                        async for item in inner_stream(request, context):
-                            yield item
-                except BaseException as exc:
-                    await self._fail(exc, method, started, context)
-                    raise
-                self._done(method, started, context)
+                with self._traced(method, metadata):
+                    self._begin(method, metadata, context)
+                    started = time.perf_counter()
+                    try:
+                        await self._echo(context)
+                        self._admit(method, metadata, request, context)
+                        with self.gate(method, metadata):
+                            async for item in inner_stream(request, context):
+                                yield item
+                    except BaseException as exc:
+                        await self._fail(exc, method, started, context)
+                        raise
+                    self._done(method, started, context)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
-                request_deserializer=_tolerant(handler.request_deserializer),
+                request_deserializer=_tolerant(handler.request_deserializer, self.max_message_bytes),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -244,11 +260,42 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         set_identity(identity)
         logs.bind(caller=identity.caller)
         authorize(identity, method, self.policy)
+        if isinstance(request, _TooLarge):
+            raise RequestTooLarge(
+                "the request is larger than the server accepts",
+                size_bytes=request.size,
+                limit_bytes=self.max_message_bytes,
+            )
         if request is _MALFORMED:
             raise MalformedRequest("the request is not a valid message of this RPC's request type")
         path = _nul_field(request)
         if path is not None:
             raise InvalidArgument(f"{path} contains a NUL character", field=path)
+
+    @staticmethod
+    def _span(method: str, metadata: tuple[Any, ...]) -> trace.Span:
+        """The call's server span, continuing the caller's W3C trace context when it sent one
+        (metadata `traceparent` / `tracestate`), else starting a new trace."""
+        service, _, name = method.lstrip("/").partition("/")
+        return tracing.start(
+            method.lstrip("/"),
+            parent=tracing.extract(metadata),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
+
+    def _traced(self, method: str, metadata: tuple[Any, ...]) -> Any:
+        # The status is set from the gRPC code (_status), not from the exception that carried it.
+        return trace.use_span(
+            self._span(method, metadata), end_on_exit=True, record_exception=False, set_status_on_exception=False
+        )
+
+    @staticmethod
+    def _status(code: grpc.StatusCode) -> None:
+        span = trace.get_current_span()
+        span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
 
     def _begin(self, method: str, metadata: Any, context: Context) -> None:
         correlation_id = correlation_id_from(metadata)
@@ -265,15 +312,16 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _done(self, method: str, started: float, context: Context) -> None:
         code = context.code() or grpc.StatusCode.OK
         elapsed = time.perf_counter() - started
-        self.metrics.observe(method, code.name, elapsed)
+        self._status(code)
         log.info("rpc", extra={"code": code.name, "latency_ms": round(elapsed * 1000, 2)})
 
     async def _fail(self, exc: BaseException, method: str, started: float, context: Context) -> None:
         elapsed = time.perf_counter() - started
         if isinstance(exc, DomainError):
             status = status_for(exc, self.table, self.domain)
-            code_name = next(c.name for c in grpc.StatusCode if c.value[0] == status.code)
-            self.metrics.observe(method, code_name, elapsed)
+            found = next(c for c in grpc.StatusCode if c.value[0] == status.code)
+            code_name = found.name
+            self._status(found)
             log.info(
                 "rpc",
                 extra={"code": code_name, "reason": exc.reason, "latency_ms": round(elapsed * 1000, 2)},
@@ -281,15 +329,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             await _abort(context, status)
         if isinstance(exc, grpc.aio.AbortError):
             code = context.code() or grpc.StatusCode.UNKNOWN
-            self.metrics.observe(method, code.name, elapsed)
+            self._status(code)
             log.info("rpc", extra={"code": code.name, "latency_ms": round(elapsed * 1000, 2)})
             return
         if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)):
             return
         if isinstance(exc, asyncio.CancelledError):
-            self.metrics.observe(method, "CANCELLED", elapsed)
             log.info("rpc", extra={"code": "CANCELLED", "latency_ms": round(elapsed * 1000, 2)})
             return
-        self.metrics.observe(method, "INTERNAL", elapsed)
+        self._status(grpc.StatusCode.INTERNAL)
         log.error("unhandled error", exc_info=exc, extra={"code": "INTERNAL"})
         await _abort(context, _internal_status(self.domain))

@@ -10,7 +10,6 @@ import grpc
 
 from common.auth import Authenticator
 from common.interceptors import ErrorTable, ServiceInterceptor
-from common.metrics import RpcMetrics
 from ledger import errors
 
 DOMAIN = "ledger.logistics"
@@ -43,5 +42,5 @@ POLICY: dict[str, frozenset[str]] = {
 }
 
 
-def build_interceptor(metrics: RpcMetrics, authenticator: Authenticator) -> ServiceInterceptor:
-    return ServiceInterceptor(ERROR_TABLE, DOMAIN, metrics, authenticator, POLICY)
+def build_interceptor(authenticator: Authenticator, max_message_bytes: int | None = None) -> ServiceInterceptor:
+    return ServiceInterceptor(ERROR_TABLE, DOMAIN, authenticator, POLICY, max_message_bytes=max_message_bytes)

@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from common.auth import Authenticator
 from common.db import make_engine, require_migrated
-from common.grpc_server import add_health_and_reflection, bind, bounded, new_server, serve, set_serving
+from common.grpc_metrics import MetricsInterceptor
+from common.grpc_server import add_health_and_reflection, bind, bounded, new_server, serve, served_methods, set_serving
 from ledger.config import Settings
 from ledger.interceptors import build_interceptor
 from ledger.metrics import LedgerMetrics
@@ -57,7 +58,13 @@ async def build_server(settings: Settings, *, registry: CollectorRegistry | None
         raise
     metrics = LedgerMetrics(registry)
     service = Ledger(engine, metrics, lock_strategy=settings.lock_strategy, max_batch=settings.max_batch)
-    server = new_server(build_interceptor(metrics.rpc, authenticator), settings.security)
+    server = new_server(
+        [
+            MetricsInterceptor(metrics.grpc, served_methods(SERVICE_NAMES)),
+            build_interceptor(authenticator, settings.security.max_message_bytes),
+        ],
+        settings.security,
+    )
     ledger_pb2_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(service), server)
     health_servicer = add_health_and_reflection(server, SERVICE_NAMES)
     port = bind(server, settings.listen_addr, settings.security)

@@ -303,12 +303,15 @@ class Ledger:
         for item, result in zip(items, results, strict=True):
             counts[result.outcome] = counts.get(result.outcome, 0) + 1
             if result.outcome is Outcome.REJECTED:
-                # The entity in fields of its own: a batch's log context names no single event.
+                # The event's own fields (a batch's log context names no single event).
                 log.warning(
                     "event rejected",
                     extra={
-                        "entity": item.event.entity_id,
-                        "msi": item.event.sequence,
+                        "entity_type": logs.enum_name(events_pb2.EntityType, item.event.entity_type),
+                        "entity_id": item.event.entity_id,
+                        "sequence": item.event.sequence,
+                        "transaction_id": item.transaction_id,
+                        "correlation_id": item.correlation_id,
                         "reason": result.reason,
                         "reason_detail": result.reason_detail,
                     },

@@ -7,7 +7,7 @@ import datetime as dt
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from ledger import domain
+from ledger import domain, traces
 from ledger.batch import ApplyResult
 from ledger.repository import HistoryRecord
 from ledger.service import Ledger
@@ -84,14 +84,19 @@ class LedgerServicer(ledger_pb2_grpc.LedgerServiceServicer):
         request: ledger_pb2.ApplyEventRequest,
         context: grpc.aio.ServicerContext[ledger_pb2.ApplyEventRequest, ledger_pb2.ApplyEventResponse],
     ) -> ledger_pb2.ApplyEventResponse:
-        return result_to_proto(await self.ledger.apply_event(request))
+        with traces.applying([request]) as done:
+            result = await self.ledger.apply_event(request)
+            done([result])
+        return result_to_proto(result)
 
     async def ApplyEvents(
         self,
         request: ledger_pb2.ApplyEventsRequest,
         context: grpc.aio.ServicerContext[ledger_pb2.ApplyEventsRequest, ledger_pb2.ApplyEventsResponse],
     ) -> ledger_pb2.ApplyEventsResponse:
-        results = await self.ledger.apply_events(request.requests)
+        with traces.applying(request.requests) as done:
+            results = await self.ledger.apply_events(request.requests)
+            done(results)
         return ledger_pb2.ApplyEventsResponse(responses=[result_to_proto(r) for r in results])
 
     async def GetShipment(

@@ -1,4 +1,5 @@
-"""python -m ops up | health HOST:PORT"""
+"""python -m ops up | health [HOST:PORT] | bootstrap DIR | gaps | parked | blocked | entity | status | watch | skip |
+retry | webhooks ...  (`python -m ops --help`; docs/cli.md)"""
 
 from __future__ import annotations
 
@@ -11,12 +12,23 @@ def main(argv: list[str]) -> None:
         from ops import up
 
         up.main()
-    elif command == "health" and len(argv) == 2:
+    elif command == "bootstrap":
+        from ops import bootstrap
+
+        sys.exit(bootstrap.main(argv[1:]))
+    elif command == "health" and len(argv) <= 2:
+        from logistics.client.config import ClientConfig, ClientConfigError
         from ops import up
 
-        sys.exit(0 if up.is_serving(argv[1]) else 1)
+        try:
+            config = ClientConfig.from_env()
+        except ClientConfigError as exc:
+            sys.exit(f"python -m ops health: {exc}")
+        sys.exit(0 if up.is_serving(argv[1] if len(argv) == 2 else config.sequencer, config=config) else 1)
     else:
-        sys.exit("usage: python -m ops up | health HOST:PORT")
+        from ops import cli
+
+        sys.exit(cli.main(argv))
 
 
 if __name__ == "__main__":

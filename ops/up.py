@@ -12,16 +12,19 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import embedded_pg
+from common import embedded_pg, startup
 from common.migrate import upgrade
-from common.settings import Env
+from common.settings import Env, database_url
+from logistics.client.config import ClientConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 # The embedded PostgreSQL's data (git-ignored); LOGISTICS_DATA_DIR moves it.
@@ -31,9 +34,18 @@ DATA_DIR = Path(os.environ.get("LOGISTICS_DATA_DIR", ROOT / ".pgdata"))
 warnings.filterwarnings("ignore", module="platformdirs")
 
 
-def is_serving(address: str, timeout: float = 2.0) -> bool:
-    """One health check (the container health check uses it)."""
-    with grpc.insecure_channel(address) as channel:
+def is_serving(address: str, timeout: float = 2.0, config: ClientConfig | None = None) -> bool:
+    """One health check (the container health check uses it): plaintext, or TLS (mutual with a
+    client certificate) when LOGISTICS_TLS_CA is set. Health needs no token."""
+    config = config or ClientConfig()
+    credentials = config.credentials()
+    options = config.channel_options()
+    channel = (
+        grpc.secure_channel(address, credentials, options=options)
+        if credentials is not None
+        else grpc.insecure_channel(address)
+    )
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError:
@@ -45,6 +57,21 @@ class StartFailed(Exception):
     """A service did not come up: everything started is stopped and `make up` fails."""
 
 
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    """Until the HTTP listener answers (it is bound before the start-up line, so this is quick)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - our own loopback URL
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise StartFailed(f"the sequencer's HTTP listener did not answer at {url}")
+        time.sleep(0.2)
+
+
 class Child:
     """A service subprocess whose JSON log lines pass through to our stderr; its start-up line
     tells the ports it bound (so port 0 works too)."""
@@ -53,6 +80,7 @@ class Child:
         self.name = name
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
         self.listening = threading.Event()
         self.proc = subprocess.Popen(  # noqa: S603
             [sys.executable, "-m", name], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True
@@ -66,6 +94,7 @@ class Child:
             if f'"{self.name} listening"' in line:
                 entry = json.loads(line)
                 self.port, self.metrics_port = int(entry["port"]), int(entry["metrics_port"])
+                self.http_port = int(entry.get("http_port", 0))
                 self.listening.set()
 
     def wait_serving(self, timeout: float = 60.0) -> None:
@@ -92,13 +121,27 @@ def _auth_line(env: dict[str, str]) -> str:
         return "auth: credentials required (identities file / client certificates)"
     return (
         "auth: development mode, no credentials configured: every caller has every role, and\n"
-        "      x-client-id names the idempotency scope (allowed on loopback only)"
+        "      x-client-id names the idempotency scope (refused off loopback unless *_ALLOW_INSECURE=true)"
     )
 
 
 def main() -> None:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python"), env.get("PYTHONPATH", "")])
+    try:
+        server = prepare_database(env)
+    except Exception as exc:
+        # A bad DATABASE_URL (scheme, host, refused, password) is one line, not a traceback.
+        found = startup.one_line(exc, env.get("DATABASE_URL", ""))
+        if found is None:
+            raise
+        raise SystemExit(f"make up failed: {found[0]}") from None
+    run_services(env, server)
+
+
+def prepare_database(env: dict[str, str]) -> Any:
+    """The database (embedded unless DATABASE_URL is set) with both services' migrations at head;
+    the embedded server (to stop at the end) or None. Sets env's DATABASE_URL."""
     server = None
     if env.get("DATABASE_URL", "").strip():
         url = env["DATABASE_URL"]
@@ -110,9 +153,13 @@ def main() -> None:
         where = f"embedded PostgreSQL, data in {DATA_DIR}"
     print(f"database: {where}", flush=True)
     for service in ("ledger", "sequencer"):
-        upgrade(ROOT / service / "migrations", env["DATABASE_URL"], service)
+        upgrade(ROOT / service / "migrations", database_url(env), service)
     print("migrations: ledger and sequencer at head", flush=True)
+    return server
 
+
+def run_services(env: dict[str, str], server: Any) -> None:
+    """Ledger, then sequencer; until Ctrl-C, SIGTERM or a service's exit."""
     children: list[Child] = []
 
     def shutdown() -> None:
@@ -149,10 +196,17 @@ def main() -> None:
         raise SystemExit(f"make up failed: {failed}") from None
     sequencer_addr = f"127.0.0.1:{sequencer.port}"
     ledger_addr = f"127.0.0.1:{ledger.port}"
+    http_addr = f"127.0.0.1:{sequencer.http_port}"
+    try:
+        wait_http(f"http://{http_addr}/healthz")
+    except StartFailed as failed:
+        shutdown()
+        raise SystemExit(f"make up failed: {failed}") from None
     print(
         f"""
 ready:
   sequencer  grpc://{sequencer_addr}   metrics http://127.0.0.1:{sequencer.metrics_port}/metrics
+  sequencer  http://{http_addr}   (HTTP/JSON API, docs/http.md; OpenAPI at /openapi.json)
   ledger     grpc://{ledger_addr}   metrics http://127.0.0.1:{ledger.metrics_port}/metrics
 
 try it ({_buf_hint()}; grpcurl works the same with -plaintext):
@@ -162,6 +216,10 @@ try it ({_buf_hint()}; grpcurl works the same with -plaintext):
     http://{sequencer_addr}/logistics.sequencer.v1.SequencerService/SubmitEvent
   npx --no-install buf curl --protocol grpc --http2-prior-knowledge -d '{{"shipmentId": "SHP-1"}}' \\
     http://{ledger_addr}/logistics.ledger.v1.LedgerService/GetShipment
+  curl -s http://{http_addr}/v1/shipments/SHP-1
+
+operate it (docs/cli.md):
+  LOGISTICS_SEQUENCER_ADDR={sequencer_addr} .venv/bin/python -m ops gaps
 
 {_auth_line(env)}
 Ctrl-C stops everything.""",

@@ -18,7 +18,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-# Vendored imports (google.rpc.Status); their Python code comes from googleapis-common-protos.
+# Vendored imports (google.rpc.Status, google.api.http); their Python code comes from
+# googleapis-common-protos.
 THIRD_PARTY = ROOT / "third_party" / "protos"
 PACKAGES = ("events", "sequencer", "ledger")
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
+from common import startup
 from common.migrate import upgrade
 from common.settings import database_url
 from sequencer import server
@@ -24,4 +26,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # A bad setting or an unusable DATABASE_URL is one line on stderr, not a traceback.
+    startup.run("sequencer", lambda: main(sys.argv[1:]), lambda: os.environ.get("DATABASE_URL", ""))

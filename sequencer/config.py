@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from common.auth import SecuritySettings
+from common.auth import SecuritySettings, is_loopback
 from common.settings import ConfigError, Env, database_url
 from sequencer.idempotency import CALLER_PATTERN
 from sequencer.sealing import SecretBox
@@ -121,6 +121,14 @@ class Settings:
     database_url: str
     listen_addr: str = "127.0.0.1:50051"
     metrics_addr: str = "127.0.0.1:9464"
+    # The HTTP/JSON listener (SPEC 13). From the environment it defaults to 127.0.0.1:8080; a
+    # Settings built in code (tests, embedding) has none unless given one ("" = off).
+    http_addr: str = ""
+    # The largest HTTP request body read (JSON is larger than the binary message it carries:
+    # 4 MiB of JSON for SEQUENCER_MAX_MESSAGE_BYTES' 1 MiB message), and the deadline of the gRPC
+    # call an HTTP request makes (plus any `Prefer: wait`).
+    http_max_body_bytes: int = 4 * 1024 * 1024
+    http_timeout: float = 30.0
     ledger_target: str = "127.0.0.1:50052"
     # Deadline of one ApplyEvents call to the ledger.
     ledger_timeout: float = 5.0
@@ -199,6 +207,11 @@ class Settings:
             database_url=database_url(environ),
             listen_addr=env.address("LISTEN_ADDR", "127.0.0.1:50051"),
             metrics_addr=env.address("METRICS_ADDR", "127.0.0.1:9464"),
+            http_addr=env.address("HTTP_ADDR", "127.0.0.1:8080"),
+            http_max_body_bytes=env.int(
+                "HTTP_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024, maximum=256 * 1024 * 1024
+            ),
+            http_timeout=env.seconds("HTTP_TIMEOUT", 30.0, minimum=0.1),
             ledger_target=env.address("LEDGER_TARGET", "127.0.0.1:50052"),
             ledger_timeout=env.seconds("LEDGER_TIMEOUT", 5.0, minimum=0.01),
             idempotency_retention=env.seconds("IDEMPOTENCY_RETENTION", 48 * 3600.0, minimum=1.0),
@@ -256,4 +269,18 @@ class Settings:
         if settings.webhook_secret_key:
             SecretBox.from_setting(settings.webhook_secret_key)
         settings.security.check_exposure(settings.listen_addr, "SEQUENCER_")
+        check_http_exposure(settings)
         return settings
+
+
+def check_http_exposure(settings: Settings) -> None:
+    """A non-loopback HTTP listener needs TLS and bearer tokens (client certificates are not
+    read over HTTP), unless SEQUENCER_ALLOW_INSECURE says otherwise."""
+    security = settings.security
+    if not settings.http_addr or security.allow_insecure or is_loopback(settings.http_addr):
+        return
+    if not (security.tls and security.identities_file):
+        raise ConfigError(
+            f"SEQUENCER_HTTP_ADDR {settings.http_addr} is not loopback: configure TLS (SEQUENCER_TLS_CERT/KEY) and "
+            "bearer tokens (SEQUENCER_IDENTITIES_FILE), or set SEQUENCER_ALLOW_INSECURE=true"
+        )

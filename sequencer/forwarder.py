@@ -29,17 +29,19 @@ from grpc_status import rpc_status
 from sqlalchemy.exc import DBAPIError
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
+from common import tracing
 from common.clock import Clock
 from common.errors import DeadlineReached, Retryable
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
+from sequencer import traces
 from sequencer.config import Settings
 from sequencer.forwarding import ForwardingStore, QueuedEvent
 from sequencer.hints import Hint
 from sequencer.metrics import SequencerMetrics
 from sequencer.notifications import Notifier
 from sequencer.repository import EntityKey, Outcome
-from sequencer.states import QUEUED, SKIPPED
+from sequencer.states import QUEUED, SKIPPED, entity_type_name
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +269,8 @@ class Forwarder:
         and is counted towards blocking it."""
         while batch:
             try:
-                replies = await self._apply(batch)
+                with traces.forwarding(batch) as traced:
+                    replies = await self._apply(traced)
             except GiveUp:
                 await self._rest(sorted({e.key for e in batch}), min(self.settings.forwarder_lease, 2.0))
                 return
@@ -308,13 +311,13 @@ class Forwarder:
         counted = await self.store.refused(heads, code=code, reason=reason or code, detail=detail)
         for refusal in counted:
             extra = {
-                "entity_type": refusal.key[0],
+                "entity_type": entity_type_name(refusal.key[0]),
                 "entity_id": refusal.key[1],
                 "sequence": refusal.sequence,
                 "transaction_id": str(refusal.transaction_id),
                 "code": code,
                 "reason": reason,
-                "detail": detail,
+                "reason_detail": detail,
                 "attempts": refusal.attempts,
             }
             if refusal.blocked:
@@ -401,7 +404,7 @@ class Forwarder:
                         "transaction_id": str(event.transaction_id),
                         "correlation_id": event.correlation_id,
                         "reason": reason,
-                        "detail": detail,
+                        "reason_detail": detail,
                     },
                 )
             outcome_row = Outcome(
@@ -440,6 +443,7 @@ class Forwarder:
                     "correlation_id": event.correlation_id,
                     "outcome": events_pb2.EventState.Name(outcome_row.state),  # type: ignore[arg-type]
                     "batch_size": len(sent),
+                    **tracing.log_ids(event.traceparent),
                 },
             )
 
@@ -457,12 +461,13 @@ class Forwarder:
                     correlation_id=e.correlation_id,
                     transaction_id=str(e.transaction_id),
                     skip_reason=e.skip_reason or "",
+                    traceparent=e.traceparent or "",
                 )
                 for e in batch
             ]
         )
         # The call's correlation id: the first event's (each item carries its own too).
-        metadata = (("x-correlation-id", batch[0].correlation_id),)
+        metadata = (("x-correlation-id", batch[0].correlation_id), *tracing.metadata_of())
         try:
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception(_transient),

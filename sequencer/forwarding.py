@@ -40,6 +40,8 @@ class QueuedEvent:
     event: bytes
     correlation_id: str
     skip_reason: str | None
+    # The trace the event was accepted (or parked) under: its forward span continues it.
+    traceparent: str | None = None
 
     @property
     def key(self) -> EntityKey:
@@ -55,6 +57,7 @@ class QueuedEvent:
             row.event,
             row.correlation_id,
             row.skip_reason,
+            row.traceparent,
         )
 
 

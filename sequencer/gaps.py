@@ -15,6 +15,7 @@ from sequencer import repository as repo
 from sequencer.config import Settings
 from sequencer.errors import Retryable
 from sequencer.metrics import SequencerMetrics
+from sequencer.states import entity_type_name
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class GapMonitor:
             log.warning(
                 "gap older than alert threshold",
                 extra={
-                    "entity_type": gap.entity_type,
+                    "entity_type": entity_type_name(gap.entity_type),
                     "entity_id": gap.entity_id,
                     "awaiting_sequence": gap.awaiting_sequence,
                     "age_seconds": round((now - gap.first_seen_at).total_seconds(), 3),

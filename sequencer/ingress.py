@@ -28,7 +28,7 @@ from typing import Any
 
 import psycopg
 
-from common import logs
+from common import logs, tracing
 from common.clock import Clock
 from common.db import LOCK_NOT_AVAILABLE, QUERY_CANCELED, RETRYABLE_SQLSTATES, is_transient, libpq_url, sqlstate
 from common.errors import DomainError
@@ -49,7 +49,7 @@ from sequencer.idempotency import AnswerCache, StoredAnswer, Submission, replay,
 from sequencer.metrics import SequencerMetrics
 from sequencer.repository import EntityKey
 from sequencer.rules import Decision, Entity, Verdict
-from sequencer.states import DUPLICATE, PARKED, QUEUED, SKIPPED, state_name
+from sequencer.states import DUPLICATE, PARKED, QUEUED, SKIPPED, entity_type_name, state_name
 from sequencer.validation import validate_event
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class Pending:
     fingerprint: bytes
     correlation_id: str
     deadline: float | None  # loop time
+    # The accepting call's W3C trace context (its server span), stored with the event.
+    traceparent: str = ""
     answer: asyncio.Future[Submission] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
@@ -173,6 +175,7 @@ class Ingress:
             hashlib.sha256(keyless).digest(),
             correlation_id,
             deadline,
+            traceparent=tracing.traceparent_of(),
         )
 
     async def submit(
@@ -187,7 +190,7 @@ class Ingress:
         """Accepts an event once per key: QUEUED, PARKED, DUPLICATE or SKIPPED, stored with the
         answer; a retry replays the stored answer."""
         event = request.event
-        logs.bind(entity_type=event.entity_type, entity_id=event.entity_id, sequence=event.sequence)
+        logs.bind(entity_type=entity_type_name(event.entity_type), entity_id=event.entity_id, sequence=event.sequence)
         pending = self.prepare(caller=caller, key=key, request=request, correlation_id=correlation_id, timeout=timeout)
         with self.admission.admitting(1):
             result = await self.accept(pending)
@@ -489,6 +492,11 @@ class Ingress:
         response_bytes = response.SerializeToString()
         if decision.holds:
             assert tx is not None
+            traceparent = pending.traceparent
+            if state == PARKED:
+                # Parking is a step of the event's trace: what releases it later is its child.
+                attributes = {"logistics.sequence": pending.event.sequence, "logistics.awaiting": decision.awaiting}
+                traceparent = tracing.mark("sequencer.park", traceparent, attributes)
             writes.hold(
                 pending.entity,
                 pending.event.sequence,
@@ -499,6 +507,7 @@ class Ingress:
                 pending.correlation_id,
                 pending.caller,
                 pending.key,
+                traceparent=traceparent,
             )
             if state == PARKED:
                 writes.parked[pending.entity] = writes.parked.get(pending.entity, 0) + 1

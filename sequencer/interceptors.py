@@ -8,7 +8,6 @@ from google.rpc import status_pb2
 from common.auth import Authenticator
 from common.errors import DomainError
 from common.interceptors import COMMON_TABLE, ErrorTable, Gate, ServiceInterceptor, status_for
-from common.metrics import RpcMetrics
 from sequencer import errors
 
 DOMAIN = "sequencer.logistics"
@@ -65,10 +64,11 @@ POLICY: dict[str, frozenset[str]] = {
 
 
 def build_interceptor(
-    metrics: RpcMetrics, authenticator: Authenticator, gate: Gate | None = None
+    authenticator: Authenticator, gate: Gate | None = None, max_message_bytes: int | None = None
 ) -> ServiceInterceptor:
-    """The interceptor with this service's table and policy, and the admission gate (SPEC 12)."""
-    return ServiceInterceptor(ERROR_TABLE, DOMAIN, metrics, authenticator, POLICY, gate)
+    """The interceptor with this service's table and policy, the admission gate (SPEC 12) and
+    the request size limit."""
+    return ServiceInterceptor(ERROR_TABLE, DOMAIN, authenticator, POLICY, gate, max_message_bytes)
 
 
 def item_status(error: DomainError) -> status_pb2.Status:

@@ -37,7 +37,7 @@ from sequencer.idempotency import AnswerCache, StoredAnswer, Submission, replay
 from sequencer.metrics import SequencerMetrics
 from sequencer.repository import EntityKey
 from sequencer.rules import Decision, Entity, Verdict
-from sequencer.states import PARKED, QUEUED
+from sequencer.states import PARKED, QUEUED, entity_type_name
 from sequencer.validation import validate_entity, validate_sequence
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,9 @@ class Interventions:
         and its response is stored with the key in the same transaction."""
         entity_ref = keyless.entity  # type: ignore[attr-defined]
         sequence = keyless.sequence  # type: ignore[attr-defined]
-        logs.bind(entity_type=entity_ref.entity_type, entity_id=entity_ref.entity_id, sequence=sequence)
+        logs.bind(
+            entity_type=entity_type_name(entity_ref.entity_type), entity_id=entity_ref.entity_id, sequence=sequence
+        )
         request_bytes = keyless.SerializeToString(deterministic=True)
         fingerprint = hashlib.sha256(request_bytes).digest()
 

@@ -36,11 +36,12 @@ LOCK_SUBMISSIONS = (
 WRITE_BATCH = (
     "WITH held AS ("
     "  INSERT INTO sequencer.events (entity_type, entity_id, sequence, transaction_id, state, event, payload_hash,"
-    "    correlation_id, caller_id, idempotency_key, skip_reason, accepted_at, queued_at)"
-    "  SELECT t, i, s, x, st, ev, h, c, cl, k, sk, %(now)s, CASE WHEN st = %(queued)s THEN %(now)s END"
+    "    correlation_id, caller_id, idempotency_key, skip_reason, traceparent, accepted_at, queued_at)"
+    "  SELECT t, i, s, x, st, ev, h, c, cl, k, sk, tp, %(now)s, CASE WHEN st = %(queued)s THEN %(now)s END"
     "  FROM unnest(%(types)s::smallint[], %(ids)s::text[], %(seqs)s::bigint[], %(txs)s::uuid[],"
     "    %(states)s::smallint[], %(events)s::bytea[], %(hashes)s::bytea[], %(correlations)s::text[],"
-    "    %(callers)s::text[], %(keys)s::text[], %(skips)s::text[]) AS u(t, i, s, x, st, ev, h, c, cl, k, sk)"
+    "    %(callers)s::text[], %(keys)s::text[], %(skips)s::text[], %(traceparents)s::text[])"
+    "    AS u(t, i, s, x, st, ev, h, c, cl, k, sk, tp)"
     "), answered AS ("
     "  INSERT INTO sequencer.idempotency_keys AS k (caller_id, idempotency_key, method, fingerprint, request,"
     "    status_code, response, transaction_id, created_at, expires_at)"
@@ -85,6 +86,7 @@ EVENT_COLUMNS = (
     "callers",
     "keys",
     "skips",
+    "traceparents",
 )
 
 
@@ -124,11 +126,12 @@ class Writes:
         caller: str,
         key: str,
         skip_reason: str | None = None,
+        traceparent: str | None = None,
     ) -> None:
         """An events row: a submitted event, or an operator's skip marker (with its reason)."""
         row = (
             entity[0], entity[1], sequence, transaction_id, state, event, payload_hash, correlation_id, caller, key,
-            skip_reason,
+            skip_reason, traceparent or None,
         )  # fmt: skip
         for column, value in zip(self.events, row, strict=True):
             self.events[column].append(value)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.metrics import LATENCY_BUCKETS, RpcMetrics
+from common.grpc_metrics import GrpcClientMetrics, GrpcServerMetrics
+from common.metrics import LATENCY_BUCKETS, add_runtime_collectors
 
 
 class SequencerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.rpc = RpcMetrics(registry, "sequencer")
+        add_runtime_collectors(registry)
+        self.grpc = GrpcServerMetrics(registry)
+        # The forwarder's calls to the ledger (grpc_client_*).
+        self.grpc_client = GrpcClientMetrics(registry)
         self.events = Counter("sequencer_events", "Events by the state they entered", ["state"], registry=registry)
         self.replays = Counter(
             "sequencer_idempotency_replays", "Requests answered from a stored idempotency record", registry=registry

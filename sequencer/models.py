@@ -81,6 +81,8 @@ events = Table(
     Column("forward_attempts", Integer, nullable=False, server_default=text("0")),
     Column("blocked_at", DateTime(timezone=True), nullable=True),
     Column("ledger_code", Text, nullable=True),
+    # The W3C traceparent the event was accepted under: the forwarder continues that trace.
+    Column("traceparent", Text, nullable=True),
     CheckConstraint("sequence >= 1", name="sequence_positive"),
     CheckConstraint("state BETWEEN 1 AND 7", name="state_known"),
     Index("ix_events_transaction_id", "transaction_id"),
@@ -91,6 +93,8 @@ events = Table(
     Index("ix_events_held", "state", postgresql_where=text("state IN (1, 2, 7)")),
     # Blocked events, oldest first (the admin list, the gauge): only BLOCKED rows.
     Index("ix_events_blocked", "blocked_at", "entity_type", "entity_id", postgresql_where=text("state = 7")),
+    # The latest rejections (the integration dashboard): only REJECTED rows.
+    Index("ix_events_rejected", "processed_at", postgresql_where=text("state = 4")),
 )
 
 # The operators' audit trail: every skip and every retry of a blocked event, who, when and why.

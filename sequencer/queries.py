@@ -25,7 +25,7 @@ RECORD_OUTCOMES = text(
 # run. Reads only (the lease, not a lock, keeps other forwarders away).
 FORWARDABLE = text(
     "SELECT x.entity_type, x.entity_id, x.watermark, v.sequence, v.state, v.transaction_id, v.event, "
-    "  v.correlation_id, v.skip_reason "
+    "  v.correlation_id, v.skip_reason, v.traceparent "
     "FROM unnest(CAST(:types AS smallint[]), CAST(:ids AS text[])) AS w(t, i) "
     "JOIN sequencer.entities x ON x.entity_type = w.t AND x.entity_id = w.i "
     "JOIN LATERAL (SELECT * FROM sequencer.events e WHERE e.entity_type = w.t AND e.entity_id = w.i "

@@ -177,3 +177,9 @@ class Reads:
             last = rows[size - 1]
             token = encode_token([last.blocked_at.isoformat(), last.entity_type, last.entity_id])
         return [status_from_row(r) for r in rows[:size]], token
+
+    async def recent_rejections(self, limit: int) -> list[sequencer_pb2.EventStatus]:
+        """The latest rejections, newest first (the integration dashboard)."""
+        async with reading(self.engine) as conn:
+            rows = await repo.recent_rejections(conn, limit)
+        return [status_from_row(r) for r in rows]

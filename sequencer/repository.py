@@ -9,13 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, func, or_, select, text, tuple_, update
+from sqlalchemy import Row, and_, bindparam, func, literal, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from sequencer import hints, queries
 from sequencer.models import entities, events, gaps, idempotency_keys, interventions
-from sequencer.states import BLOCKED, PARKED, QUEUED
+from sequencer.states import BLOCKED, PARKED, QUEUED, REJECTED
 
 EntityKey = tuple[int, str]
 
@@ -382,4 +382,14 @@ async def list_blocked(conn: AsyncConnection, after: tuple[dt.datetime, int, str
     if after is not None:
         stmt = stmt.where(tuple_(events.c.blocked_at, events.c.entity_type, events.c.entity_id) > tuple_(*after))
     stmt = stmt.order_by(events.c.blocked_at, events.c.entity_type, events.c.entity_id).limit(limit)
+    return list((await conn.execute(stmt)).all())
+
+
+async def recent_rejections(conn: AsyncConnection, limit: int) -> list[Row[Any]]:
+    """The latest REJECTED events, newest first (ix_events_rejected), with their status columns."""
+    # The state inline, not a bind parameter, so that a generic plan still matches the index.
+    stmt = _status_select().where(
+        events.c.state == literal(REJECTED, literal_execute=True), events.c.processed_at.is_not(None)
+    )
+    stmt = stmt.order_by(events.c.processed_at.desc()).limit(limit)
     return list((await conn.execute(stmt)).all())

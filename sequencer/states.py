@@ -5,6 +5,7 @@ and a unit test hold it to the proto enum."""
 
 from __future__ import annotations
 
+from common.logs import enum_name
 from logistics.events.v1 import events_pb2
 
 PARKED = events_pb2.EVENT_STATE_PARKED
@@ -24,3 +25,9 @@ TERMINAL = frozenset({APPLIED, REJECTED, SKIPPED})
 def state_name(state: int) -> str:
     """The enum name (EVENT_STATE_QUEUED), for logs and metric labels."""
     return events_pb2.EventState.Name(state)  # type: ignore[arg-type]
+
+
+def entity_type_name(entity_type: int) -> str:
+    """The enum name (ENTITY_TYPE_SHIPMENT), for logs: both services log enum names, never
+    numbers (a value the enum lacks, from bad input, stays its number)."""
+    return enum_name(events_pb2.EntityType, entity_type)

@@ -29,6 +29,8 @@ class ServiceProcess:
         self.raw: list[str] = []
         self.port = 0
         self.metrics_port = 0
+        # The sequencer's HTTP/JSON listener (0 for the ledger).
+        self.http_port = 0
         self.proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
 
@@ -66,6 +68,7 @@ class ServiceProcess:
             if entry.get("msg") == f"{self.name} listening":
                 self.port = int(entry["port"])
                 self.metrics_port = int(entry.get("metrics_port") or 0)
+                self.http_port = int(entry.get("http_port") or 0)
                 self._ready.set()
         self._ready.set()
 
@@ -129,6 +132,7 @@ def start_sequencer(database_url: str, ledger_port: int, *, keep: int | None = N
             "DATABASE_URL": database_url,
             "SEQUENCER_LISTEN_ADDR": "127.0.0.1:0",
             "SEQUENCER_METRICS_ADDR": "127.0.0.1:0",
+            "SEQUENCER_HTTP_ADDR": "127.0.0.1:0",
             "SEQUENCER_LEDGER_TARGET": f"127.0.0.1:{ledger_port}",
             "SEQUENCER_FORWARDER_POLL_INTERVAL": "0.2",
             **env,

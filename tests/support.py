@@ -83,6 +83,8 @@ def sequencer_test_settings(database_url: str) -> Any:
         database_url=database_url,
         listen_addr="127.0.0.1:0",
         metrics_addr="127.0.0.1:0",
+        # Never the default 127.0.0.1:8080: tests run side by side.
+        http_addr="127.0.0.1:0",
         ledger_target="127.0.0.1:1",
         forwarder_poll_interval=0.2,
         forwarder_retry_budget=1.0,
@@ -108,7 +110,13 @@ class System:
 
     @classmethod
     async def start(
-        cls, database_url: str, sequencer_settings: Any, *, lock_strategy: str = "advisory", **ledger: Any
+        cls,
+        database_url: str,
+        sequencer_settings: Any,
+        *,
+        lock_strategy: str = "advisory",
+        registry: Any = None,
+        **ledger: Any,
     ) -> System:
         from ledger.config import Settings as LedgerSettings
         from ledger.server import build_server as build_ledger
@@ -128,7 +136,7 @@ class System:
             ledger_target=f"127.0.0.1:{system.ledger_app.port}",
             lock_strategy=lock_strategy,
         )
-        await system.start_sequencer(settings)
+        await system.start_sequencer(settings, **({"registry": registry} if registry is not None else {}))
         system.ledger = ledger_pb2_grpc.LedgerServiceStub(system._channel(system.ledger_app.port))
         return system
 

@@ -4,7 +4,7 @@ Every ```sh block of the document is a `buf curl` command (over server reflectio
 default ports; this test substitutes the ports of a real ledger and sequencer started as
 subprocesses, runs the blocks in document order with bash, and checks their JSON answers. So the
 documented lines are the tested lines. Each block is followed by the same call in grpcurl syntax
-(not executed: grpcurl is not installed); the pairing is checked here too.
+(run with grpcurl 1.8.6 by tests/acceptance/test_docs_run.py); the pairing is checked here.
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@ that survives a restart."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +57,7 @@ class MakeUp:
             # the banner prints the bound ports.
             SEQUENCER_LISTEN_ADDR="127.0.0.1:0",
             SEQUENCER_METRICS_ADDR="127.0.0.1:0",
+            SEQUENCER_HTTP_ADDR="127.0.0.1:0",
             LEDGER_LISTEN_ADDR="127.0.0.1:0",
             LEDGER_METRICS_ADDR="127.0.0.1:0",
         )
@@ -151,6 +154,18 @@ def test_make_up_runs_everything_from_nothing(data_dir: Path) -> None:
                 .shipment
             )
             assert shipment.status == ledger_pb2.SHIPMENT_STATUS_CREATED and shipment.version == 1
+        # The operator line the banner prints runs as printed (the CLI from the project's venv).
+        printed = up.output[up.output.index("operate it (docs/cli.md):") + 1].strip()
+        assert printed == f"LOGISTICS_SEQUENCER_ADDR={sequencer_addr} .venv/bin/python -m ops gaps"
+        cli = subprocess.run(["bash", "-c", printed], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert (cli.returncode, cli.stdout) == (0, "(none)\n"), cli.stderr
+        # The HTTP/JSON listener is up too (SPEC 13), and its ledger read sees the same shipment.
+        http_addr = re.search(r"sequencer\s+http://(\S+)", "\n".join(up.output))
+        assert http_addr, "\n".join(up.output)
+        with urllib.request.urlopen(f"http://{http_addr.group(1)}/readyz", timeout=5) as answer:
+            assert json.loads(answer.read())["status"] == "ready"
+        with urllib.request.urlopen(f"http://{http_addr.group(1)}/v1/shipments/SHP-UP", timeout=5) as answer:
+            assert json.loads(answer.read())["shipment"]["status"] == "SHIPMENT_STATUS_CREATED"
         assert up.interrupt() in (0, 2, -signal.SIGINT)  # make dies of the SIGINT it passed on
         assert "stopped" in up.output
         assert not (data_dir / "postmaster.pid").exists(), "embedded PostgreSQL still running"
@@ -183,6 +198,7 @@ def test_a_failed_start_stops_everything_and_exits_non_zero(database_url: str) -
         "LEDGER_LISTEN_ADDR": "127.0.0.1:0",
         "LEDGER_METRICS_ADDR": "127.0.0.1:0",
         "SEQUENCER_METRICS_ADDR": "127.0.0.1:0",
+        "SEQUENCER_HTTP_ADDR": "127.0.0.1:0",
         "SEQUENCER_LISTEN_ADRR": "127.0.0.1:0",  # the typo
     }
     done = subprocess.run(
@@ -213,6 +229,7 @@ def test_a_ledger_on_tls_comes_up_and_takes_the_forwarded_events(database_url: s
         "LEDGER_TLS_KEY": certs.server.key,
         "SEQUENCER_LISTEN_ADDR": "127.0.0.1:0",
         "SEQUENCER_METRICS_ADDR": "127.0.0.1:0",
+        "SEQUENCER_HTTP_ADDR": "127.0.0.1:0",
         "SEQUENCER_LEDGER_TLS_CA": certs.ca,
         "SEQUENCER_LEDGER_TLS_SERVER_NAME": "localhost",
     }

@@ -267,8 +267,8 @@ async def test_metrics_count_outcomes_and_rpcs(
     await stub.ApplyEvent(receive("SKU-1", 1, "A", 1), timeout=TIMEOUT)
     assert registry.get_sample_value("ledger_outcomes_total", {"outcome": "APPLIED"}) == 1
     assert registry.get_sample_value("ledger_outcomes_total", {"outcome": "DUPLICATE"}) == 1
-    method = f"/{SERVICE}/ApplyEvent"
-    assert registry.get_sample_value("ledger_rpc_requests_total", {"method": method, "code": "OK"}) == 2
+    labels = {"grpc_type": "unary", "grpc_service": SERVICE, "grpc_method": "ApplyEvent"}
+    assert registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": "OK"}) == 2
 
 
 async def test_health_is_serving(channel: grpc.aio.Channel) -> None:

@@ -24,10 +24,10 @@ from logistics.ledger.v1 import ledger_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 from tests.support import SHIPMENT, System, shipment_event
 
-APPLIED = events_pb2.EVENT_STATE_APPLIED
-PARKED = events_pb2.EVENT_STATE_PARKED
-QUEUED = events_pb2.EVENT_STATE_QUEUED
-DUPLICATE = events_pb2.EVENT_STATE_DUPLICATE
+APPLIED = lc.EventState.APPLIED
+PARKED = lc.EventState.PARKED
+QUEUED = lc.EventState.QUEUED
+DUPLICATE = lc.EventState.DUPLICATE
 WAIT = 20.0
 
 SUBMIT_METHOD = "/logistics.sequencer.v1.SequencerService/SubmitEvent"
@@ -127,7 +127,7 @@ async def test_retry_after_a_lost_reply_executes_once_and_the_second_answer_is_a
         assert result.replayed is True
         assert lose.lost_reply is not None
         assert result.response.SerializeToString() == lose.lost_reply.SerializeToString()
-        assert result.response.state == QUEUED
+        assert result.state == QUEUED
         assert result.expires_at is not None
 
         # Exactly one event exists and was applied once.
@@ -139,7 +139,7 @@ async def test_retry_after_a_lost_reply_executes_once_and_the_second_answer_is_a
             (1, result.transaction_id)
         ]
         record = await client.get_idempotency_record(result.idempotency_key)
-        assert record.transaction_id == result.transaction_id and record.state == APPLIED
+        assert record.transaction_id == result.transaction_id and record.state == events_pb2.EVENT_STATE_APPLIED
         by_key = await client.get_status(idempotency_key=result.idempotency_key)
         assert by_key.transaction_id == result.transaction_id
 
@@ -276,7 +276,7 @@ async def test_skip_sequence_releases_successors_and_is_idempotent(sequencer: lc
     assert again == skipped  # the replay of the stored response
     assert skipped.status.sequence == 1 and skipped.status.idempotency_key == "skip-1"
     skip_final = await sequencer.wait(skipped.status.transaction_id, timeout=WAIT)
-    assert skip_final.state == events_pb2.EVENT_STATE_SKIPPED and skip_final.reason == "lost upstream"
+    assert skip_final.state == lc.EventState.SKIPPED and skip_final.reason == "lost upstream"
 
     final = await sequencer.wait(parked.transaction_id, timeout=WAIT)
     assert final.state == APPLIED and final.entity_version == 2

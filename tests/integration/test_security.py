@@ -310,7 +310,7 @@ def test_exposed_listener_needs_tls_and_credentials(tmp_path: Path) -> None:
 
 async def test_mutual_tls_from_the_python_client(secured: Secured) -> None:
     """The hand-written client with a client certificate: identity from the certificate."""
-    from logistics.client import PermissionDeniedError, SequencerClient
+    from logistics.client import EventState, PermissionDeniedError, SequencerClient
 
     pair = secured.certs.clients["wms-mtls"]
     credentials = grpc.ssl_channel_credentials(
@@ -321,7 +321,7 @@ async def test_mutual_tls_from_the_python_client(secured: Secured) -> None:
     async with SequencerClient(f"localhost:{secured.mtls_port}", credentials=credentials) as client:
         result = await client.submit(shipment_event("SEC-6", 1, "shipment_created"), idempotency_key="mtls-6")
         status = await client.wait(result.transaction_id, timeout=20)
-        assert status.state == events_pb2.EVENT_STATE_APPLIED
+        assert status.state == EventState.APPLIED
         record = await client.get_idempotency_record("mtls-6")
         assert record.caller_id == "wms-mtls"
         with pytest.raises(PermissionDeniedError):

@@ -49,6 +49,12 @@ LANDED = {
     "sequencer/migrations/versions/c3b8e1f0a6d2_outbox.py": (
         "df1f29ddb92b6300d58ecf72b5e94e00390f29a12fdf15de60864456b867fe89"
     ),
+    "sequencer/migrations/versions/c8e4b1f2a6d3_rejections_index.py": (
+        "49b22d47f164873995d1d953bd38ba6ac78ed53c5dcc2edd728642bd9112c55e"
+    ),
+    "sequencer/migrations/versions/c7e4a9d2b6f1_event_traceparent.py": (
+        "f91e11396328927fdf31ea4c9e0a8f5ba4bd7b3b733e42cbca19f0f1d29ed9e3"
+    ),
     "sequencer/sql/lock_submissions_v2.sql": "3f8198512585c37e0b9775e685c25869f11b3a74f7062887d2e22b3e250f6b49",
     "sequencer/sql/lock_submissions_v3.sql": "8efaddd0b8ae4c9869a16e685c8ed198b73d548832eebb8edf7105d8de22371b",
     "sequencer/sql/outbox_enqueue_v1.sql": "8f5cd40ce07b1b2f09f8dba75e298c69450bf3467cdbc6714c6fb15b92abd798",

@@ -304,7 +304,7 @@ def test_wait_reopens_a_broken_stream_until_terminal(channel: Any, client: lc.Sy
     rpc.send_response(status(events_pb2.EVENT_STATE_APPLIED))
 
     final = future.result(RESULT_WAIT)
-    assert final.state == events_pb2.EVENT_STATE_APPLIED and final.transaction_id == "tx-1"
+    assert final.state == lc.EventState.APPLIED and final.transaction_id == "tx-1"
     rpc.cancelled()  # the client hung up once it had the terminal status
 
 
@@ -442,12 +442,12 @@ def test_submit_many_returns_one_outcome_per_item_in_input_order(channel: Any, c
     assert isinstance(first, lc.SubmitResult) and isinstance(parked, lc.SubmitResult)
     assert (first.transaction_id, first.state, first.replayed, first.attempts) == (
         "tx-1",
-        events_pb2.EVENT_STATE_QUEUED,
+        lc.EventState.QUEUED,
         False,
         1,
     )
     assert first.idempotency_key == keys[0] and first.correlation_id == "corr-batch"
-    assert (parked.transaction_id, parked.state, parked.replayed) == ("tx-3", events_pb2.EVENT_STATE_PARKED, True)
+    assert (parked.transaction_id, parked.state, parked.replayed) == ("tx-3", lc.EventState.PARKED, True)
     assert parked.idempotency_key == keys[2]
 
     assert type(invalid) is lc.InvalidEventError

@@ -6,14 +6,11 @@ new error class without a table entry (which would answer INTERNAL) fails this t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from prometheus_client import CollectorRegistry
 
 import common.errors
 from common.auth import Authenticator
@@ -21,16 +18,13 @@ from common.errors import DomainError
 from common.interceptors import ServiceInterceptor, status_for
 from ledger import errors as ledger_errors
 from ledger import interceptors as ledger_interceptors
-from ledger.metrics import LedgerMetrics
 from sequencer import errors as sequencer_errors
 from sequencer import interceptors as sequencer_interceptors
-from sequencer.metrics import SequencerMetrics
 
 SERVICES: dict[str, tuple[ModuleType, ModuleType]] = {
     "sequencer": (sequencer_errors, sequencer_interceptors),
     "ledger": (ledger_errors, ledger_interceptors),
 }
-METRICS: dict[str, Callable[[CollectorRegistry], Any]] = {"sequencer": SequencerMetrics, "ledger": LedgerMetrics}
 
 # Families whose code follows from the base class, whatever the service.
 FAMILIES: dict[type[DomainError], grpc.StatusCode] = {
@@ -51,6 +45,7 @@ NAMED: dict[str, grpc.StatusCode] = {
     "NotAGap": grpc.StatusCode.FAILED_PRECONDITION,
     "ParkedLimitReached": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "TooManyWatchers": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "RequestTooLarge": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "CallerOverloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "BacklogFull": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "Overloaded": grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -80,10 +75,9 @@ def error_classes(module: ModuleType) -> list[type[DomainError]]:
 
 def interceptor(service: str) -> ServiceInterceptor:
     """The interceptor exactly as the service's server builds it (server.py: build_interceptor
-    over the service's metrics and an authenticator)."""
+    over an authenticator and the message limit)."""
     _, module = SERVICES[service]
-    metrics = METRICS[service](CollectorRegistry())
-    built = module.build_interceptor(metrics.rpc, Authenticator.from_file(""))
+    built = module.build_interceptor(Authenticator.from_file(""), max_message_bytes=1024 * 1024)
     assert isinstance(built, ServiceInterceptor)
     return built
 

@@ -20,6 +20,7 @@ class Row(NamedTuple):
     event: bytes
     correlation_id: str
     skip_reason: str | None
+    traceparent: str | None = None
 
 
 def rows(entity_id: str, watermark: int, held: list[tuple[int, int]]) -> list[Any]:

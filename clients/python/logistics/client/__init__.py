@@ -22,6 +22,7 @@ from logistics.client._common import (
     service_config_json,
 )
 from logistics.client.aio import LedgerClient, SequencerClient, create_channel
+from logistics.client.config import ClientConfig, ClientConfigError
 from logistics.client.errors import (
     AccessError,
     BacklogFullError,
@@ -56,6 +57,7 @@ from logistics.client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from logistics.client.results import EntityKey, EntityType, EventState, Status
 from logistics.client.sync import SyncSequencerClient
 
 __all__ = [
@@ -64,10 +66,15 @@ __all__ = [
     "AccessError",
     "BacklogFullError",
     "CallerOverloadedError",
+    "ClientConfig",
+    "ClientConfigError",
     "ConflictError",
     "DeadlineExceededError",
+    "EntityKey",
     "EntityNotFoundError",
+    "EntityType",
     "EventNotFoundError",
+    "EventState",
     "IdempotencyKeyInvalidError",
     "IdempotencyKeyMissingError",
     "IdempotencyKeyReusedError",
@@ -92,6 +99,7 @@ __all__ = [
     "SequenceConflictError",
     "SequencerClient",
     "ShipmentNotFoundError",
+    "Status",
     "SubmitOutcome",
     "SubmitResult",
     "SyncSequencerClient",

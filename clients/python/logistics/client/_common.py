@@ -24,7 +24,7 @@ import tenacity
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from logistics.client import errors
+from logistics.client import errors, results
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2
 
@@ -57,7 +57,8 @@ OVERLOAD_REASONS = frozenset({"CALLER_OVERLOADED", "BACKLOG_FULL"})
 DEFAULT_OVERLOAD_DELAY = 1.0
 
 Metadata = tuple[tuple[str, str], ...]
-EntityLike = events_pb2.EntityRef | tuple["events_pb2.EntityType.ValueType", str]
+#: An entity: an EntityRef, an `EntityKey`, or a `(entity type number, entity id)` tuple.
+EntityLike = events_pb2.EntityRef | tuple[int, str]
 
 
 # Service config (channel-level retries), shipped beside this module.
@@ -288,7 +289,7 @@ def entity_ref(entity: EntityLike) -> events_pb2.EntityRef:
     if isinstance(entity, events_pb2.EntityRef):
         return entity
     entity_type, entity_id = entity
-    return events_pb2.EntityRef(entity_type=entity_type, entity_id=entity_id)
+    return events_pb2.EntityRef(entity_type=events_pb2.EntityType.ValueType(entity_type), entity_id=entity_id)
 
 
 # Requests and results.
@@ -345,8 +346,9 @@ class SubmitResult:
         return self.response.transaction_id
 
     @property
-    def state(self) -> events_pb2.EventState.ValueType:
-        return self.response.state
+    def state(self) -> results.EventState:
+        """The state as an IntEnum member: equal to the wire number, printed by name."""
+        return results.event_state(self.response.state)
 
     @property
     def terminal(self) -> bool:

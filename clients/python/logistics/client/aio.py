@@ -24,6 +24,8 @@ from logistics.client._common import (
     SubmitOutcome,
     SubmitResult,
 )
+from logistics.client.config import ClientConfig
+from logistics.client.results import Status
 from logistics.events.v1 import events_pb2
 from logistics.ledger.v1 import ledger_pb2, ledger_pb2_grpc
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
@@ -76,6 +78,7 @@ class _Client(_common.CallerIdentity):
         retry: RetryPolicy | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        options: Iterable[tuple[str, Any]] = (),
         max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
     ) -> None:
         if (target is None) == (channel is None):
@@ -88,12 +91,22 @@ class _Client(_common.CallerIdentity):
         self._owns_channel = channel is None
         if channel is None:
             assert target is not None
-            channel = create_channel(target, credentials=credentials, interceptors=interceptors)
+            channel = create_channel(target, credentials=credentials, interceptors=interceptors, options=options)
         self.channel = channel
         self.client_id = client_id
         self.token = token
         self.retry = retry or RetryPolicy.from_service_config()
         self._bind()
+
+    #: Which address of a ClientConfig this client talks to.
+    _service = "sequencer"
+
+    @classmethod
+    def from_env(cls, config: ClientConfig | None = None, **overrides: Any) -> Self:
+        """A client configured by the LOGISTICS_* environment (address, token, TLS): see
+        `logistics.client.config`."""
+        config = config or ClientConfig.from_env()
+        return cls(getattr(config, cls._service), **{**config.client_kwargs(), **overrides})
 
     def _bind(self) -> None:
         """Creates the service stubs on the channel (each client its own)."""
@@ -241,12 +254,12 @@ class SequencerClient(_Client):
         transaction_id: str | None = None,
         idempotency_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-    ) -> sequencer_pb2.EventStatus:
+    ) -> Status:
         request = _common.status_request(transaction_id, idempotency_key)
         reply, _, _ = await self._unary(self._sequencer.GetEventStatus, request, timeout=timeout)
-        return reply.status
+        return Status.of(reply.status)
 
-    async def wait(self, transaction_id: str, timeout: float = 30.0) -> sequencer_pb2.EventStatus:
+    async def wait(self, transaction_id: str, timeout: float = 30.0) -> Status:
         """The event's status once terminal (APPLIED, REJECTED, SKIPPED).
 
         Follows WatchEventStatus (pushed, no polling); a broken stream is re-opened, and the
@@ -263,7 +276,7 @@ class SequencerClient(_Client):
                 async for reply in call:
                     last = reply.status
                     if last.state in TERMINAL_STATES:
-                        return last
+                        return Status.of(last)
             except grpc.aio.AioRpcError as exc:
                 if not _common.reopen_after(self.retry, exc):
                     break
@@ -279,7 +292,7 @@ class SequencerClient(_Client):
         transaction_id: str | None = None,
         entity: EntityLike | None = None,
         timeout: float = DEFAULT_WATCH_TIMEOUT,
-    ) -> AsyncIterator[sequencer_pb2.EventStatus]:
+    ) -> AsyncIterator[Status]:
         """Status changes of one transaction (ending after a terminal state) or of one entity.
 
         An entity watch never ends by itself: it raises DeadlineExceededError at `timeout`.
@@ -289,7 +302,7 @@ class SequencerClient(_Client):
         call = self._sequencer.WatchEventStatus(request, timeout=timeout, metadata=self._metadata())
         try:
             async for reply in call:
-                yield reply.status
+                yield Status.of(reply.status)
         except grpc.aio.AioRpcError as exc:
             raise _common.map_error(exc) from exc
         finally:
@@ -333,6 +346,78 @@ class SequencerClient(_Client):
         )
         return reply
 
+    def list_blocked_events(self, *, page_size: int = 0, timeout: float = DEFAULT_TIMEOUT) -> AsyncIterator[Status]:
+        """Every BLOCKED event, oldest first, across all pages (SPEC 11)."""
+        request = sequencer_pb2.ListBlockedEventsRequest(page_size=page_size)
+        return self._pages(
+            self._admin.ListBlockedEvents, request, lambda r: [Status.of(s) for s in r.blocked_events], timeout
+        )
+
+    async def retry_blocked_event(
+        self,
+        entity: EntityLike,
+        sequence: int,
+        reason: str,
+        idempotency_key: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Status:
+        """Sends a BLOCKED event to the ledger again (QUEUED; audited); keyed like submit."""
+        key = idempotency_key if idempotency_key is not None else _common.new_idempotency_key()
+        request = sequencer_pb2.RetryBlockedEventRequest(
+            entity=_common.entity_ref(entity), sequence=sequence, reason=reason
+        )
+        reply, _, _ = await self._unary(
+            self._admin.RetryBlockedEvent, request, timeout=timeout, metadata=self._metadata(key)
+        )
+        return Status.of(reply.status)
+
+    def list_webhook_subscriptions(
+        self, *, page_size: int = 0, timeout: float = DEFAULT_TIMEOUT
+    ) -> AsyncIterator[sequencer_pb2.WebhookSubscription]:
+        request = sequencer_pb2.ListWebhookSubscriptionsRequest(page_size=page_size)
+        return self._pages(self._admin.ListWebhookSubscriptions, request, lambda r: r.subscriptions, timeout)
+
+    async def create_webhook_subscription(
+        self,
+        url: str,
+        *,
+        states: Iterable[int] = (),
+        entity_type: int = 0,
+        description: str = "",
+        idempotency_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> sequencer_pb2.WebhookSubscription:
+        """A new subscription; its `secret` is in this answer only. Keyed like submit."""
+        key = idempotency_key if idempotency_key is not None else _common.new_idempotency_key()
+        request = sequencer_pb2.CreateWebhookSubscriptionRequest(
+            url=url,
+            states=[events_pb2.EventState.ValueType(s) for s in states],
+            entity_type=events_pb2.EntityType.ValueType(entity_type),
+            description=description,
+        )
+        reply, _, _ = await self._unary(
+            self._admin.CreateWebhookSubscription, request, timeout=timeout, metadata=self._metadata(key)
+        )
+        return reply.subscription
+
+    async def delete_webhook_subscription(self, subscription_id: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        request = sequencer_pb2.DeleteWebhookSubscriptionRequest(id=subscription_id)
+        await self._unary(self._admin.DeleteWebhookSubscription, request, timeout=timeout)
+
+    def list_webhook_deliveries(
+        self, subscription_id: str, *, page_size: int = 0, timeout: float = DEFAULT_TIMEOUT
+    ) -> AsyncIterator[sequencer_pb2.WebhookDelivery]:
+        request = sequencer_pb2.ListWebhookDeliveriesRequest(subscription_id=subscription_id, page_size=page_size)
+        return self._pages(self._admin.ListWebhookDeliveries, request, lambda r: r.deliveries, timeout)
+
+    async def redeliver_webhook(
+        self, delivery_id: str, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> sequencer_pb2.WebhookDelivery:
+        request = sequencer_pb2.RedeliverWebhookRequest(delivery_id=delivery_id)
+        reply, _, _ = await self._unary(self._admin.RedeliverWebhook, request, timeout=timeout)
+        return reply.delivery
+
     async def get_idempotency_record(
         self, idempotency_key: str, *, caller_id: str = "", timeout: float = DEFAULT_TIMEOUT
     ) -> sequencer_pb2.IdempotencyRecord:
@@ -344,6 +429,8 @@ class SequencerClient(_Client):
 
 class LedgerClient(_Client):
     """LedgerService reads: shipments, inventory items and entity histories."""
+
+    _service = "ledger"
 
     def _bind(self) -> None:
         self._ledger = ledger_pb2_grpc.LedgerServiceStub(self.channel)

@@ -27,6 +27,8 @@ from logistics.client._common import (
     SubmitOutcome,
     SubmitResult,
 )
+from logistics.client.config import ClientConfig
+from logistics.client.results import Status
 from logistics.events.v1 import events_pb2
 from logistics.sequencer.v1 import sequencer_pb2, sequencer_pb2_grpc
 
@@ -62,6 +64,7 @@ class SyncSequencerClient(_common.CallerIdentity):
         token: str | None = None,
         retry: RetryPolicy | None = None,
         credentials: grpc.ChannelCredentials | None = None,
+        options: Iterable[tuple[str, Any]] = (),
         max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS,
     ) -> None:
         if (target is None) == (channel is None):
@@ -73,12 +76,18 @@ class SyncSequencerClient(_common.CallerIdentity):
         self._owns_channel = channel is None
         if channel is None:
             assert target is not None
-            channel = create_channel(target, credentials=credentials)
+            channel = create_channel(target, credentials=credentials, options=options)
         self.channel = channel
         self.client_id = client_id
         self.token = token
         self.retry = retry or RetryPolicy.from_service_config()
         self._sequencer = sequencer_pb2_grpc.SequencerServiceStub(channel)
+
+    @classmethod
+    def from_env(cls, config: ClientConfig | None = None, **overrides: Any) -> SyncSequencerClient:
+        """A client configured by the LOGISTICS_* environment (see `logistics.client.config`)."""
+        config = config or ClientConfig.from_env()
+        return cls(config.sequencer, **{**config.client_kwargs(), **overrides})
 
     def close(self) -> None:
         """Closes the channel if this client created it (a passed-in channel stays open)."""
@@ -186,12 +195,12 @@ class SyncSequencerClient(_common.CallerIdentity):
         transaction_id: str | None = None,
         idempotency_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
-    ) -> sequencer_pb2.EventStatus:
+    ) -> Status:
         request = _common.status_request(transaction_id, idempotency_key)
         reply, _, _ = self._unary(self._sequencer.GetEventStatus, request, timeout=timeout)
-        return reply.status
+        return Status.of(reply.status)
 
-    def wait(self, transaction_id: str, timeout: float = 30.0) -> sequencer_pb2.EventStatus:
+    def wait(self, transaction_id: str, timeout: float = 30.0) -> Status:
         """The event's status once terminal; re-opens a broken WatchEventStatus stream.
 
         Raises DeadlineExceededError when the event is not terminal within `timeout`.
@@ -206,7 +215,7 @@ class SyncSequencerClient(_common.CallerIdentity):
                 for reply in call:
                     last = reply.status
                     if last.state in TERMINAL_STATES:
-                        return last
+                        return Status.of(last)
             except grpc.RpcError as exc:
                 if not _common.reopen_after(self.retry, exc):
                     break

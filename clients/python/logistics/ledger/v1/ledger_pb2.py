@@ -22,51 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from logistics.events.v1 import events_pb2 as logistics_dot_events_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n logistics/ledger/v1/ledger.proto\x12\x13logistics.ledger.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a logistics/events/v1/events.proto\"\x83\x01\n\x11\x41pplyEventRequest\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.logistics.events.v1.Event\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\t\x12\x16\n\x0etransaction_id\x18\x03 \x01(\t\x12\x13\n\x0bskip_reason\x18\x04 \x01(\t\"N\n\x12\x41pplyEventsRequest\x12\x38\n\x08requests\x18\x01 \x03(\x0b\x32&.logistics.ledger.v1.ApplyEventRequest\"Q\n\x13\x41pplyEventsResponse\x12:\n\tresponses\x18\x01 \x03(\x0b\x32\'.logistics.ledger.v1.ApplyEventResponse\"\xef\x01\n\x12\x41pplyEventResponse\x12\x32\n\x07outcome\x18\x01 \x01(\x0e\x32!.logistics.ledger.v1.ApplyOutcome\x12;\n\x10original_outcome\x18\x02 \x01(\x0e\x32!.logistics.ledger.v1.ApplyOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rreason_detail\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x30\n\x0cprocessed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x03\n\x08Shipment\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\x12\x33\n\x06status\x18\x02 \x01(\x0e\x32#.logistics.ledger.v1.ShipmentStatus\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x10\n\x08order_id\x18\x04 \x01(\t\x12\x0e\n\x06origin\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x06 \x01(\t\x12\x14\n\x0cwarehouse_id\x18\x07 \x01(\t\x12\x15\n\rpackage_count\x18\x08 \x01(\r\x12\x12\n\nvehicle_id\x18\t \x01(\t\x12\x0f\n\x07\x63\x61rrier\x18\n \x01(\t\x12\x17\n\x0ftracking_number\x18\x0b \x01(\t\x12\x30\n\x0c\x64\x65livered_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0breceived_by\x18\r \x01(\t\x12\x15\n\rcancel_reason\x18\x0e \x01(\t\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x12GetShipmentRequest\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\"F\n\x13GetShipmentResponse\x12/\n\x08shipment\x18\x01 \x01(\x0b\x32\x1d.logistics.ledger.v1.Shipment\"Y\n\x0fLocationBalance\x12\x10\n\x08location\x18\x01 \x01(\t\x12\x0f\n\x07on_hand\x18\x02 \x01(\x03\x12\x10\n\x08reserved\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\"I\n\x0bReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\"\xcd\x01\n\rInventoryItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x36\n\x08\x62\x61lances\x18\x02 \x03(\x0b\x32$.logistics.ledger.v1.LocationBalance\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x36\n\x0creservations\x18\x04 \x03(\x0b\x32 .logistics.ledger.v1.Reservation\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x17GetInventoryItemRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\"L\n\x18GetInventoryItemResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".logistics.ledger.v1.InventoryItem\"\xac\x02\n\x0cHistoryEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x32\n\x07outcome\x18\x03 \x01(\x0e\x32!.logistics.ledger.v1.ApplyOutcome\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\rreason_detail\x18\x05 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\t\x12\x16\n\x0etransaction_id\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12/\n\x0boccurred_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cprocessed_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\x18ListEntityHistoryRequest\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"h\n\x19ListEntityHistoryResponse\x12\x32\n\x07\x65ntries\x18\x01 \x03(\x0b\x32!.logistics.ledger.v1.HistoryEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9c\x01\n\x0c\x41pplyOutcome\x12\x1d\n\x19\x41PPLY_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41PPLY_OUTCOME_APPLIED\x10\x01\x12\x1a\n\x16\x41PPLY_OUTCOME_REJECTED\x10\x02\x12\x1b\n\x17\x41PPLY_OUTCOME_DUPLICATE\x10\x03\x12\x19\n\x15\x41PPLY_OUTCOME_SKIPPED\x10\x04*\xfd\x01\n\x0eShipmentStatus\x12\x1f\n\x1bSHIPMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17SHIPMENT_STATUS_CREATED\x10\x01\x12\x1a\n\x16SHIPMENT_STATUS_PICKED\x10\x02\x12\x1a\n\x16SHIPMENT_STATUS_PACKED\x10\x03\x12\x1a\n\x16SHIPMENT_STATUS_LOADED\x10\x04\x12\x1b\n\x17SHIPMENT_STATUS_SHIPPED\x10\x05\x12\x1d\n\x19SHIPMENT_STATUS_DELIVERED\x10\x06\x12\x1d\n\x19SHIPMENT_STATUS_CANCELLED\x10\x07\x32\x97\x04\n\rLedgerService\x12]\n\nApplyEvent\x12&.logistics.ledger.v1.ApplyEventRequest\x1a\'.logistics.ledger.v1.ApplyEventResponse\x12`\n\x0b\x41pplyEvents\x12\'.logistics.ledger.v1.ApplyEventsRequest\x1a(.logistics.ledger.v1.ApplyEventsResponse\x12`\n\x0bGetShipment\x12\'.logistics.ledger.v1.GetShipmentRequest\x1a(.logistics.ledger.v1.GetShipmentResponse\x12o\n\x10GetInventoryItem\x12,.logistics.ledger.v1.GetInventoryItemRequest\x1a-.logistics.ledger.v1.GetInventoryItemResponse\x12r\n\x11ListEntityHistory\x12-.logistics.ledger.v1.ListEntityHistoryRequest\x1a..logistics.ledger.v1.ListEntityHistoryResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n logistics/ledger/v1/ledger.proto\x12\x13logistics.ledger.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a logistics/events/v1/events.proto\"\x98\x01\n\x11\x41pplyEventRequest\x12)\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1a.logistics.events.v1.Event\x12\x16\n\x0e\x63orrelation_id\x18\x02 \x01(\t\x12\x16\n\x0etransaction_id\x18\x03 \x01(\t\x12\x13\n\x0bskip_reason\x18\x04 \x01(\t\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\"N\n\x12\x41pplyEventsRequest\x12\x38\n\x08requests\x18\x01 \x03(\x0b\x32&.logistics.ledger.v1.ApplyEventRequest\"Q\n\x13\x41pplyEventsResponse\x12:\n\tresponses\x18\x01 \x03(\x0b\x32\'.logistics.ledger.v1.ApplyEventResponse\"\xef\x01\n\x12\x41pplyEventResponse\x12\x32\n\x07outcome\x18\x01 \x01(\x0e\x32!.logistics.ledger.v1.ApplyOutcome\x12;\n\x10original_outcome\x18\x02 \x01(\x0e\x32!.logistics.ledger.v1.ApplyOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rreason_detail\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x04\x12\x30\n\x0cprocessed_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x03\n\x08Shipment\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\x12\x33\n\x06status\x18\x02 \x01(\x0e\x32#.logistics.ledger.v1.ShipmentStatus\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x10\n\x08order_id\x18\x04 \x01(\t\x12\x0e\n\x06origin\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x06 \x01(\t\x12\x14\n\x0cwarehouse_id\x18\x07 \x01(\t\x12\x15\n\rpackage_count\x18\x08 \x01(\r\x12\x12\n\nvehicle_id\x18\t \x01(\t\x12\x0f\n\x07\x63\x61rrier\x18\n \x01(\t\x12\x17\n\x0ftracking_number\x18\x0b \x01(\t\x12\x30\n\x0c\x64\x65livered_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0breceived_by\x18\r \x01(\t\x12\x15\n\rcancel_reason\x18\x0e \x01(\t\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x12GetShipmentRequest\x12\x13\n\x0bshipment_id\x18\x01 \x01(\t\"F\n\x13GetShipmentResponse\x12/\n\x08shipment\x18\x01 \x01(\x0b\x32\x1d.logistics.ledger.v1.Shipment\"Y\n\x0fLocationBalance\x12\x10\n\x08location\x18\x01 \x01(\t\x12\x0f\n\x07on_hand\x18\x02 \x01(\x03\x12\x10\n\x08reserved\x18\x03 \x01(\x03\x12\x11\n\tavailable\x18\x04 \x01(\x03\"I\n\x0bReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\"\xcd\x01\n\rInventoryItem\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x36\n\x08\x62\x61lances\x18\x02 \x03(\x0b\x32$.logistics.ledger.v1.LocationBalance\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x36\n\x0creservations\x18\x04 \x03(\x0b\x32 .logistics.ledger.v1.Reservation\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"8\n\x17GetInventoryItemRequest\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\"L\n\x18GetInventoryItemResponse\x12\x30\n\x04item\x18\x01 \x01(\x0b\x32\".logistics.ledger.v1.InventoryItem\"\xac\x02\n\x0cHistoryEntry\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x32\n\x07outcome\x18\x03 \x01(\x0e\x32!.logistics.ledger.v1.ApplyOutcome\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x15\n\rreason_detail\x18\x05 \x01(\t\x12\x16\n\x0e\x63orrelation_id\x18\x06 \x01(\t\x12\x16\n\x0etransaction_id\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12/\n\x0boccurred_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cprocessed_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\x18ListEntityHistoryRequest\x12.\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1e.logistics.events.v1.EntityRef\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"h\n\x19ListEntityHistoryResponse\x12\x32\n\x07\x65ntries\x18\x01 \x03(\x0b\x32!.logistics.ledger.v1.HistoryEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x9c\x01\n\x0c\x41pplyOutcome\x12\x1d\n\x19\x41PPLY_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41PPLY_OUTCOME_APPLIED\x10\x01\x12\x1a\n\x16\x41PPLY_OUTCOME_REJECTED\x10\x02\x12\x1b\n\x17\x41PPLY_OUTCOME_DUPLICATE\x10\x03\x12\x19\n\x15\x41PPLY_OUTCOME_SKIPPED\x10\x04*\xfd\x01\n\x0eShipmentStatus\x12\x1f\n\x1bSHIPMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17SHIPMENT_STATUS_CREATED\x10\x01\x12\x1a\n\x16SHIPMENT_STATUS_PICKED\x10\x02\x12\x1a\n\x16SHIPMENT_STATUS_PACKED\x10\x03\x12\x1a\n\x16SHIPMENT_STATUS_LOADED\x10\x04\x12\x1b\n\x17SHIPMENT_STATUS_SHIPPED\x10\x05\x12\x1d\n\x19SHIPMENT_STATUS_DELIVERED\x10\x06\x12\x1d\n\x19SHIPMENT_STATUS_CANCELLED\x10\x07\x32\xa8\x05\n\rLedgerService\x12]\n\nApplyEvent\x12&.logistics.ledger.v1.ApplyEventRequest\x1a\'.logistics.ledger.v1.ApplyEventResponse\x12`\n\x0b\x41pplyEvents\x12\'.logistics.ledger.v1.ApplyEventsRequest\x1a(.logistics.ledger.v1.ApplyEventsResponse\x12\x85\x01\n\x0bGetShipment\x12\'.logistics.ledger.v1.GetShipmentRequest\x1a(.logistics.ledger.v1.GetShipmentResponse\"#\x82\xd3\xe4\x93\x02\x1d\x12\x1b/v1/shipments/{shipment_id}\x12\x92\x01\n\x10GetInventoryItem\x12,.logistics.ledger.v1.GetInventoryItemRequest\x1a-.logistics.ledger.v1.GetInventoryItemResponse\"!\x82\xd3\xe4\x93\x02\x1b\x12\x19/v1/inventory-items/{sku}\x12\xb8\x01\n\x11ListEntityHistory\x12-.logistics.ledger.v1.ListEntityHistoryRequest\x1a..logistics.ledger.v1.ListEntityHistoryResponse\"D\x82\xd3\xe4\x93\x02>\x12</v1/entities/{entity.entity_type}/{entity.entity_id}/historyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'logistics.ledger.v1.ledger_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APPLYOUTCOME']._serialized_start=2269
-  _globals['_APPLYOUTCOME']._serialized_end=2425
-  _globals['_SHIPMENTSTATUS']._serialized_start=2428
-  _globals['_SHIPMENTSTATUS']._serialized_end=2681
-  _globals['_APPLYEVENTREQUEST']._serialized_start=125
-  _globals['_APPLYEVENTREQUEST']._serialized_end=256
-  _globals['_APPLYEVENTSREQUEST']._serialized_start=258
-  _globals['_APPLYEVENTSREQUEST']._serialized_end=336
-  _globals['_APPLYEVENTSRESPONSE']._serialized_start=338
-  _globals['_APPLYEVENTSRESPONSE']._serialized_end=419
-  _globals['_APPLYEVENTRESPONSE']._serialized_start=422
-  _globals['_APPLYEVENTRESPONSE']._serialized_end=661
-  _globals['_SHIPMENT']._serialized_start=664
-  _globals['_SHIPMENT']._serialized_end=1117
-  _globals['_GETSHIPMENTREQUEST']._serialized_start=1119
-  _globals['_GETSHIPMENTREQUEST']._serialized_end=1160
-  _globals['_GETSHIPMENTRESPONSE']._serialized_start=1162
-  _globals['_GETSHIPMENTRESPONSE']._serialized_end=1232
-  _globals['_LOCATIONBALANCE']._serialized_start=1234
-  _globals['_LOCATIONBALANCE']._serialized_end=1323
-  _globals['_RESERVATION']._serialized_start=1325
-  _globals['_RESERVATION']._serialized_end=1398
-  _globals['_INVENTORYITEM']._serialized_start=1401
-  _globals['_INVENTORYITEM']._serialized_end=1606
-  _globals['_GETINVENTORYITEMREQUEST']._serialized_start=1608
-  _globals['_GETINVENTORYITEMREQUEST']._serialized_end=1664
-  _globals['_GETINVENTORYITEMRESPONSE']._serialized_start=1666
-  _globals['_GETINVENTORYITEMRESPONSE']._serialized_end=1742
-  _globals['_HISTORYENTRY']._serialized_start=1745
-  _globals['_HISTORYENTRY']._serialized_end=2045
-  _globals['_LISTENTITYHISTORYREQUEST']._serialized_start=2047
-  _globals['_LISTENTITYHISTORYREQUEST']._serialized_end=2160
-  _globals['_LISTENTITYHISTORYRESPONSE']._serialized_start=2162
-  _globals['_LISTENTITYHISTORYRESPONSE']._serialized_end=2266
-  _globals['_LEDGERSERVICE']._serialized_start=2684
-  _globals['_LEDGERSERVICE']._serialized_end=3219
+  _globals['_LEDGERSERVICE'].methods_by_name['GetShipment']._loaded_options = None
+  _globals['_LEDGERSERVICE'].methods_by_name['GetShipment']._serialized_options = b'\202\323\344\223\002\035\022\033/v1/shipments/{shipment_id}'
+  _globals['_LEDGERSERVICE'].methods_by_name['GetInventoryItem']._loaded_options = None
+  _globals['_LEDGERSERVICE'].methods_by_name['GetInventoryItem']._serialized_options = b'\202\323\344\223\002\033\022\031/v1/inventory-items/{sku}'
+  _globals['_LEDGERSERVICE'].methods_by_name['ListEntityHistory']._loaded_options = None
+  _globals['_LEDGERSERVICE'].methods_by_name['ListEntityHistory']._serialized_options = b'\202\323\344\223\002>\022</v1/entities/{entity.entity_type}/{entity.entity_id}/history'
+  _globals['_APPLYOUTCOME']._serialized_start=2320
+  _globals['_APPLYOUTCOME']._serialized_end=2476
+  _globals['_SHIPMENTSTATUS']._serialized_start=2479
+  _globals['_SHIPMENTSTATUS']._serialized_end=2732
+  _globals['_APPLYEVENTREQUEST']._serialized_start=155
+  _globals['_APPLYEVENTREQUEST']._serialized_end=307
+  _globals['_APPLYEVENTSREQUEST']._serialized_start=309
+  _globals['_APPLYEVENTSREQUEST']._serialized_end=387
+  _globals['_APPLYEVENTSRESPONSE']._serialized_start=389
+  _globals['_APPLYEVENTSRESPONSE']._serialized_end=470
+  _globals['_APPLYEVENTRESPONSE']._serialized_start=473
+  _globals['_APPLYEVENTRESPONSE']._serialized_end=712
+  _globals['_SHIPMENT']._serialized_start=715
+  _globals['_SHIPMENT']._serialized_end=1168
+  _globals['_GETSHIPMENTREQUEST']._serialized_start=1170
+  _globals['_GETSHIPMENTREQUEST']._serialized_end=1211
+  _globals['_GETSHIPMENTRESPONSE']._serialized_start=1213
+  _globals['_GETSHIPMENTRESPONSE']._serialized_end=1283
+  _globals['_LOCATIONBALANCE']._serialized_start=1285
+  _globals['_LOCATIONBALANCE']._serialized_end=1374
+  _globals['_RESERVATION']._serialized_start=1376
+  _globals['_RESERVATION']._serialized_end=1449
+  _globals['_INVENTORYITEM']._serialized_start=1452
+  _globals['_INVENTORYITEM']._serialized_end=1657
+  _globals['_GETINVENTORYITEMREQUEST']._serialized_start=1659
+  _globals['_GETINVENTORYITEMREQUEST']._serialized_end=1715
+  _globals['_GETINVENTORYITEMRESPONSE']._serialized_start=1717
+  _globals['_GETINVENTORYITEMRESPONSE']._serialized_end=1793
+  _globals['_HISTORYENTRY']._serialized_start=1796
+  _globals['_HISTORYENTRY']._serialized_end=2096
+  _globals['_LISTENTITYHISTORYREQUEST']._serialized_start=2098
+  _globals['_LISTENTITYHISTORYREQUEST']._serialized_end=2211
+  _globals['_LISTENTITYHISTORYRESPONSE']._serialized_start=2213
+  _globals['_LISTENTITYHISTORYRESPONSE']._serialized_end=2317
+  _globals['_LEDGERSERVICE']._serialized_start=2735
+  _globals['_LEDGERSERVICE']._serialized_end=3415
 # @@protoc_insertion_point(module_scope)

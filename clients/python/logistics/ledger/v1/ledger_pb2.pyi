@@ -81,12 +81,18 @@ class ApplyEventRequest(_message.Message):
     CORRELATION_ID_FIELD_NUMBER: _builtins.int
     TRANSACTION_ID_FIELD_NUMBER: _builtins.int
     SKIP_REASON_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     correlation_id: _builtins.str
     transaction_id: _builtins.str
     """The sequencer's transaction id, kept in the history."""
     skip_reason: _builtins.str
     """When set, the MSI was skipped by an operator (the event carries no payload): nothing is
     applied, the version advances to the MSI, and the history records SKIPPED with this reason.
+    """
+    traceparent: _builtins.str
+    """The W3C trace context (a `traceparent` header value) of this event's trace, so the ledger's
+    apply span joins the trace that accepted the event: one call carries events of many traces.
+    Empty: the ledger starts the item's span under the call's own context.
     """
     @_builtins.property
     def event(self) -> _events_pb2.Event: ...
@@ -97,10 +103,11 @@ class ApplyEventRequest(_message.Message):
         correlation_id: _builtins.str = ...,
         transaction_id: _builtins.str = ...,
         skip_reason: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "event", b"event", "skip_reason", b"skip_reason", "transaction_id", b"transaction_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "event", b"event", "skip_reason", b"skip_reason", "traceparent", b"traceparent", "transaction_id", b"transaction_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
