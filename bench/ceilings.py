@@ -212,6 +212,7 @@ _BATCH_VALUES = {
     "answer_keys": ":keys",
     "answer_txs": ":txs",
     "skips": ":skips",  # in-order events, no operator's skip markers
+    "traceparents": ":skips",  # and no caller's trace context (NULLs alike)
     **{name: ":empty" for name in (
         "parked_types", "parked_ids", "parked_counts", "gap_types", "gap_ids", "gap_awaiting", "closed_types",
         "closed_ids",
